@@ -1,0 +1,358 @@
+"""Typed configuration: one dataclass tree, loaded from YAML, with dotted overrides.
+
+The dataclasses below are the schema and the only source of defaults. Every key is addressed by
+its dotted path (``train.batch_size``): the same names are used by ``--set`` overrides, MLflow
+params and Ray Tune search spaces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+TowerMode = Literal["shared", "separate", "separate_shared_projection"]
+Pooling = Literal["mean", "cls"]
+SameTower = Literal["none", "query", "doc", "both"]
+Precision = Literal["fp32", "bf16"]
+SearchAlgorithm = Literal["grid", "random", "optuna"]
+Scheduler = Literal["asha", "none"]
+Mode = Literal["max", "min"]
+
+BUNDLED_SAMPLE = "bundled:debian"
+"""Placeholder for the Debian sample shipped inside the package (resolved by ``resolve_data_path``)."""
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the dotted key."""
+
+
+class CombinationError(ConfigError):
+    """Each value is valid alone but the combination is not (a search skips such trials)."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "all-MiniLM-L6-v2"
+    tower_mode: TowerMode = "shared"
+    pooling: Pooling = "mean"
+    projection_dim: int = 0
+    query_max_length: int = 32
+    doc_max_length: int = 128
+
+    def __post_init__(self) -> None:
+        _positive("model.query_max_length", self.query_max_length)
+        _positive("model.doc_max_length", self.doc_max_length)
+        if self.projection_dim < 0:
+            raise ConfigError(f"model.projection_dim must be >= 0, got {self.projection_dim}")
+        if self.tower_mode == "separate_shared_projection" and self.projection_dim == 0:
+            raise ConfigError("model.tower_mode=separate_shared_projection needs model.projection_dim > 0")
+
+
+@dataclass
+class DataConfig:
+    train: str = BUNDLED_SAMPLE
+    train_split: str = "train"
+    eval: str = BUNDLED_SAMPLE
+    eval_split: str = "dev"
+    num_hard_negatives: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_hard_negatives < 0:
+            raise ConfigError(f"data.num_hard_negatives must be >= 0, got {self.num_hard_negatives}")
+
+
+@dataclass
+class LossConfig:
+    same_tower: SameTower = "both"
+    bidirectional: bool = True
+    temperature: float = 0.05
+    mask_duplicates: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("loss.temperature", self.temperature)
+        if self.same_tower == "doc" and not self.bidirectional:
+            raise CombinationError(
+                "loss.same_tower=doc needs loss.bidirectional=true: document-side negatives only "
+                "exist in the d->q direction"
+            )
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    """The GLOBAL batch: split evenly over the workers; negatives come from all of it."""
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    epochs: int = 1
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run all epochs)."""
+    warmup_ratio: float = 0.1
+    seed: int = 42
+    precision: Precision = "fp32"
+    eval_every: int = 0
+    """Evaluate every N steps (0 = only at the end)."""
+    checkpoint_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    chunk_size: int = 32
+    """Texts encoded per forward chunk, sorted by length so each chunk pads only to its own longest."""
+    eval_batch_size: int = 128
+    log_every: int = 10
+    """Log loss, learning rate and throughput to MLflow every N steps."""
+    fail_at_step: int = 0
+    """Fault injection for tests: the last worker kills itself once after this step (0 = never)."""
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "epochs", "chunk_size", "eval_batch_size", "log_every"):
+            _positive(f"train.{key}", getattr(self, key))
+        for key in ("max_steps", "eval_every", "checkpoint_every", "fail_at_step"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        _positive("train.lr", self.lr)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 3
+    """Worker-group restarts allowed; training resumes from the last checkpoint each time."""
+
+    def __post_init__(self) -> None:
+        _positive("scaling.num_workers", self.num_workers)
+        _positive("scaling.cpus_per_worker", self.cpus_per_worker)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""
+    """MLflow tracking URI; empty = $MLFLOW_TRACKING_URI, else SQLite under ``.samtone/``."""
+    experiment: str = "samtone"
+
+
+@dataclass
+class SearchConfig:
+    metric: str = "mrr@10"
+    mode: Mode = "max"
+    num_samples: int = 1
+    algorithm: SearchAlgorithm = "grid"
+    scheduler: Scheduler = "asha"
+    grace_period: int = 1
+    """ASHA: evaluations a trial always gets before it may be stopped."""
+    max_concurrent_trials: int | Literal["auto"] = "auto"
+    space: dict[str, Any] = field(
+        default_factory=lambda: {"loss.same_tower": {"grid": ["none", "query", "doc", "both"]}}
+    )
+
+    def __post_init__(self) -> None:
+        _positive("search.num_samples", self.num_samples)
+        _positive("search.grace_period", self.grace_period)
+        if self.max_concurrent_trials != "auto":
+            _positive("search.max_concurrent_trials", self.max_concurrent_trials)
+
+
+@dataclass
+class RegistryConfig:
+    model_name: str = "samtone"
+    alias: str = "champion"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    output_dir: str = ""
+    """Where models, checkpoints and leaderboards go; empty = ``.samtone/runs/<name>-<timestamp>``."""
+    name: str = "samtone"
+
+    def __post_init__(self) -> None:
+        if self.train.batch_size % self.scaling.num_workers:
+            raise ConfigError(
+                f"train.batch_size={self.train.batch_size} is the global batch and must be divisible "
+                f"by scaling.num_workers={self.scaling.num_workers}"
+            )
+
+    def with_output_dir(self) -> "Config":
+        """This config with ``output_dir`` fixed (a fresh timestamped folder when empty)."""
+        if self.output_dir:
+            return self
+        import time
+
+        return self.with_overrides({"output_dir": f".samtone/runs/{self.name}-{time.strftime('%Y%m%d-%H%M%S')}"})
+
+    def per_worker_batch_size(self) -> int:
+        return self.train.batch_size // self.scaling.num_workers
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self, *, include: tuple[str, ...] = ("model", "data", "loss", "train", "scaling")) -> dict[str, Any]:
+        """Dotted key -> value for the training sections (the MLflow params)."""
+        return {k: v for k, v in flatten(self.to_dict()).items() if k.split(".")[0] in include}
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Config":
+        data = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(data, key, value)
+        return from_dict(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        # search.space is a leaf: its keys are themselves dotted paths.
+        if isinstance(value, dict) and dotted != "search.space":
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict; unknown keys and bad types name the key."""
+    return _build(Config, data or {}, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Load YAML (or the embedded defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    try:
+        return from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "loss.same_tower=none"]`` -> typed values (parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if parts[:2] == ["search", "space"] and len(parts) > 2:
+        data.setdefault("search", {}).setdefault("space", {})[".".join(parts[2:])] = value
+        return
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]} (valid keys under {prefix.rstrip('.') or 'the top level'}: "
+            f"{', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, hint, value)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # pragma: no cover - dataclass constructor errors
+        raise ConfigError(f"{prefix.rstrip('.')}: {exc}") from exc
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            # YAML reads `none` as a string but `null`/`~` as None; accept both spellings of "none".
+            if value is None and "none" in choices:
+                return "none"
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(key, option, value)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} fits none of: " + "; ".join(errors))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false; got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer; got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number; got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string; got {value!r}")
+    if origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key} must be a mapping; got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
