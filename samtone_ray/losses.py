@@ -1,0 +1,242 @@
+"""SamToNe contrastive loss: in-batch softmax with same-tower negatives.
+
+Reference: Moiseev, F., Hernandez Abrego, G., Dornbach, P., Zitouni, I., Alfonseca, E., Dong, Z.
+"SamToNe: Improving Contrastive Loss for Dual Encoder Retrieval Models with Same Tower
+Negatives", Findings of ACL 2023, arXiv:2306.02516.
+
+With L2-normalised embeddings, similarity ``s(a, b) = a . b`` (cosine) and temperature ``tau``,
+the query-to-document loss for anchor ``q_i`` is
+
+    L_qd(i) = -log  exp(s(q_i, d_i)/tau) / Z_qd(i)
+    Z_qd(i) = sum_j exp(s(q_i, d_j)/tau)                      # in-batch documents
+            + sum_{r,k} exp(s(q_i, h_rk)/tau)                 # every row's hard negatives
+            + [same_tower in {query, both}] sum_{j != i} exp(s(q_i, q_j)/tau)
+
+and the document-to-query loss (``bidirectional=True``) for anchor ``d_i`` is
+
+    L_dq(i) = -log  exp(s(d_i, q_i)/tau) / Z_dq(i)
+    Z_dq(i) = sum_j exp(s(d_i, q_j)/tau)
+            + [same_tower in {doc, both}] sum_{j != i} exp(s(d_i, d_j)/tau)
+
+The loss is mean_i L_qd(i), or (mean_i L_qd(i) + mean_i L_dq(i)) / 2 when bidirectional.
+``tau`` sharpens the softmax: cosines live in [-1, 1], so logits live in [-1/tau, 1/tau];
+a small tau (0.01-0.1) lets the model express confident rankings.
+
+Candidates whose key (e.g. a hash of the text) duplicates the anchor's positive (cross-tower)
+or the anchor itself (same-tower) are removed from Z: they are false negatives.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SameTower = Literal["none", "query", "doc", "both"]
+SAME_TOWER_CHOICES: tuple[str, ...] = get_args(SameTower)
+
+
+def validate_loss_config(same_tower: str, bidirectional: bool, temperature: float) -> None:
+    """Raise ValueError unless (same_tower, bidirectional, temperature) is a usable combination."""
+    if same_tower not in SAME_TOWER_CHOICES:
+        raise ValueError(f"same_tower must be one of {SAME_TOWER_CHOICES}, got {same_tower!r}")
+    if same_tower == "doc" and not bidirectional:
+        # Document-tower negatives only enter the d->q direction, so this would silently
+        # degrade to the plain in-batch loss.
+        raise ValueError("same_tower='doc' requires bidirectional=True: document-side "
+                         "negatives only exist in the d->q direction")
+    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+            or not math.isfinite(temperature) or temperature <= 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def _check_keys(name: str, keys: torch.Tensor | None, shape: tuple[int, ...],
+                device: torch.device) -> torch.Tensor | None:
+    if keys is None:
+        return None
+    if tuple(keys.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(keys.shape)}")
+    if keys.is_floating_point() or keys.is_complex() or keys.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor (e.g. int64 text hashes), got {keys.dtype}")
+    return keys.to(device)
+
+
+def _same_key(anchor_keys: torch.Tensor | None, cand_keys: torch.Tensor | None,
+              n: int, m: int, device: torch.device) -> torch.Tensor:
+    """[n, m] bool: candidate key equals anchor key; all False when either side is unknown."""
+    if anchor_keys is None or cand_keys is None:
+        return torch.zeros(n, m, dtype=torch.bool, device=device)
+    return anchor_keys[:, None] == cand_keys[None, :]  # [n, 1] == [1, m] -> [n, m]
+
+
+def _softmax_ce(anchors: torch.Tensor, candidates: list[torch.Tensor], masks: list[torch.Tensor],
+                targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean cross-entropy of anchors [n, D] over concatenated candidate blocks.
+
+    Block ``b`` has candidates [M_b, D] and a removal mask [n, M_b]; ``targets`` index columns of
+    the first block, whose target entries must be unmasked.
+    """
+    cands = torch.cat(candidates, dim=0)  # [sum M_b, D]
+    removed = torch.cat(masks, dim=1)  # [n, sum M_b]
+    logits = anchors @ cands.T / temperature  # [n, sum M_b]
+    # -inf gives exactly zero probability mass and zero gradient; the target is never removed,
+    # so every row keeps a finite logsumexp.
+    logits = logits.masked_fill(removed, float("-inf"))
+    return F.cross_entropy(logits, targets)
+
+
+def contrastive_loss(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    *,
+    same_tower: SameTower = "both",
+    bidirectional: bool = True,
+    temperature: float = 0.05,
+    hard_negatives: torch.Tensor | None = None,
+    query_keys: torch.Tensor | None = None,
+    doc_keys: torch.Tensor | None = None,
+    hard_negative_keys: torch.Tensor | None = None,
+    anchor_offset: int = 0,
+    num_anchors: int | None = None,
+) -> torch.Tensor:
+    """SamToNe loss (see module docstring) as a scalar, float32 for half/bf16/fp32 inputs.
+
+    Args:
+        q, d: [B, D] L2-normalised query / positive-document embeddings; row i is a pair.
+        same_tower: which same-tower negatives join the softmax: "none", "query" (q_j in q->d),
+            "doc" (d_j in d->q, needs bidirectional), "both".
+        bidirectional: also average in the d->q direction.
+        temperature: tau > 0; logits are similarities / tau.
+        hard_negatives: [B, K, D]; all B*K are candidates for every query anchor (q->d only).
+        query_keys, doc_keys: [B] integer ids of the texts; equal ids mark duplicates, which are
+            removed from the softmax unless they are the target. Either may be given alone.
+        hard_negative_keys: [B, K] integer ids of the hard negatives, compared with the doc key
+            of the anchor's positive (requires doc_keys and hard_negatives).
+        anchor_offset, num_anchors: use only anchor rows [anchor_offset, anchor_offset+num_anchors)
+            (default: all B) against all B candidates. With q, d, hard negatives and keys
+            all-gathered, each worker passes its own row range; the mean of equal-size shard
+            losses equals the full-batch loss.
+    """
+    validate_loss_config(same_tower, bidirectional, temperature)
+    if q.ndim != 2 or q.shape != d.shape:
+        raise ValueError(f"q and d must both be [B, D] with equal shapes, got q {tuple(q.shape)} "
+                         f"and d {tuple(d.shape)}")
+    batch, dim = q.shape
+    if batch == 0:
+        raise ValueError(f"empty batch: q {tuple(q.shape)}")
+    num_hard = 0
+    if hard_negatives is not None:
+        if hard_negatives.ndim != 3 or hard_negatives.shape[0] != batch or hard_negatives.shape[2] != dim:
+            raise ValueError(f"hard_negatives must be [B, K, D] = [{batch}, K, {dim}] to match q "
+                             f"{tuple(q.shape)}, got {tuple(hard_negatives.shape)}")
+        num_hard = hard_negatives.shape[1]
+    if hard_negative_keys is not None:
+        if hard_negatives is None:
+            raise ValueError("hard_negative_keys given without hard_negatives")
+        if doc_keys is None:
+            raise ValueError("hard_negative_keys need doc_keys: a hard negative is removed when "
+                             "its key equals the doc key of the anchor's positive")
+    if num_anchors is None:
+        num_anchors = batch - anchor_offset
+    if not (0 <= anchor_offset and 1 <= num_anchors and anchor_offset + num_anchors <= batch):
+        raise ValueError(f"anchor rows [{anchor_offset}, {anchor_offset + num_anchors}) must be a "
+                         f"non-empty range inside the batch of {batch} rows")
+
+    device = q.device
+    query_keys = _check_keys("query_keys", query_keys, (batch,), device)
+    doc_keys = _check_keys("doc_keys", doc_keys, (batch,), device)
+    hard_negative_keys = _check_keys("hard_negative_keys", hard_negative_keys, (batch, num_hard), device)
+
+    rows = torch.arange(anchor_offset, anchor_offset + num_anchors, device=device)  # [n] global rows
+    n = num_anchors
+    # [n, B]: True at each anchor's own column, i.e. its positive (cross-tower) or itself (same-tower).
+    own = rows[:, None] == torch.arange(batch, device=device)[None, :]
+    q_anchor_keys = None if query_keys is None else query_keys[rows]  # [n]
+    d_anchor_keys = None if doc_keys is None else doc_keys[rows]  # [n]
+
+    # Autocast would run the matmuls in bf16/fp16; 1/tau then amplifies the rounding error, and
+    # logsumexp over large B needs float32 range anyway. float64 inputs stay float64.
+    compute_dtype = torch.promote_types(torch.promote_types(q.dtype, d.dtype), torch.float32)
+    with torch.autocast(device_type=device.type, enabled=False):
+        qf, df = q.to(compute_dtype), d.to(compute_dtype)
+
+        # q -> d: target d_i in block 0.
+        cands = [df]
+        masks = [_same_key(d_anchor_keys, doc_keys, n, batch, device) & ~own]
+        if num_hard:
+            # [B, K, D] -> [B*K, D]: every row's hard negatives are candidates for every anchor.
+            cands.append(hard_negatives.to(compute_dtype).reshape(batch * num_hard, dim))
+            hn_keys = None if hard_negative_keys is None else hard_negative_keys.reshape(-1)  # [B*K]
+            masks.append(_same_key(d_anchor_keys, hn_keys, n, batch * num_hard, device))
+        if same_tower in ("query", "both"):
+            cands.append(qf)
+            masks.append(_same_key(q_anchor_keys, query_keys, n, batch, device) | own)
+        loss = _softmax_ce(qf[rows], cands, masks, rows, temperature)
+
+        if bidirectional:
+            # d -> q: target q_i in block 0; hard negatives are neither anchors nor candidates.
+            cands = [qf]
+            masks = [_same_key(q_anchor_keys, query_keys, n, batch, device) & ~own]
+            if same_tower in ("doc", "both"):
+                cands.append(df)
+                masks.append(_same_key(d_anchor_keys, doc_keys, n, batch, device) | own)
+            loss = (loss + _softmax_ce(df[rows], cands, masks, rows, temperature)) / 2
+    return loss
+
+
+class SamToNeLoss(nn.Module):
+    """SamToNe contrastive loss as a module; see :func:`contrastive_loss` for the semantics.
+
+    loss = mean_i -log softmax_i(q->d) [+ mean_i -log softmax_i(d->q), averaged], where the
+    q->d softmax for anchor q_i runs over {d_j} + {hard negatives} + {q_j : j != i} (same_tower
+    "query"/"both") and the d->q softmax for d_i over {q_j} + {d_j : j != i} ("doc"/"both");
+    logits are cosine similarity / temperature, so a lower temperature means a sharper softmax.
+    Reference: Moiseev et al. 2023, arXiv:2306.02516.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> loss_fn = SamToNeLoss(same_tower="both", bidirectional=True, temperature=0.05)
+        >>> q = F.normalize(torch.randn(4, 8), dim=-1)
+        >>> d = F.normalize(torch.randn(4, 8), dim=-1)
+        >>> loss = loss_fn(q, d)
+        >>> loss.shape, loss.dtype
+        (torch.Size([]), torch.float32)
+    """
+
+    def __init__(self, same_tower: SameTower = "both", bidirectional: bool = True,
+                 temperature: float = 0.05) -> None:
+        super().__init__()
+        validate_loss_config(same_tower, bidirectional, temperature)
+        self.same_tower: SameTower = same_tower
+        self.bidirectional = bidirectional
+        self.temperature = float(temperature)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        d: torch.Tensor,
+        hard_negatives: torch.Tensor | None = None,
+        query_keys: torch.Tensor | None = None,
+        doc_keys: torch.Tensor | None = None,
+        hard_negative_keys: torch.Tensor | None = None,
+        anchor_offset: int = 0,
+        num_anchors: int | None = None,
+    ) -> torch.Tensor:
+        return contrastive_loss(
+            q, d, same_tower=self.same_tower, bidirectional=self.bidirectional,
+            temperature=self.temperature, hard_negatives=hard_negatives, query_keys=query_keys,
+            doc_keys=doc_keys, hard_negative_keys=hard_negative_keys,
+            anchor_offset=anchor_offset, num_anchors=num_anchors,
+        )
+
+    def get_config_dict(self) -> dict[str, object]:
+        return {"same_tower": self.same_tower, "bidirectional": self.bidirectional,
+                "temperature": self.temperature}
+
+    def extra_repr(self) -> str:
+        return (f"same_tower={self.same_tower!r}, bidirectional={self.bidirectional}, "
+                f"temperature={self.temperature}")

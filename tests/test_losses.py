@@ -1,0 +1,320 @@
+"""Tests for samtone_ray.losses against a naive per-anchor float64 reference written here."""
+
+from __future__ import annotations
+
+import doctest
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from samtone_ray import losses
+from samtone_ray.losses import SamToNeLoss, contrastive_loss
+
+B, D, K = 6, 5, 2
+TEMPERATURE = 0.05
+# Deliberate duplicates: queries 0~2 and 1~5; documents 0~3 and 1~5. Hard-negative keys repeat
+# the row's own positive (row 0 -> 20, row 5 -> 21) and other rows' positives (22, 23).
+QUERY_KEYS = [10, 11, 10, 12, 13, 11]
+DOC_KEYS = [20, 21, 22, 20, 23, 21]
+HARD_NEGATIVE_KEYS = [[20, 30], [31, 22], [21, 32], [33, 34], [23, 35], [21, 36]]
+
+SAME_TOWER = ["none", "query", "doc", "both"]
+KEY_SETS = ["none", "query", "doc", "both"]
+
+
+def naive_loss(q, d, *, same_tower, bidirectional, temperature, hard_negatives=None,
+               query_keys=None, doc_keys=None, hard_negative_keys=None, rows=None):
+    """SamToNe loss by explicit enumeration of each anchor's candidate list (autograd-able)."""
+    batch = q.shape[0]
+    num_hard = 0 if hard_negatives is None else hard_negatives.shape[1]
+    rows = range(batch) if rows is None else rows
+
+    def nll(anchor, positive, negatives):
+        logits = [torch.dot(anchor, positive) / temperature]
+        logits += [torch.dot(anchor, c) / temperature for c in negatives]
+        shift = max(x.detach().item() for x in logits)  # constant, only for numerical range
+        log_z = shift + torch.log(sum(torch.exp(x - shift) for x in logits))
+        return log_z - logits[0]
+
+    def dup(keys, a, b):
+        return keys is not None and keys[a] == keys[b]
+
+    q_to_d = []
+    for i in rows:
+        negatives = [d[j] for j in range(batch) if j != i and not dup(doc_keys, j, i)]
+        for r in range(batch):
+            for k in range(num_hard):
+                if hard_negative_keys is not None and hard_negative_keys[r][k] == doc_keys[i]:
+                    continue
+                negatives.append(hard_negatives[r, k])
+        if same_tower in ("query", "both"):
+            negatives += [q[j] for j in range(batch) if j != i and not dup(query_keys, j, i)]
+        q_to_d.append(nll(q[i], d[i], negatives))
+    loss = sum(q_to_d) / len(q_to_d)
+    if not bidirectional:
+        return loss
+
+    d_to_q = []
+    for i in rows:
+        negatives = [q[j] for j in range(batch) if j != i and not dup(query_keys, j, i)]
+        if same_tower in ("doc", "both"):
+            negatives += [d[j] for j in range(batch) if j != i and not dup(doc_keys, j, i)]
+        d_to_q.append(nll(d[i], q[i], negatives))
+    return (loss + sum(d_to_q) / len(d_to_q)) / 2
+
+
+def make_batch(batch=B, dim=D, num_hard=K, seed=0, dtype=torch.float32):
+    """Unit vectors where equal fixture keys (cycled to `batch` rows) get near-identical vectors.
+
+    Duplicated texts embed almost identically in practice; that also makes a wrongly kept or
+    wrongly removed duplicate change the loss far beyond the test tolerances.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def noise(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    q, d, hn = noise(batch, dim), noise(batch, dim), noise(batch, num_hard, dim)
+    d = q + 0.7 * d  # positives correlate with their queries
+    query_keys, doc_keys = cycled(QUERY_KEYS, batch), cycled(DOC_KEYS, batch)
+    for i in range(batch):
+        first_q, first_d = query_keys.index(query_keys[i]), doc_keys.index(doc_keys[i])
+        if first_q < i:
+            q[i] = q[first_q] + 0.05 * noise(dim)
+        if first_d < i:
+            d[i] = d[first_d] + 0.05 * noise(dim)
+    for r, row_keys in enumerate(cycled(HARD_NEGATIVE_KEYS, batch)[:batch]):
+        for k, key in enumerate(row_keys[:num_hard]):
+            if key in doc_keys:
+                hn[r, k] = d[doc_keys.index(key)] + 0.05 * noise(dim)
+    q, d, hn = (F.normalize(t, dim=-1).to(dtype) for t in (q, d, hn))
+    return q, d, hn
+
+
+def cycled(values: list, n: int) -> list:
+    return [values[i % len(values)] for i in range(n)]
+
+
+def key_kwargs(key_set: str, with_hard: bool) -> dict:
+    kw = {}
+    if key_set in ("query", "both"):
+        kw["query_keys"] = QUERY_KEYS
+    if key_set in ("doc", "both"):
+        kw["doc_keys"] = DOC_KEYS
+        if with_hard:
+            kw["hard_negative_keys"] = HARD_NEGATIVE_KEYS
+    return kw
+
+
+def as_tensors(kw: dict) -> dict:
+    return {name: torch.tensor(v, dtype=torch.int64) for name, v in kw.items()}
+
+
+def leaf(*tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def assert_matches_naive(config: dict, key_set: str, with_hard: bool, q, d, hn, *,
+                         atol=1e-5, grad_atol=1e-4, device="cpu"):
+    keys = key_kwargs(key_set, with_hard)
+    q32, d32, hn32 = leaf(q.to(device), d.to(device), hn.to(device))
+    device_keys = {name: t.to(device) for name, t in as_tensors(keys).items()}
+    got = contrastive_loss(q32, d32, hard_negatives=hn32 if with_hard else None, **device_keys, **config)
+    got.backward()
+
+    q64, d64, hn64 = leaf(q.double(), d.double(), hn.double())
+    want = naive_loss(q64, d64, hard_negatives=hn64 if with_hard else None, **keys, **config)
+    want.backward()
+
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(want.item(), abs=atol)
+    torch.testing.assert_close(q32.grad.cpu().double(), q64.grad, atol=grad_atol, rtol=1e-4)
+    torch.testing.assert_close(d32.grad.cpu().double(), d64.grad, atol=grad_atol, rtol=1e-4)
+    if with_hard:
+        torch.testing.assert_close(hn32.grad.cpu().double(), hn64.grad, atol=grad_atol, rtol=1e-4)
+    else:
+        assert hn32.grad is None
+
+
+# All combinations but doc + unidirectional, which must raise (test_doc_same_tower_requires_bidirectional).
+VALID_COMBINATIONS = [
+    pytest.param(st, bi, hard, ks, id=f"{st}-{'bi' if bi else 'uni'}-{'hn2' if hard else 'nohn'}-keys_{ks}")
+    for st, bi, hard, ks in itertools.product(SAME_TOWER, [False, True], [False, True], KEY_SETS)
+    if not (st == "doc" and not bi)
+]
+
+
+@pytest.mark.parametrize("same_tower, bidirectional, with_hard, key_set", VALID_COMBINATIONS)
+def test_matches_naive_reference(same_tower, bidirectional, with_hard, key_set):
+    q, d, hn = make_batch()
+    config = dict(same_tower=same_tower, bidirectional=bidirectional, temperature=TEMPERATURE)
+    assert_matches_naive(config, key_set, with_hard, q, d, hn)
+
+
+def test_keys_change_the_loss():
+    # Guards the key fixtures: masking must remove something, or the key cases above prove nothing.
+    q, d, hn = make_batch()
+    plain = contrastive_loss(q, d, hard_negatives=hn)
+    masked = contrastive_loss(q, d, hard_negatives=hn, **as_tensors(key_kwargs("both", True)))
+    assert abs(plain.item() - masked.item()) > 1e-3
+
+
+def test_doc_same_tower_requires_bidirectional():
+    q, d, _ = make_batch()
+    with pytest.raises(ValueError, match="bidirectional"):
+        contrastive_loss(q, d, same_tower="doc", bidirectional=False)
+    with pytest.raises(ValueError, match="bidirectional"):
+        SamToNeLoss(same_tower="doc", bidirectional=False)
+
+
+def test_plain_in_batch_equals_cross_entropy():
+    q, d, _ = make_batch(batch=7, dim=9)
+    got = contrastive_loss(q, d, same_tower="none", bidirectional=False, temperature=0.1)
+    want = F.cross_entropy(q @ d.T / 0.1, torch.arange(7))
+    assert got.item() == pytest.approx(want.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, fragments", [
+    (dict(d=torch.zeros(4, 7)), ["(4, 8)", "(4, 7)"]),
+    (dict(d=torch.zeros(3, 8)), ["(4, 8)", "(3, 8)"]),
+    (dict(q=torch.zeros(4), d=torch.zeros(4)), ["(4,)"]),
+    (dict(hard_negatives=torch.zeros(3, 2, 8)), ["(3, 2, 8)", "(4, 8)"]),
+    (dict(hard_negatives=torch.zeros(4, 2, 6)), ["(4, 2, 6)"]),
+    (dict(hard_negatives=torch.zeros(4, 8)), ["(4, 8)"]),
+    (dict(query_keys=torch.zeros(5, dtype=torch.int64)), ["query_keys", "(4,)", "(5,)"]),
+    (dict(doc_keys=torch.zeros(4, 1, dtype=torch.int64)), ["doc_keys", "(4,)", "(4, 1)"]),
+    (dict(hard_negatives=torch.zeros(4, 2, 8), doc_keys=torch.zeros(4, dtype=torch.int64),
+          hard_negative_keys=torch.zeros(4, 3, dtype=torch.int64)),
+     ["hard_negative_keys", "(4, 2)", "(4, 3)"]),
+])
+def test_shape_errors_name_the_shapes(kwargs, fragments):
+    args = dict(q=torch.zeros(4, 8), d=torch.zeros(4, 8)) | kwargs
+    with pytest.raises(ValueError) as err:
+        contrastive_loss(args.pop("q"), args.pop("d"), **args)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(same_tower="queries"), r"'none', 'query', 'doc', 'both'"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=math.nan), "temperature"),
+    (dict(query_keys=torch.zeros(4)), "integer"),
+    (dict(hard_negative_keys=torch.zeros(4, 2, dtype=torch.int64)), "without hard_negatives"),
+    (dict(hard_negatives=torch.zeros(4, 2, 8), hard_negative_keys=torch.zeros(4, 2, dtype=torch.int64)),
+     "doc_keys"),
+    (dict(anchor_offset=3, num_anchors=2), r"\[3, 5\).*4"),
+    (dict(anchor_offset=-1, num_anchors=2), "anchor rows"),
+    (dict(num_anchors=0), "anchor rows"),
+])
+def test_invalid_arguments(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        contrastive_loss(torch.zeros(4, 8), torch.zeros(4, 8), **kwargs)
+
+
+def test_module_validates_config():
+    with pytest.raises(ValueError, match="same_tower"):
+        SamToNeLoss(same_tower="all")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="temperature"):
+        SamToNeLoss(temperature=0)
+
+
+def test_bf16_inputs_under_autocast_give_float32_loss():
+    q, d, hn = make_batch(dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = contrastive_loss(q, d, hard_negatives=hn)
+    assert got.dtype == torch.float32
+    # The softmax must see the exact similarities of the bf16 values, not bf16-rounded logits.
+    want = naive_loss(q.double(), d.double(), hard_negatives=hn.double(), same_tower="both",
+                      bidirectional=True, temperature=TEMPERATURE)
+    assert got.item() == pytest.approx(want.item(), abs=1e-5)
+    q32, d32, hn32 = make_batch()
+    assert got.item() == pytest.approx(contrastive_loss(q32, d32, hard_negatives=hn32).item(), abs=0.05)
+
+
+def test_float32_inputs_under_bf16_autocast_are_not_downcast():
+    q, d, hn = make_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = contrastive_loss(q, d, hard_negatives=hn)
+    want = naive_loss(q.double(), d.double(), hard_negatives=hn.double(), same_tower="both",
+                      bidirectional=True, temperature=TEMPERATURE)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(want.item(), abs=1e-5)
+
+
+SHARD_CONFIGS = [
+    dict(same_tower="both", bidirectional=True, with_hard=True, key_set="both"),
+    dict(same_tower="query", bidirectional=False, with_hard=True, key_set="doc"),
+    dict(same_tower="none", bidirectional=True, with_hard=False, key_set="none"),
+]
+
+
+@pytest.mark.parametrize("cfg", SHARD_CONFIGS, ids=lambda c: f"{c['same_tower']}-bi{c['bidirectional']}")
+@pytest.mark.parametrize("num_shards", [2, 4])
+def test_anchor_shards_average_to_full_batch(cfg, num_shards):
+    batch = 8
+    cfg = dict(cfg)
+    with_hard, key_set = cfg.pop("with_hard"), cfg.pop("key_set")
+    q, d, hn = make_batch(batch=batch, seed=3)
+    # Cycle the 6-row key fixtures to 8 rows, adding duplicates that straddle shard boundaries.
+    keys = {name: cycled(v, batch) for name, v in key_kwargs(key_set, with_hard).items()}
+    tkeys = as_tensors(keys)
+    shard = batch // num_shards
+
+    qf, df, hf = leaf(q, d, hn)
+    cfg["temperature"] = TEMPERATURE
+    full = contrastive_loss(qf, df, hard_negatives=hf if with_hard else None, **tkeys, **cfg)
+    full.backward()
+
+    qs, ds, hs = leaf(q, d, hn)
+    shard_losses = []
+    for w in range(num_shards):
+        part = contrastive_loss(qs, ds, hard_negatives=hs if with_hard else None, **tkeys, **cfg,
+                                anchor_offset=w * shard, num_anchors=shard)
+        # Each shard is its own independent oracle check: the naive loss over those rows only.
+        want = naive_loss(q.double(), d.double(), hard_negatives=hn.double() if with_hard else None,
+                          **keys, **cfg, rows=range(w * shard, (w + 1) * shard))
+        assert part.item() == pytest.approx(want.item(), abs=1e-5)
+        shard_losses.append(part)
+    (sum(shard_losses) / num_shards).backward()
+
+    assert (sum(shard_losses) / num_shards).item() == pytest.approx(full.item(), abs=1e-6)
+    torch.testing.assert_close(qs.grad, qf.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ds.grad, df.grad, atol=1e-6, rtol=1e-5)
+    if with_hard:
+        torch.testing.assert_close(hs.grad, hf.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_default_num_anchors_runs_to_end_of_batch():
+    q, d, hn = make_batch()
+    got = contrastive_loss(q, d, hard_negatives=hn, anchor_offset=4)
+    want = naive_loss(q.double(), d.double(), hard_negatives=hn.double(), same_tower="both",
+                      bidirectional=True, temperature=TEMPERATURE, rows=range(4, B))
+    assert got.item() == pytest.approx(want.item(), abs=1e-5)
+
+
+def test_module_forward_matches_naive_and_reports_config():
+    q, d, hn = make_batch(seed=1)
+    keys = key_kwargs("both", True)
+    loss_fn = SamToNeLoss(same_tower="query", bidirectional=True, temperature=0.1)
+    assert loss_fn.get_config_dict() == {"same_tower": "query", "bidirectional": True, "temperature": 0.1}
+    got = loss_fn(q, d, hn, **as_tensors(keys), anchor_offset=2, num_anchors=3)
+    want = naive_loss(q.double(), d.double(), hard_negatives=hn.double(), **keys, same_tower="query",
+                      bidirectional=True, temperature=0.1, rows=range(2, 5))
+    assert got.item() == pytest.approx(want.item(), abs=1e-5)
+
+
+def test_docstring_example_runs():
+    result = doctest.testmod(losses, verbose=False)
+    assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_naive_reference():
+    q, d, hn = make_batch()
+    config = dict(same_tower="both", bidirectional=True, temperature=TEMPERATURE)
+    assert_matches_naive(config, "both", True, q, d, hn, device="cuda")
