@@ -1,0 +1,413 @@
+"""Retrieval data on disk -> plain Python objects.
+
+Two inputs are understood:
+
+* a BEIR folder: ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl`` (``_id``,
+  ``text``) and ``qrels/<split>.tsv`` (``query-id<TAB>corpus-id<TAB>score`` with a header line);
+* Parquet training pairs: a ``.parquet`` file, or a folder of them, with string columns ``query``
+  and ``document``, and optionally ``negatives`` (``list<string>``), ``query_id`` and ``doc_id``.
+
+Files are read as UTF-8 and streamed line by line (JSONL) or batch by batch (Parquet), so memory
+holds what the caller asked for, not the whole file. Every malformed input raises
+:class:`DataError` whose message starts with ``<file>:<line>`` (text files) or names the file and
+the column (Parquet), so the fix can start from the message alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+PathLike = str | Path
+
+_PARQUET_REQUIRED = ("query", "document")
+_PARQUET_OPTIONAL = ("negatives", "query_id", "doc_id")
+_PARQUET_BATCH_ROWS = 8192
+
+
+class DataError(ValueError):
+    """Malformed or missing input data; the message names the file and the line or column."""
+
+
+# --------------------------------------------------------------------------------------------
+# Low-level readers
+# --------------------------------------------------------------------------------------------
+
+
+def _require_file(path: Path) -> Path:
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise DataError(f"{path}: file {what}")
+    return path
+
+
+def _require_dir(path: Path) -> Path:
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "not found"
+        raise DataError(f"{path}: folder {what}")
+    return path
+
+
+def iter_jsonl(path: PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, record)`` for each non-blank line of a UTF-8 JSONL file.
+
+    Line numbers are 1-based. Each line must hold one JSON object; otherwise :class:`DataError`
+    names ``file:line``. Blank lines (e.g. a trailing newline) are skipped.
+    """
+    path = _require_file(Path(path))
+    # Binary mode + per-line decode so that a bad byte is reported with its line number.
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, record
+
+
+def _field(record: dict, name: str, path: Path, lineno: int, required: bool = True) -> str:
+    """A string field of a JSONL record; ids may be JSON integers (BEIR files use both)."""
+    if name not in record:
+        if required:
+            raise DataError(f"{path}:{lineno}: record has no field {name!r}")
+        return ""
+    value = record[name]
+    if name == "_id" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise DataError(f"{path}:{lineno}: field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _iter_texts(path: Path, kind: str, keep: set[str] | None) -> Iterator[tuple[int, str, str]]:
+    """Stream ``(line, id, text)`` from a BEIR corpus or queries file, checking every line.
+
+    ``kind`` is ``"corpus"`` (text = ``title + " " + text`` when the title is non-empty, the BEIR
+    convention) or ``"queries"``. Every record is validated, including those not kept, so a
+    broken file fails the same way whatever the caller asks for. Duplicate ids are an error
+    because a second text for one id would silently change the relevance judgements.
+    """
+    first_line: dict[str, int] = {}
+    for lineno, record in iter_jsonl(path):
+        doc_id = _field(record, "_id", path, lineno)
+        text = _field(record, "text", path, lineno)
+        if doc_id in first_line:
+            raise DataError(f"{path}:{lineno}: duplicate _id {doc_id!r} (first at line {first_line[doc_id]})")
+        first_line[doc_id] = lineno
+        if keep is not None and doc_id not in keep:
+            continue
+        if kind == "corpus":
+            title = _field(record, "title", path, lineno, required=False)
+            if title:
+                text = f"{title} {text}"
+        yield lineno, doc_id, text
+
+
+@dataclass(frozen=True)
+class _QrelsRow:
+    line: int
+    query_id: str
+    doc_id: str
+    score: int
+
+
+def _iter_qrels_rows(path: Path) -> Iterator[_QrelsRow]:
+    """Stream the rows of a BEIR qrels TSV file.
+
+    Line 1 is the header when its score field is not an integer (BEIR files always carry
+    ``query-id<TAB>corpus-id<TAB>score``); otherwise it is data. Blank lines are skipped.
+    """
+    path = _require_file(path)
+    seen: set[tuple[str, str]] = set()
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) != 3:
+                raise DataError(
+                    f"{path}:{lineno}: expected 3 tab-separated fields "
+                    f"(query-id, corpus-id, score), got {len(fields)}: {line!r}"
+                )
+            query_id, doc_id, score_text = fields
+            try:
+                score = int(score_text)
+            except ValueError:
+                if lineno == 1:
+                    continue  # header line
+                raise DataError(f"{path}:{lineno}: score must be an integer, got {score_text!r}") from None
+            if not query_id or not doc_id:
+                raise DataError(f"{path}:{lineno}: empty query-id or corpus-id")
+            if (query_id, doc_id) in seen:
+                # Two scores for one pair would make the judgement depend on reading order.
+                raise DataError(f"{path}:{lineno}: duplicate qrels row for query {query_id!r}, doc {doc_id!r}")
+            seen.add((query_id, doc_id))
+            yield _QrelsRow(lineno, query_id, doc_id, score)
+
+
+def read_qrels(path: PathLike) -> dict[str, dict[str, int]]:
+    """Read a BEIR qrels TSV file into ``{query_id: {doc_id: relevance}}`` (file order kept)."""
+    qrels: dict[str, dict[str, int]] = {}
+    for row in _iter_qrels_rows(Path(path)):
+        qrels.setdefault(row.query_id, {})[row.doc_id] = row.score
+    return qrels
+
+
+def _qrels_file(root: Path, split: str) -> Path:
+    path = root / "qrels" / f"{split}.tsv"
+    if not path.is_file():
+        available = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
+        raise DataError(f"{path}: qrels file for split {split!r} not found (available splits: {available})")
+    return path
+
+
+def _check_known(
+    rows: Iterable[_QrelsRow], qrels_path: Path, queries: dict, corpus: dict, sources: tuple[Path, Path]
+) -> None:
+    """Raise on the first qrels row (in file order) naming an id absent from queries or corpus."""
+    for row in rows:
+        if row.query_id not in queries:
+            raise DataError(f"{qrels_path}:{row.line}: unknown query id {row.query_id!r} (not in {sources[0]})")
+        if row.doc_id not in corpus:
+            raise DataError(f"{qrels_path}:{row.line}: unknown doc id {row.doc_id!r} (not in {sources[1]})")
+
+
+# --------------------------------------------------------------------------------------------
+# BEIR evaluation split
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BeirSplit:
+    """One split of a BEIR dataset, ready for retrieval evaluation.
+
+    ``corpus`` is the whole corpus (``doc_id -> "title text"``, or just ``text`` when the title is
+    empty); ``queries`` holds only the queries judged in this split's qrels; ``qrels`` maps
+    ``query_id -> {doc_id: relevance}``.
+    """
+
+    corpus: dict[str, str]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+
+def load_beir(path: PathLike, split: str) -> BeirSplit:
+    """Load ``split`` of the BEIR folder ``path``; every qrels id must exist in the files."""
+    root = _require_dir(Path(path))
+    qrels_path = _qrels_file(root, split)
+    rows = list(_iter_qrels_rows(qrels_path))
+    if not rows:
+        raise DataError(f"{qrels_path}: split {split!r} is empty (no qrels rows)")
+    qrels: dict[str, dict[str, int]] = {}
+    for row in rows:
+        qrels.setdefault(row.query_id, {})[row.doc_id] = row.score
+
+    queries_path, corpus_path = root / "queries.jsonl", root / "corpus.jsonl"
+    queries = {qid: text for _, qid, text in _iter_texts(queries_path, "queries", keep=set(qrels))}
+    corpus = {did: text for _, did, text in _iter_texts(corpus_path, "corpus", keep=None)}
+    _check_known(rows, qrels_path, queries, corpus, (queries_path, corpus_path))
+    return BeirSplit(corpus=corpus, queries=queries, qrels=qrels)
+
+
+# --------------------------------------------------------------------------------------------
+# Training pairs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingPairs:
+    """Aligned (query, positive document) pairs, with optional hard negatives and ids.
+
+    Item ``i`` is ``(queries[i], documents[i])``; ``negatives[i]`` is that pair's own list of hard
+    negative texts (lists may differ in length); ``query_ids[i]`` / ``doc_ids[i]`` name the texts.
+    """
+
+    queries: list[str]
+    documents: list[str]
+    negatives: list[list[str]] | None = None
+    query_ids: list[str] | None = None
+    doc_ids: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.queries)
+        for name in ("documents", "negatives", "query_ids", "doc_ids"):
+            column = getattr(self, name)
+            if column is not None and len(column) != n:
+                raise ValueError(f"TrainingPairs.{name} has {len(column)} items, queries has {n}")
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def subset(self, indices: Iterable[int]) -> TrainingPairs:
+        """The pairs at ``indices`` (in that order, repeats allowed); negative indices refused."""
+        n = len(self)
+        picked = [int(i) for i in indices]
+        for i in picked:
+            if not 0 <= i < n:
+                raise IndexError(f"index {i} out of range for {n} training pairs")
+
+        def take(column: list | None) -> list | None:
+            return None if column is None else [column[i] for i in picked]
+
+        return TrainingPairs(
+            queries=take(self.queries),
+            documents=take(self.documents),
+            negatives=take(self.negatives),
+            query_ids=take(self.query_ids),
+            doc_ids=take(self.doc_ids),
+        )
+
+
+def load_training_pairs(path: PathLike, split: str = "train") -> TrainingPairs:
+    """Load training pairs from a BEIR folder or from Parquet.
+
+    * BEIR folder (has ``qrels/``): one pair per row of ``qrels/<split>.tsv`` with relevance > 0,
+      in file order; texts are looked up while streaming the queries and corpus once, keeping
+      only the needed ones. ``split`` is ignored for Parquet.
+    * ``.parquet`` file or folder of ``.parquet`` files (read in name order): see module docstring.
+    """
+    path = Path(path)
+    if path.is_file():
+        return _pairs_from_parquet([path], label=path)
+    root = _require_dir(path)
+    if (root / "qrels").is_dir():
+        return _pairs_from_beir(root, split)
+    files = sorted(root.glob("*.parquet"))
+    if not files:
+        raise DataError(f"{root}: neither a BEIR folder (no qrels/) nor a folder of .parquet files")
+    return _pairs_from_parquet(files, label=root)
+
+
+def _pairs_from_beir(root: Path, split: str) -> TrainingPairs:
+    qrels_path = _qrels_file(root, split)
+    rows = [row for row in _iter_qrels_rows(qrels_path) if row.score > 0]
+    if not rows:
+        raise DataError(f"{qrels_path}: split {split!r} has no positive pairs (no row with score > 0)")
+    queries_path, corpus_path = root / "queries.jsonl", root / "corpus.jsonl"
+    queries = {qid: t for _, qid, t in _iter_texts(queries_path, "queries", keep={r.query_id for r in rows})}
+    corpus = {did: t for _, did, t in _iter_texts(corpus_path, "corpus", keep={r.doc_id for r in rows})}
+    _check_known(rows, qrels_path, queries, corpus, (queries_path, corpus_path))
+    return TrainingPairs(
+        queries=[queries[r.query_id] for r in rows],
+        documents=[corpus[r.doc_id] for r in rows],
+        query_ids=[r.query_id for r in rows],
+        doc_ids=[r.doc_id for r in rows],
+    )
+
+
+def _open_parquet(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _is_string(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _check_parquet_schema(path: Path, schema: pa.Schema) -> tuple[str, ...]:
+    """Validate column presence and types; return the optional columns present."""
+    present = schema.names
+    for name in _PARQUET_REQUIRED:
+        if name not in present:
+            raise DataError(f"{path}: missing required column {name!r} (columns present: {present})")
+    optional = tuple(name for name in _PARQUET_OPTIONAL if name in present)
+    for name in (*_PARQUET_REQUIRED, "query_id", "doc_id"):
+        if name in present and not _is_string(schema.field(name).type):
+            raise DataError(f"{path}: column {name!r} must be string, got {schema.field(name).type}")
+    if "negatives" in present:
+        kind = schema.field("negatives").type
+        is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+        if not (is_list and _is_string(kind.value_type)):
+            raise DataError(f"{path}: column 'negatives' must be list<string>, got {kind}")
+    return optional
+
+
+def _pairs_from_parquet(files: Sequence[Path], label: Path) -> TrainingPairs:
+    columns: dict[str, list] = {}
+    optional: tuple[str, ...] | None = None
+    for path in files:
+        reader = _open_parquet(path)
+        schema = reader.schema_arrow
+        file_optional = _check_parquet_schema(path, schema)
+        if optional is None:
+            optional = file_optional
+            columns = {name: [] for name in (*_PARQUET_REQUIRED, *optional)}
+        elif file_optional != optional:
+            # Mixing files with and without negatives/ids would leave holes in those columns.
+            raise DataError(
+                f"{path}: optional columns {list(file_optional)} differ from those of {files[0]}: {list(optional)}"
+            )
+        row0 = 0
+        for batch in reader.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=list(columns)):
+            for name in columns:
+                values = batch.column(name).to_pylist()
+                if name == "negatives":
+                    values = [_negatives_row(path, row0 + i, v) for i, v in enumerate(values)]
+                elif None in values:
+                    raise DataError(f"{path}: null in column {name!r} at row index {row0 + values.index(None)}")
+                columns[name].extend(values)
+            row0 += batch.num_rows
+    if not columns["query"]:
+        raise DataError(f"{label}: no training pairs (zero rows)")
+    return TrainingPairs(
+        queries=columns["query"],
+        documents=columns["document"],
+        negatives=columns.get("negatives"),
+        query_ids=columns.get("query_id"),
+        doc_ids=columns.get("doc_id"),
+    )
+
+
+def _negatives_row(path: Path, row: int, value: list | None) -> list[str]:
+    # A null list means "no mined negatives for this pair"; a null text inside a list is a bug.
+    if value is None:
+        return []
+    if any(v is None for v in value):
+        raise DataError(f"{path}: null text inside column 'negatives' at row index {row}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Text keys and the bundled sample
+# --------------------------------------------------------------------------------------------
+
+
+def text_key(text: str) -> int:
+    """Stable signed 64-bit key of ``text``: blake2b (8-byte digest) of its UTF-8, little endian.
+
+    Equal texts give equal keys in every process and run (unlike ``hash``), so keys can mark
+    in-batch candidates whose text equals the positive (false negatives) across workers.
+    """
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def text_keys(texts: Sequence[str]) -> torch.Tensor:
+    """``torch.LongTensor`` of shape ``(len(texts),)`` holding :func:`text_key` of each text."""
+    return torch.tensor([text_key(t) for t in texts], dtype=torch.int64)
+
+
+def bundled_sample_path() -> Path:
+    """Folder of the small real BEIR sample shipped with the package (see its README.md)."""
+    return Path(__file__).resolve().parent / "sample" / "debian"
