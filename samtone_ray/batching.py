@@ -1,0 +1,123 @@
+"""Deterministic global batches and their per-worker shards.
+
+Which pairs form global batch ``b`` of epoch ``e`` depends only on (seed, epoch, number of pairs,
+global batch size), never on the worker count: worker ``r`` of ``W`` takes rows
+``[r * B/W, (r+1) * B/W)`` of the batch, and the all-gather concatenates shards in rank order, so
+every worker sees the same global batch in the same order as a single process would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from samtone_ray.data import TrainingPairs, text_key
+from samtone_ray.towers import TokenChunks, tokenize_chunks
+
+
+@dataclass(frozen=True)
+class Schedule:
+    num_pairs: int
+    batch_size: int
+    seed: int
+    epochs: int
+    max_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} is larger than the {self.num_pairs} training pairs"
+            )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        # The last incomplete batch is dropped: every step sees a full global batch of negatives.
+        return self.num_pairs // self.batch_size
+
+    @property
+    def total_steps(self) -> int:
+        full = self.epochs * self.batches_per_epoch
+        return min(full, self.max_steps) if self.max_steps else full
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """0-based global step -> (epoch, batch index within the epoch)."""
+        return divmod(step, self.batches_per_epoch)
+
+    def batch(self, step: int) -> np.ndarray:
+        """Pair indices of global batch ``step`` (0-based), shape [batch_size]."""
+        epoch, index = self.position(step)
+        start = index * self.batch_size
+        return self.epoch_order(epoch)[start : start + self.batch_size]
+
+
+def batch_digest(indices: np.ndarray) -> str:
+    """A short fingerprint of a batch's pair indices, for the trained-batches history."""
+    return hashlib.blake2b(np.asarray(indices, dtype=np.int64).tobytes(), digest_size=8).hexdigest()
+
+
+@dataclass
+class PairKeys:
+    """Duplicate-detection keys of every training pair, computed once per worker."""
+
+    query: torch.Tensor  # [N] int64
+    doc: torch.Tensor  # [N] int64
+    negatives: torch.Tensor | None  # [N, K] int64
+
+    @classmethod
+    def build(cls, pairs: TrainingPairs, num_negatives: int) -> "PairKeys":
+        negatives = None
+        if num_negatives:
+            negatives = torch.tensor(
+                [[text_key(t) for t in pick_negatives(row, num_negatives)] for row in pairs.negatives],
+                dtype=torch.int64,
+            )
+        return cls(
+            query=torch.tensor([text_key(t) for t in pairs.queries], dtype=torch.int64),
+            doc=torch.tensor([text_key(t) for t in pairs.documents], dtype=torch.int64),
+            negatives=negatives,
+        )
+
+
+def pick_negatives(row: list[str], k: int) -> list[str]:
+    """The first ``k`` hard negatives of a pair, cycling when it has fewer (shapes stay [B, K])."""
+    if not row:
+        raise ValueError(f"data.num_hard_negatives={k} but a training pair has no negatives")
+    return [row[i % len(row)] for i in range(k)]
+
+
+@dataclass
+class Shard:
+    """One worker's share of one global batch, tokenised."""
+
+    queries: TokenChunks
+    documents: TokenChunks
+    negatives: TokenChunks | None
+    num_tokens: int
+
+
+def make_shard(
+    pairs: TrainingPairs,
+    indices: np.ndarray,
+    tokenizer,
+    *,
+    query_max_length: int,
+    doc_max_length: int,
+    num_negatives: int,
+    chunk_size: int,
+) -> Shard:
+    queries = [pairs.queries[i] for i in indices]
+    documents = [pairs.documents[i] for i in indices]
+    q = tokenize_chunks(tokenizer, queries, query_max_length, chunk_size)
+    d = tokenize_chunks(tokenizer, documents, doc_max_length, chunk_size)
+    n = None
+    if num_negatives:
+        flat = [t for i in indices for t in pick_negatives(pairs.negatives[i], num_negatives)]
+        n = tokenize_chunks(tokenizer, flat, doc_max_length, chunk_size)
+    tokens = sum(int(c["attention_mask"].sum()) for part in (q, d, n) if part is not None for c in part.chunks)
+    return Shard(q, d, n, tokens)

@@ -1,0 +1,520 @@
+"""Dual-encoder training on Ray Train with negatives from the whole global batch.
+
+Each worker encodes its shard of the global batch; query, document and hard-negative embeddings
+are all-gathered WITH gradients and each worker computes the loss of its own anchors against
+every global candidate. DDP then averages the parameter gradients, so N workers compute exactly
+the single-process loss and gradients of the global batch (tests/test_training.py proves it).
+
+Layout: ``train_step`` is plain PyTorch (importable without a Ray cluster); ``train_loop`` is the
+Ray Train worker function; ``build_trainer`` / ``train`` are the driver side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from samtone_ray.batching import PairKeys, Schedule, Shard, batch_digest, make_shard
+from samtone_ray.config import Config, LossConfig, from_dict
+from samtone_ray.losses import contrastive_loss
+from samtone_ray.towers import DualEncoder, TokenChunks
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+HISTORY_FILE = "trained_batches.json"
+
+
+# --------------------------------------------------------------------------- the step (pure torch)
+
+
+def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """[b, ...] on each of W ranks -> [W*b, ...] in rank order; gradients flow back to every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    import warnings
+
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():
+        # Deprecated in torch 2.13 in favour of functional collectives, but it is the stable
+        # autograd-aware gather that works on both gloo and NCCL.
+        warnings.simplefilter("ignore")
+        return torch.cat(all_gather(t), dim=0)
+
+
+def _to_device(chunks: TokenChunks | None, device: torch.device) -> TokenChunks | None:
+    if chunks is None:
+        return None
+    return TokenChunks(
+        chunks=[{k: v.to(device, non_blocking=True) for k, v in c.items()} for c in chunks.chunks],
+        order=chunks.order.to(device),
+    )
+
+
+def train_step(
+    model: torch.nn.Module,
+    shard: Shard,
+    loss_cfg: LossConfig,
+    *,
+    keys: dict[str, torch.Tensor] | None,
+    rank: int,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """Forward one worker's shard and return the loss of its own anchors (a scalar with grad).
+
+    ``keys`` holds int64 duplicate keys of the GLOBAL batch (``query`` [B], ``doc`` [B],
+    optionally ``negatives`` [B, K]) or None for no false-negative masking.
+    """
+    device = next(model.parameters()).device
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    )
+    with autocast:
+        q, d, n = model(
+            _to_device(shard.queries, device), _to_device(shard.documents, device), _to_device(shard.negatives, device)
+        )
+    local = q.shape[0]
+    q_all, d_all = gather_with_grad(q.float()), gather_with_grad(d.float())  # [B, D]
+    hard = None
+    if n is not None:
+        hard = gather_with_grad(n.float().view(local, -1, n.shape[-1]))  # [B, K, D]
+    keys = {k: v.to(device) for k, v in keys.items()} if keys else {}
+    return contrastive_loss(
+        q_all,
+        d_all,
+        same_tower=loss_cfg.same_tower,
+        bidirectional=loss_cfg.bidirectional,
+        temperature=loss_cfg.temperature,
+        hard_negatives=hard,
+        query_keys=keys.get("query"),
+        doc_keys=keys.get("doc"),
+        hard_negative_keys=keys.get("negatives"),
+        anchor_offset=rank * local,
+        num_anchors=local,
+    )
+
+
+def batch_keys(pair_keys: PairKeys | None, indices: np.ndarray) -> dict[str, torch.Tensor] | None:
+    if pair_keys is None:
+        return None
+    idx = torch.as_tensor(indices, dtype=torch.int64)
+    keys = {"query": pair_keys.query[idx], "doc": pair_keys.doc[idx]}
+    if pair_keys.negatives is not None:
+        keys["negatives"] = pair_keys.negatives[idx]
+    return keys
+
+
+def build_model(cfg: Config) -> DualEncoder:
+    m = cfg.model
+    return DualEncoder.from_base(
+        m.name_or_path,
+        tower_mode=m.tower_mode,
+        pooling=m.pooling,
+        projection_dim=m.projection_dim,
+        query_max_length=m.query_max_length,
+        doc_max_length=m.doc_max_length,
+    )
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
+    warmup = int(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------- the Ray Train worker
+
+
+@dataclass
+class _State:
+    step: int = 0  # optimizer steps done
+    history: list | None = None  # [(step, epoch, batch_in_epoch, digest)] of batches trained into the weights
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker function: plain PyTorch with a handful of marked Ray calls."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not cfg.scaling.use_gpu:
+        torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    pairs = ray.get(loop_config["pairs"])
+    eval_split = ray.get(loop_config["eval"]) if rank == 0 and loop_config.get("eval") is not None else None
+    logger = _rank0_logger(loop_config, rank)
+
+    torch.manual_seed(cfg.train.seed)  # identical initialisation of any new layer on every rank
+    model = build_model(cfg)
+    tokenizer = model.tokenizer
+    schedule = Schedule(len(pairs), cfg.train.batch_size, cfg.train.seed, cfg.train.epochs, cfg.train.max_steps)
+    state = _State(history=[])
+    ckpt = ray.train.get_checkpoint()
+    saved = None
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(saved["model"])
+        state = _State(step=saved["step"], history=saved["history"])
+    ddp = ray.train.torch.prepare_model(model)  # moves to the device; wraps in DDP when world > 1
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = linear_schedule(optimizer, schedule.total_steps, cfg.train.warmup_ratio)
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"][rank]["torch"])
+        random.setstate(saved["rng"][rank]["python"])
+        if torch.cuda.is_available() and saved["rng"][rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(saved["rng"][rank]["cuda"])
+        log.info("rank %d resumed at step %d", rank, state.step)
+    else:
+        torch.manual_seed(cfg.train.seed + 1000 * (rank + 1))  # per-rank dropout streams
+    if logger and saved is None:
+        device = ray.train.torch.get_device()
+        logger.set_tags({"workers": world, "device": str(device), "device_name": _device_name(device)})
+
+    keys = PairKeys.build(pairs, cfg.data.num_hard_negatives) if cfg.loss.mask_duplicates else None
+    per_worker = cfg.per_worker_batch_size()
+
+    def prepare(step: int) -> tuple[np.ndarray, Shard]:
+        indices = schedule.batch(step)
+        mine = indices[rank * per_worker : (rank + 1) * per_worker]
+        return indices, make_shard(
+            pairs,
+            mine,
+            tokenizer,
+            query_max_length=cfg.model.query_max_length,
+            doc_max_length=cfg.model.doc_max_length,
+            num_negatives=cfg.data.num_hard_negatives,
+            chunk_size=cfg.train.chunk_size,
+        )
+
+    # Tokenise the next batch on a thread while this one trains (the fast tokenizer drops the GIL).
+    pool = ThreadPoolExecutor(max_workers=1)
+    pending = pool.submit(prepare, state.step) if state.step < schedule.total_steps else None
+    window = _Window()
+    model.train()
+    while state.step < schedule.total_steps:
+        t0 = time.perf_counter()
+        indices, shard = pending.result()
+        waited = time.perf_counter() - t0
+        step = state.step
+        if step + 1 < schedule.total_steps:
+            pending = pool.submit(prepare, step + 1)
+        loss = train_step(
+            ddp, shard, cfg.loss, keys=batch_keys(keys, indices), rank=rank, precision=cfg.train.precision
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        state.step += 1
+        epoch, position = schedule.position(step)
+        state.history.append([state.step, epoch, position, batch_digest(indices)])
+
+        global_loss, tokens = _all_reduce_mean_and_sum(loss.detach(), shard.num_tokens, world)
+        window.add(time.perf_counter() - t0, waited, global_loss, tokens, cfg.train.batch_size)
+        done = state.step == schedule.total_steps
+        if logger and (state.step % cfg.train.log_every == 0 or done):
+            logger.log_metrics(window.metrics() | {"lr": scheduler.get_last_lr()[0]}, state.step)
+
+        do_eval = done or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0)
+        do_ckpt = done or (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0)
+        if do_eval or do_ckpt:
+            metrics: dict[str, Any] = {"step": state.step, "epoch": epoch, "loss": global_loss} | window.summary()
+            if do_eval and rank == 0 and eval_split is not None:
+                metrics |= evaluate(model, eval_split, cfg.train.eval_batch_size)
+                if logger:
+                    logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if "@" in k}, state.step)
+            _report(metrics, state, model, optimizer, scheduler, rank, checkpoint=do_ckpt)
+        _maybe_inject_fault(cfg, state.step, rank, world, loop_config)
+    pool.shutdown()
+
+    if rank == 0:
+        model_dir = Path(loop_config["output_dir"]) / "model"
+        model.save_pretrained(model_dir)
+        _atomic_write_json(Path(loop_config["output_dir"]) / HISTORY_FILE, state.history)
+        if logger:
+            logger.log_model(model_dir)
+            logger.log_artifact(Path(loop_config["output_dir"]) / HISTORY_FILE)
+
+
+class _Window:
+    """Throughput and data-wait figures since the last log."""
+
+    def __init__(self) -> None:
+        self.total_time = self.total_wait = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.time = self.wait = self.loss = 0.0
+        self.tokens = self.pairs = self.steps = 0
+
+    def add(self, seconds: float, waited: float, loss: float, tokens: int, pairs: int) -> None:
+        self.time += seconds
+        self.wait += waited
+        self.loss += loss
+        self.tokens += tokens
+        self.pairs += pairs
+        self.steps += 1
+        self.total_time += seconds
+        self.total_wait += waited
+
+    def metrics(self) -> dict[str, float]:
+        out = {
+            "loss": self.loss / max(1, self.steps),
+            "pairs_per_s": self.pairs / max(self.time, 1e-9),
+            "tokens_per_s": self.tokens / max(self.time, 1e-9),
+            "data_wait_share": self.wait / max(self.time, 1e-9),
+        }
+        self._reset()
+        return out
+
+    def summary(self) -> dict[str, float]:
+        return {"data_wait_share": self.total_wait / max(self.total_time, 1e-9)}
+
+
+def _all_reduce_mean_and_sum(loss: torch.Tensor, tokens: int, world: int) -> tuple[float, int]:
+    packed = torch.tensor([float(loss), float(tokens)], dtype=torch.float64)
+    if world > 1:
+        if dist.get_backend() == "nccl":
+            packed = packed.cuda()
+        dist.all_reduce(packed)
+        packed = packed.cpu()
+    return float(packed[0]) / world, int(packed[1])
+
+
+def evaluate(model: DualEncoder, split, batch_size: int) -> dict[str, float]:
+    """Exact-search retrieval metrics of ``model`` on a BeirSplit (rank 0 only)."""
+    from samtone_ray.evaluation import evaluate_encoder
+
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate_encoder(
+            lambda t: model.encode_queries(t, batch_size=batch_size),
+            lambda t: model.encode_documents(t, batch_size=batch_size),
+            split.corpus,
+            split.queries,
+            split.qrels,
+        )
+    finally:
+        model.train(was_training)
+
+
+def _report(metrics, state: _State, model, optimizer, scheduler, rank: int, *, checkpoint: bool) -> None:
+    import ray.train
+
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": None}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    rngs = [rng]
+    if checkpoint and dist.is_initialized() and dist.get_world_size() > 1:
+        rngs = [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, rng)  # every rank's dropout stream resumes where it was
+    if not (checkpoint and rank == 0):
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": state.step,
+                "history": state.history,
+                "rng": rngs,
+            },
+            Path(tmp) / STATE_FILE,
+        )
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step_{state.step:08d}"
+        )
+
+
+def _maybe_inject_fault(cfg: Config, step: int, rank: int, world: int, loop_config: dict) -> None:
+    """Test hook (train.fail_at_step): the last worker dies once, as a lost node would."""
+    if not cfg.train.fail_at_step or step != cfg.train.fail_at_step or rank != world - 1:
+        return
+    marker = Path(loop_config["output_dir"]) / ".fault_injected"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(step))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _rank0_logger(loop_config: dict, rank: int):
+    if rank != 0 or not loop_config.get("run_id"):
+        return None
+    from samtone_ray.tracking import RunLogger
+
+    return RunLogger(loop_config["tracking_uri"], loop_config["run_id"])
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _atomic_write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def connect_ray(num_cpus: int | None = None) -> None:
+    """Join ``$RAY_ADDRESS`` when set, else start a local cluster bound to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every listener on loopback
+    ray.init(
+        num_cpus=num_cpus or max(2, os.cpu_count() or 2),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level=logging.WARNING,
+    )
+
+
+def resolve_data_path(path: str) -> str:
+    from samtone_ray.config import BUNDLED_SAMPLE
+    from samtone_ray.data import bundled_sample_path
+
+    return str(bundled_sample_path()) if path == BUNDLED_SAMPLE else str(Path(path).resolve())
+
+
+def load_data(cfg: Config):
+    """(training pairs, eval split) as the workers will see them."""
+    from samtone_ray.data import load_beir, load_training_pairs
+
+    pairs = load_training_pairs(resolve_data_path(cfg.data.train), cfg.data.train_split)
+    if cfg.data.num_hard_negatives and pairs.negatives is None:
+        raise ValueError(f"data.num_hard_negatives={cfg.data.num_hard_negatives} but {cfg.data.train} has no negatives")
+    eval_split = load_beir(resolve_data_path(cfg.data.eval), cfg.data.eval_split) if cfg.data.eval else None
+    return pairs, eval_split
+
+
+def build_trainer(
+    cfg: Config,
+    *,
+    pairs_ref,
+    eval_ref,
+    output_dir: Path,
+    storage_path: Path,
+    name: str,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    callbacks: list | None = None,
+):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "pairs": pairs_ref,
+            "eval": eval_ref,
+            "output_dir": str(output_dir),
+            "run_id": run_id,
+            "tracking_uri": tracking_uri,
+        },
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if cfg.scaling.use_gpu else {}),
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage_path),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+@dataclass
+class TrainOutcome:
+    metrics: dict[str, Any]
+    model_dir: Path
+    run_id: str | None
+    model_uri: str | None
+
+
+def train(cfg: Config, *, data=None) -> TrainOutcome:
+    """Run one training job (driver side): data into the object store, MLflow run, fit."""
+    import ray
+
+    from samtone_ray import tracking
+
+    cfg = cfg.with_output_dir()
+    connect_ray()
+    pairs, eval_split = data or load_data(cfg)
+    output_dir = Path(cfg.output_dir).resolve()
+    if (output_dir / "model").exists():
+        log.warning("%s/model exists and will be replaced when this run finishes", output_dir)
+    uri = run_id = None
+    if cfg.tracking.enabled:
+        uri = tracking.tracking_uri(cfg.tracking.uri)
+        run_id = tracking.start_run(uri, cfg.tracking.experiment, cfg.name, cfg.flat(), tags={"samtone.kind": "train"})
+    trainer = build_trainer(
+        cfg,
+        pairs_ref=ray.put(pairs),
+        eval_ref=ray.put(eval_split) if eval_split is not None else None,
+        output_dir=output_dir,
+        storage_path=output_dir / "ray",
+        name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        run_id=run_id,
+        tracking_uri=uri,
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if run_id:
+            tracking.RunLogger(uri, run_id).finish("FAILED")
+        raise
+    if run_id:
+        tracking.RunLogger(uri, run_id).finish("FINISHED")
+    return TrainOutcome(
+        metrics=dict(result.metrics or {}),
+        model_dir=output_dir / "model",
+        run_id=run_id,
+        model_uri=f"runs:/{run_id}/model" if run_id else None,
+    )
+
