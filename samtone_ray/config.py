@@ -252,7 +252,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     try:
         return from_dict(data)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+        raise type(exc)(f"{path}: {exc}" if path else str(exc)) from None
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

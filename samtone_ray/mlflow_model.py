@@ -1,11 +1,13 @@
 """The MLflow pyfunc wrapper of a saved DualEncoder: ``predict(texts) -> embeddings``.
 
-The model travels as plain files (safetensors + configs) in the artifact ``model``; nothing
-torch is pickled. ``params={"tower": "query"}`` selects the query tower (default: documents).
+The model travels as plain files (safetensors + configs) in the artifact ``model``, and this
+file is logged as the model's code (MLflow "models from code"), so nothing is pickled.
+``params={"tower": "query"}`` selects the query tower (default: documents).
 """
 
 from __future__ import annotations
 
+import mlflow.models
 import mlflow.pyfunc
 import numpy as np
 
@@ -34,3 +36,6 @@ def _texts(model_input) -> list[str]:
             raise ValueError(f"expected one text column, got {list(model_input.columns)}")
         model_input = model_input.iloc[:, 0]
     return [str(t) for t in list(model_input)]
+
+
+mlflow.models.set_model(DualEncoderPyfunc())

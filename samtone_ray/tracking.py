@@ -108,13 +108,13 @@ class RunLogger:
 
         import mlflow
 
-        from samtone_ray.mlflow_model import DualEncoderPyfunc
+        from samtone_ray import mlflow_model
 
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / "model"
             mlflow.pyfunc.save_model(
                 path=str(local),
-                python_model=DualEncoderPyfunc(),
+                python_model=mlflow_model.__file__,
                 artifacts={"model": str(model_dir)},
                 pip_requirements=PIP_REQUIREMENTS,
             )

@@ -245,7 +245,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if do_eval or do_ckpt:
             metrics: dict[str, Any] = {"step": state.step, "epoch": epoch, "loss": global_loss} | window.summary()
             if do_eval and rank == 0 and eval_split is not None:
-                metrics |= evaluate(model, eval_split, cfg.train.eval_batch_size)
+                # The other workers wait at the report barrier: lend their cores to the eval.
+                with _cpu_threads(None if cfg.scaling.use_gpu else os.cpu_count()):
+                    metrics |= evaluate(model, eval_split, cfg.train.eval_batch_size)
                 if logger:
                     logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if "@" in k}, state.step)
             _report(metrics, state, model, optimizer, scheduler, rank, checkpoint=do_ckpt)
@@ -294,6 +296,17 @@ class _Window:
 
     def summary(self) -> dict[str, float]:
         return {"data_wait_share": self.total_wait / max(self.total_time, 1e-9)}
+
+
+@contextlib.contextmanager
+def _cpu_threads(n: int | None):
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _all_reduce_mean_and_sum(loss: torch.Tensor, tokens: int, world: int) -> tuple[float, int]:
@@ -402,9 +415,14 @@ def connect_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every listener on loopback
+    # One logical CPU more than the cores: Tune trial drivers hold a sliver of a CPU while their
+    # workers train, and without the spare a 2-worker trial could never start on a 2-core box.
     ray.init(
-        num_cpus=num_cpus or max(2, os.cpu_count() or 2),
-        include_dashboard=False,
+        num_cpus=num_cpus or max(2, os.cpu_count() or 2) + 1,
+        # The dashboard serves the state API that Ray Train's PlacementGroupCleaner polls: without
+        # it, the workers of a trial stopped early by ASHA are never released.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
         logging_level=logging.WARNING,
     )

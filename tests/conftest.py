@@ -18,7 +18,8 @@ def ray_cluster():
 
     ray.init(
         num_cpus=4,
-        include_dashboard=False,
+        include_dashboard=True,  # its state API lets Ray Train release early-stopped trials' workers
+        dashboard_host="127.0.0.1",
         object_store_memory=256 << 20,
         _node_ip_address="127.0.0.1",
         logging_level="WARNING",

@@ -1,0 +1,181 @@
+"""The ``samtone`` command line: eval, train, tune, models.
+
+Every command runs on an embedded default (local Ray on 127.0.0.1, MLflow in
+``./.samtone/mlflow.db``, the bundled Debian sample) unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from samtone_ray.env import apply_defaults
+
+apply_defaults()  # before anything imports ray, mlflow or transformers
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config (default: the embedded defaults)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="dotted override, e.g. --set train.batch_size=128 (repeatable)",
+    )
+
+
+def _load(args):
+    from samtone_ray.config import load_config
+
+    return load_config(args.config, args.overrides).with_output_dir()
+
+
+def _echo(cfg) -> None:
+    print("# resolved config", flush=True)
+    print(cfg.to_yaml(), flush=True)
+
+
+def cmd_eval(args) -> int:
+    from samtone_ray.data import load_beir
+    from samtone_ray.evaluation import bm25_run, format_metrics_table, retrieval_metrics
+    from samtone_ray.towers import DualEncoder
+    from samtone_ray.training import evaluate, resolve_data_path
+
+    split = load_beir(resolve_data_path(args.data), args.split)
+    rows = {}
+    if args.baseline == "bm25":
+        rows["bm25"] = retrieval_metrics(bm25_run(split.corpus, split.queries, k=100), split.qrels)
+    model = DualEncoder.from_pretrained(args.model)
+    rows[Path(args.model).name or args.model] = evaluate(model, split, args.batch_size)
+    if args.json:
+        payload = {"data": args.data, "split": args.split, "queries": len(split.qrels), "documents": len(split.corpus)}
+        print(json.dumps(payload | {"results": rows} | rows[next(reversed(rows))]))
+    else:
+        print(f"{args.data} [{args.split}]: {len(split.qrels)} queries, {len(split.corpus)} documents")
+        print(format_metrics_table(rows))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from samtone_ray.evaluation import format_metrics_table
+    from samtone_ray.training import build_model, evaluate, load_data, train
+
+    cfg = _load(args)
+    _echo(cfg)
+    data = load_data(cfg)
+    rows = {}
+    if data[1] is not None and not args.no_baseline:
+        print("evaluating the base model zero-shot ...", flush=True)
+        rows["zero-shot"] = evaluate(build_model(cfg), data[1], cfg.train.eval_batch_size)
+    outcome = train(cfg, data=data)
+    if data[1] is not None:
+        rows["fine-tuned"] = {k: v for k, v in outcome.metrics.items() if "@" in k}
+        print(format_metrics_table(rows))
+    print(f"model: {outcome.model_dir}")
+    if outcome.run_id:
+        print(f"mlflow run: {outcome.run_id} ({outcome.model_uri})")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from samtone_ray.config import from_dict
+    from samtone_ray.evaluation import DEFAULT_TABLE_KEYS
+    from samtone_ray.leaderboard import format_leaderboard
+    from samtone_ray.tuning import STATE_FILE, tune
+
+    if args.resume:
+        state = Path(args.resume) / STATE_FILE
+        if not state.exists():
+            print(f"error: nothing to resume: {state} does not exist", file=sys.stderr)
+            return 2
+        cfg = from_dict(json.loads(state.read_text())["config"])
+    else:
+        cfg = _load(args)
+    _echo(cfg)
+    outcome = tune(cfg, resume=bool(args.resume), zero_shot=not args.no_baseline)
+    print(f"\n# leaderboard ({cfg.search.metric}, {cfg.data.eval} [{cfg.data.eval_split}])")
+    print(format_leaderboard(outcome.leaderboard, cfg.search.metric))
+    if outcome.zero_shot is not None:
+        print(f"zero-shot {cfg.model.name_or_path}: " + ", ".join(f"{k}={outcome.zero_shot[k]:.4f}" for k in DEFAULT_TABLE_KEYS))
+    print(f"\nleaderboard: {outcome.output_dir / 'leaderboard.csv'}")
+    if outcome.best is not None:
+        s = outcome.best["settings"]
+        print(f"best: trial {outcome.best['trial']} (same_tower={s['same_tower']}, bidirectional={s['bidirectional']}, "
+              f"batch_size={s['batch_size']}) {cfg.search.metric}={outcome.best['metrics'][cfg.search.metric]:.4f}")
+    if outcome.champion:
+        print(f"champion: models:/{cfg.registry.model_name}@{cfg.registry.alias} "
+              f"(version {outcome.champion['version'] if outcome.champion['promoted'] else outcome.champion['incumbent_version']})")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from samtone_ray import tracking
+
+    uri = tracking.tracking_uri(args.tracking_uri or "")
+    names = [args.name] if args.name else tracking.registered_model_names(uri)
+    if not names:
+        print(f"no registered models in {uri}")
+        return 0
+    for name in names:
+        print(f"{name}")
+        print(f"  {'version':>7}  {'aliases':<12} {'metric':<8} {'value':>7}  {'eval data':<28} trial / run")
+        for v in tracking.model_versions(uri, name):
+            tags = v["tags"]
+            metric = tags.get("metric", "-")
+            value = tags.get(tracking.metric_key(metric), "-")
+            value = f"{float(value):.4f}" if value != "-" else value
+            print(f"  {v['version']:>7}  {','.join(v['aliases']) or '-':<12} {metric:<8} {value:>7}  "
+                  f"{tags.get('eval_data', '-'):<28} {tags.get('trial', '-')} / {v['run_id']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="samtone", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="exact-search retrieval metrics of a model on a BEIR split")
+    p.add_argument("--model", required=True, help="a samtone model dir, or a plain HF / sentence-transformers dir")
+    p.add_argument("--data", required=True, help="a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--baseline", choices=["bm25"], help="add a baseline row")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--json", action="store_true", help="print one JSON object (last line of stdout)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="fine-tune a dual encoder on Ray Train")
+    _config_args(p)
+    p.add_argument("--no-baseline", action="store_true", help="skip the zero-shot evaluation before training")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="search negative strategies etc. with Ray Tune; register the champion")
+    _config_args(p)
+    p.add_argument("--resume", metavar="OUTPUT_DIR", help="resume an interrupted search from its output_dir")
+    p.add_argument("--no-baseline", action="store_true", help="skip the zero-shot reference evaluation")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("models", help="list registered model versions, metrics and aliases")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./.samtone/mlflow.db")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from samtone_ray.config import ConfigError
+    from samtone_ray.data import DataError
+
+    args = build_parser().parse_args(argv)
+    # Our own messages at INFO; libraries (tensorboardX, bm25s, ...) only when they warn.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("samtone_ray").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Ray Tune search end to end (real Ray, real MLflow SQLite), champion rule, resume, space errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from samtone_ray.config import ConfigError, from_dict
+from samtone_ray.data import bundled_sample_path, iter_jsonl, load_beir
+from samtone_ray.registry import beats
+from samtone_ray.search_space import parse_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------- search-space errors (no Ray)
+
+
+@pytest.mark.parametrize(
+    "space,needle",
+    [
+        ({"loss.same_towr": {"grid": ["none"]}}, "search.space.loss.same_towr"),
+        ({"loss.same_tower": {"grid": []}}, "search.space.loss.same_tower"),
+        ({"train.batch_size": {"grid": [64, 33]}}, "search.space.train.batch_size"),
+        ({"loss.same_tower": {"grid": ["none", "sideways"]}}, "search.space.loss.same_tower"),
+        ({"loss.temperature": {"loguniform": [0, 0.1]}}, "search.space.loss.temperature"),
+        ({"loss.temperature": {"normal": [0, 1]}}, "search.space.loss.temperature"),
+        ({"train.lr": {"uniform": [1e-4]}}, "search.space.train.lr"),
+        ({"registry.model_name": {"grid": ["a"]}}, "search.space.registry.model_name"),
+        ({}, "search.space"),
+    ],
+)
+def test_bad_search_spaces_fail_before_any_trial_naming_the_key(space, needle):
+    base = from_dict({"scaling": {"num_workers": 2}})
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        parse_space(space, base)
+
+
+def test_invalid_combinations_are_skipped_with_a_reason():
+    base = from_dict({})
+    space = parse_space(
+        {"loss.same_tower": {"grid": ["none", "query", "doc", "both"]}, "loss.bidirectional": {"grid": [True, False]}},
+        base,
+    )
+    assert len(space.grid) == 7
+    assert space.skipped == [
+        ({"loss.same_tower": "doc", "loss.bidirectional": False}, pytest.approx(space.skipped[0][1]))
+    ]
+    assert "bidirectional" in space.skipped[0][1]
+
+
+def test_cli_rejects_a_bad_space_before_starting_ray(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump({"search": {"space": {"train.batch_size": {"grid": [64, 3]}}}}))
+    proc = subprocess.run([sys.executable, "-m", "samtone_ray.cli", "tune", "--config", str(cfg)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "search.space.train.batch_size" in proc.stderr
+    assert not (tmp_path / ".samtone").exists()  # nothing started, nothing written
+
+
+def test_champion_rule_is_strict_and_mode_aware():
+    assert beats(0.5, None, "max")
+    assert beats(0.51, 0.5, "max") and not beats(0.5, 0.5, "max") and not beats(0.49, 0.5, "max")
+    assert beats(0.4, 0.5, "min") and not beats(0.6, 0.5, "min")
+
+
+# ----------------------------------------------------------------- a tiny real search
+
+
+@pytest.fixture(scope="module")
+def tiny_beir(tmp_path_factory):
+    """A small BEIR folder cut from the bundled sample: 48 train pairs, 20 dev queries, 150 docs."""
+    src = bundled_sample_path()
+    dev = load_beir(src, "dev")
+    root = tmp_path_factory.mktemp("beir")
+    (root / "qrels").mkdir()
+    train_rows = (src / "qrels" / "train.tsv").read_text().splitlines()[1:49]
+    dev_q = sorted(dev.qrels)[:20]
+    dev_rows = [f"{q}\t{d}\t{r}" for q in dev_q for d, r in dev.qrels[q].items()]
+    needed_q = {r.split("\t")[0] for r in train_rows} | set(dev_q)
+    needed_d = {r.split("\t")[1] for r in train_rows + dev_rows}
+    distractors = 150 - len(needed_d)
+    with (root / "corpus.jsonl").open("w") as fh:
+        for _, rec in iter_jsonl(src / "corpus.jsonl"):
+            if rec["_id"] in needed_d or distractors > 0:
+                if rec["_id"] not in needed_d:
+                    distractors -= 1
+                fh.write(json.dumps(rec) + "\n")
+    with (root / "queries.jsonl").open("w") as fh:
+        for _, rec in iter_jsonl(src / "queries.jsonl"):
+            if rec["_id"] in needed_q:
+                fh.write(json.dumps(rec) + "\n")
+    header = "query-id\tcorpus-id\tscore\n"
+    (root / "qrels" / "train.tsv").write_text(header + "\n".join(train_rows) + "\n")
+    (root / "qrels" / "dev.tsv").write_text(header + "\n".join(dev_rows) + "\n")
+    return root
+
+
+def _search_cfg(tiny_model_dir, tiny_beir, out, uri, **extra):
+    cfg = {
+        "name": "t",
+        "output_dir": str(out),
+        "model": {"name_or_path": str(tiny_model_dir), "query_max_length": 16, "doc_max_length": 32},
+        "data": {"train": str(tiny_beir), "eval": str(tiny_beir)},
+        "train": {"batch_size": 8, "lr": 1e-3, "max_steps": 4, "eval_every": 2, "log_every": 1},
+        "scaling": {"num_workers": 1},
+        "tracking": {"uri": uri, "experiment": "tests"},
+        "search": {
+            "scheduler": "asha",
+            "space": {"loss.same_tower": {"grid": ["none", "both"]}, "loss.bidirectional": {"grid": [True, False]}},
+        },
+        "registry": {"model_name": "tiny"},
+    }
+    for key, value in extra.items():
+        cfg.setdefault(key, {}).update(value) if isinstance(value, dict) else cfg.update({key: value})
+    return from_dict(cfg)
+
+
+@pytest.fixture(scope="module")
+def search(ray_cluster, tiny_model_dir, tiny_beir, tmp_path_factory):
+    from samtone_ray.tuning import tune
+
+    root = tmp_path_factory.mktemp("search")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = _search_cfg(tiny_model_dir, tiny_beir, root / "out", uri)
+    return tune(cfg), cfg, uri
+
+
+def test_search_runs_every_valid_trial_and_writes_the_leaderboard(search):
+    outcome, cfg, _ = search
+    trials = [r for r in outcome.leaderboard if r["trial"] != "-"]
+    assert len(trials) == 4
+    assert {(r["settings"]["same_tower"], r["settings"]["bidirectional"]) for r in trials} == {
+        ("none", True), ("none", False), ("both", True), ("both", False)
+    }
+    assert {r["status"] for r in trials} <= {"finished", "stopped"}
+    assert any(r["status"] == "finished" for r in trials)
+    for r in trials:
+        assert 0.0 <= r["metrics"]["mrr@10"] <= 1.0
+    csv = (outcome.output_dir / "leaderboard.csv").read_text().splitlines()
+    assert csv[0].startswith("trial,same_tower,bidirectional,batch_size,temperature,lr,mrr@10")
+    assert len(csv) == 1 + len(outcome.leaderboard)
+    assert (outcome.output_dir / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
+    # The best row really is the best finished trial by the metric.
+    finished = [r for r in trials if r["status"] == "finished"]
+    assert outcome.best["metrics"]["mrr@10"] == max(r["metrics"]["mrr@10"] for r in finished)
+
+
+def test_stopped_trials_release_their_workers(search, ray_cluster):
+    total = ray_cluster.cluster_resources()["CPU"]
+    deadline = time.time() + 30
+    while ray_cluster.available_resources().get("CPU", 0) < total and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray_cluster.available_resources().get("CPU", 0) == total
+
+
+def test_mlflow_has_a_parent_run_with_a_child_per_trial(search):
+    from mlflow import MlflowClient
+
+    outcome, cfg, uri = search
+    c = MlflowClient(uri)
+    parent = c.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert json.loads(parent.data.params["search.space"]) == cfg.search.space
+    children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
+    assert len(children) == 4
+    for child in children:
+        assert child.data.params["train.batch_size"] == "8"
+        assert child.data.params["loss.same_tower"] in ("none", "both")
+        assert child.data.tags["samtone.status"] in ("finished", "stopped")
+        assert child.info.status in ("FINISHED", "KILLED")
+        assert c.get_metric_history(child.info.run_id, "eval/mrr_at_10")
+    artifacts = {a.path for a in c.list_artifacts(outcome.parent_run_id)}
+    assert {"leaderboard.csv", "leaderboard.png"} <= artifacts
+
+
+def test_best_model_is_registered_as_champion(search):
+    import mlflow
+    from mlflow import MlflowClient
+
+    outcome, _, uri = search
+    c = MlflowClient(uri, registry_uri=uri)
+    champion = c.get_model_version_by_alias("tiny", "champion")
+    assert int(champion.version) == outcome.champion["version"] and outcome.champion["promoted"]
+    assert champion.run_id == outcome.best["run_id"]
+    mlflow.set_tracking_uri(uri)
+    emb = mlflow.pyfunc.load_model("models:/tiny@champion").predict(["debian package"])
+    assert emb.shape == (1, 32)
+
+
+def test_champion_moves_only_for_a_better_model(search, tiny_beir):
+    from samtone_ray.registry import evaluate_registered, promote_best
+
+    outcome, cfg, uri = search
+    split = load_beir(tiny_beir, "dev")
+    incumbent = evaluate_registered(uri, "models:/tiny@champion", split)["mrr@10"]
+    first = outcome.champion["version"]
+    worse = dict(outcome.best, metrics={"mrr@10": incumbent - 0.1})
+    kept = promote_best(cfg, uri, worse, split)
+    assert not kept["promoted"] and kept["incumbent_version"] == first
+    assert kept["incumbent_metric"] == pytest.approx(incumbent)
+    assert kept["version"] == first + 1  # registered all the same, without the alias
+    better = dict(outcome.best, metrics={"mrr@10": incumbent + 0.1})
+    moved = promote_best(cfg, uri, better, split)
+    assert moved["promoted"] and moved["incumbent_version"] == first
+
+    from mlflow import MlflowClient
+
+    assert int(MlflowClient(uri, registry_uri=uri).get_model_version_by_alias("tiny", "champion").version) == moved["version"]
+
+
+def test_models_command_lists_versions_and_aliases(search, capsys):
+    from samtone_ray.cli import main
+
+    _, _, uri = search
+    assert main(["models", "tiny", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "champion" in out and "mrr@10" in out
+
+
+# ----------------------------------------------------------------- resume after an interrupted search
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluster, tiny_model_dir, tiny_beir, tmp_path):
+    from mlflow import MlflowClient
+
+    from samtone_ray.tuning import tune
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _search_cfg(
+        tiny_model_dir, tiny_beir, tmp_path / "out", uri,
+        search={"scheduler": "none", "max_concurrent_trials": 1, "space": {"loss.same_tower": {"grid": ["none", "query", "both"]}}},
+    )
+    config_file = tmp_path / "search.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "samtone_ray.cli", "tune", "--config", str(config_file)],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    trials = tmp_path / "out" / "trials"
+    deadline = time.time() + 240
+    while time.time() < deadline and not _terminated_trials(tmp_path / "out" / "tune"):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-search, as on a lost head node
+    proc.wait()
+    first_done = _terminated_trials(tmp_path / "out" / "tune")
+    assert first_done, "no trial finished before the interruption"
+    assert len(first_done) < 3, "the search ended before it could be interrupted"
+    stamps = {t: (trials / t / "model").stat().st_mtime_ns for t in first_done}
+
+    outcome = tune(cfg, resume=True)
+    rows = [r for r in outcome.leaderboard if r["trial"] != "-"]
+    assert len(rows) == 3 and all(r["status"] == "finished" for r in rows)
+    for t in first_done:  # finished before the kill: not trained again
+        assert (trials / t / "model").stat().st_mtime_ns == stamps[t]
+    c = MlflowClient(uri)
+    children = c.search_runs([c.get_experiment_by_name("tests").experiment_id],
+                             f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
+    per_trial = {}
+    for child in children:
+        per_trial.setdefault(child.data.tags["samtone.trial_id"], []).append(child)
+    for t in first_done:
+        assert len(per_trial[t]) == 1
+
+
+def _terminated_trials(tune_dir: Path) -> list[str]:
+    """Trials that Tune's saved experiment state records as finished."""
+    states = sorted(tune_dir.glob("experiment_state-*.json"))
+    if not states:
+        return []
+    try:
+        data = json.loads(states[-1].read_text())
+    except json.JSONDecodeError:  # caught mid-write
+        return []
+    done = []
+    for entry in data["trial_data"]:
+        trial = json.loads(entry[0])
+        if trial.get("status") == "TERMINATED":
+            done.append(trial["trial_id"])
+    return sorted(done)
