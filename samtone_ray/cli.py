@@ -47,7 +47,7 @@ def cmd_eval(args) -> int:
     if args.baseline == "bm25":
         rows["bm25"] = retrieval_metrics(bm25_run(split.corpus, split.queries, k=100), split.qrels)
     model = DualEncoder.from_pretrained(args.model)
-    rows[Path(args.model).name or args.model] = evaluate(model, split, args.batch_size)
+    rows[Path(args.model).name or args.model] = evaluate(model, split, args.batch_size, args.precision)
     if args.json:
         payload = {"data": args.data, "split": args.split, "queries": len(split.qrels), "documents": len(split.corpus)}
         print(json.dumps(payload | {"results": rows} | rows[next(reversed(rows))]))
@@ -67,7 +67,7 @@ def cmd_train(args) -> int:
     rows = {}
     if data[1] is not None and not args.no_baseline:
         print("evaluating the base model zero-shot ...", flush=True)
-        rows["zero-shot"] = evaluate(build_model(cfg), data[1], cfg.train.eval_batch_size)
+        rows["zero-shot"] = evaluate(build_model(cfg), data[1], cfg.train.eval_batch_size, cfg.train.precision)
     outcome = train(cfg, data=data)
     if data[1] is not None:
         rows["fine-tuned"] = {k: v for k, v in outcome.metrics.items() if "@" in k}
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="dev")
     p.add_argument("--baseline", choices=["bm25"], help="add a baseline row")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="encoder autocast precision")
     p.add_argument("--json", action="store_true", help="print one JSON object (last line of stdout)")
     p.set_defaults(func=cmd_eval)
 

@@ -19,7 +19,7 @@ import yaml
 TowerMode = Literal["shared", "separate", "separate_shared_projection"]
 Pooling = Literal["mean", "cls"]
 SameTower = Literal["none", "query", "doc", "both"]
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16"]
 SearchAlgorithm = Literal["grid", "random", "optuna"]
 Scheduler = Literal["asha", "none"]
 Mode = Literal["max", "min"]
@@ -94,9 +94,10 @@ class TrainConfig:
     """Stop after this many optimizer steps (0 = run all epochs)."""
     warmup_ratio: float = 0.1
     seed: int = 42
-    precision: Precision = "fp32"
-    eval_every: int = 0
-    """Evaluate every N steps (0 = only at the end)."""
+    precision: Precision = "auto"
+    """auto = bf16 where the device multiplies bf16 natively (recent GPUs, AMX CPUs), else fp32."""
+    eval_every: int = 25
+    """Evaluate every N steps (0 = only at the end); ASHA decides on these evaluations."""
     checkpoint_every: int = 0
     """Checkpoint every N steps (0 = only at the end)."""
     chunk_size: int = 32

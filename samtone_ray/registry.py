@@ -21,7 +21,9 @@ def beats(candidate: float, incumbent: float | None, mode: str) -> bool:
     return candidate > incumbent if mode == "max" else candidate < incumbent
 
 
-def evaluate_registered(uri: str, model_uri: str, eval_split, batch_size: int = 128) -> dict[str, float]:
+def evaluate_registered(
+    uri: str, model_uri: str, eval_split, batch_size: int = 128, precision: str = "fp32"
+) -> dict[str, float]:
     """Load a registered pyfunc model's DualEncoder and evaluate it with exact search."""
     import mlflow
 
@@ -29,7 +31,7 @@ def evaluate_registered(uri: str, model_uri: str, eval_split, batch_size: int = 
 
     mlflow.set_tracking_uri(uri)
     encoder = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().encoder
-    return evaluate(encoder, eval_split, batch_size)
+    return evaluate(encoder, eval_split, batch_size, precision)
 
 
 def promote_best(cfg: Config, uri: str, best: dict[str, Any], eval_split) -> dict[str, Any]:
@@ -52,7 +54,9 @@ def promote_best(cfg: Config, uri: str, best: dict[str, Any], eval_split) -> dic
     except Exception:  # MLflow raises RestException/MlflowException when the alias is unset
         current = None
     if current is not None:
-        incumbent = evaluate_registered(uri, f"models:/{name}/{current.version}", eval_split, cfg.train.eval_batch_size)[metric]
+        incumbent = evaluate_registered(
+            uri, f"models:/{name}/{current.version}", eval_split, cfg.train.eval_batch_size, cfg.train.precision
+        )[metric]
     version = c.create_model_version(
         name,
         source=f"{run.info.artifact_uri}/model",

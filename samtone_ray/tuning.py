@@ -140,7 +140,7 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
     baseline = None
     if zero_shot:
         print("evaluating the base model zero-shot ...", flush=True)
-        baseline = evaluate(build_model(cfg), eval_split, cfg.train.eval_batch_size)
+        baseline = evaluate(build_model(cfg), eval_split, cfg.train.eval_batch_size, cfg.train.precision)
         if uri:
             tracking.RunLogger(uri, state["parent_run_id"]).log_metrics(
                 {f"zero_shot/{k}": v for k, v in baseline.items()}, step=0

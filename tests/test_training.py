@@ -45,7 +45,9 @@ def _cfg(tiny_model_dir, out, **overrides):
     base = {
         "model": {"name_or_path": str(tiny_model_dir), "query_max_length": 16, "doc_max_length": 32},
         "loss": {"same_tower": "both", "bidirectional": True},
-        "train": {"batch_size": 8, "lr": 1e-3, "max_steps": 6, "chunk_size": 3, "log_every": 1, "warmup_ratio": 0.0},
+        # fp32: the equivalence checks compare numbers to 1e-5.
+        "train": {"batch_size": 8, "lr": 1e-3, "max_steps": 6, "chunk_size": 3, "log_every": 1, "warmup_ratio": 0.0,
+                  "precision": "fp32"},
         "scaling": {"num_workers": 2},
         "tracking": {"enabled": False},
         "output_dir": str(out),
