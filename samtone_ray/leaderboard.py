@@ -102,7 +102,10 @@ def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1 else f"{value:.4g}" if value < 1000 else f"{value:.0f}"
+        # Metrics and temperatures to 4 decimals, seconds to 1, learning rates in 3 significant digits.
+        if abs(value) >= 1:
+            return f"{value:.1f}"
+        return f"{value:.4f}" if abs(value) >= 0.001 else f"{value:.3g}"
     return str(value)
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from samtone_ray.batching import Schedule, batch_digest, make_shard
+from samtone_ray.batching import PairKeys, Schedule, batch_digest, make_shard
 from samtone_ray.config import from_dict
 from samtone_ray.data import BeirSplit, bundled_sample_path, load_beir, load_training_pairs
-from samtone_ray.training import HISTORY_FILE, PairKeys, batch_keys, build_model, train, train_step
+from samtone_ray.training import HISTORY_FILE, batch_keys, build_model, train, train_step
 
 TESTS_DIR = str(Path(__file__).parent)
 
@@ -59,6 +59,22 @@ def _cfg(tiny_model_dir, out, **overrides):
 # ----------------------------------------------------------------- gradients: 2 workers vs 1
 
 
+@pytest.fixture(scope="module")
+def pairs_with_negatives(small_data, tmp_path_factory):
+    """The same pairs through a real Parquet file with 2 hard negatives each (other pairs'
+    documents; pair 3's first negative is the text of its own positive: a false negative)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pairs, _ = small_data
+    n = len(pairs)
+    negatives = [[pairs.documents[(i + 7) % n], pairs.documents[(i + 13) % n]] for i in range(n)]
+    negatives[3][0] = pairs.documents[3]
+    path = tmp_path_factory.mktemp("parquet") / "pairs.parquet"
+    pq.write_table(pa.table({"query": pairs.queries, "document": pairs.documents, "negatives": negatives}), path)
+    return load_training_pairs(path)
+
+
 def _grad_worker(config):
     """One real TorchTrainer worker: the library's train_step on this rank's shard, DDP backward."""
     import ray.train
@@ -75,9 +91,10 @@ def _grad_worker(config):
     pairs = ray.get(config["pairs"])
     indices = np.asarray(config["indices"])
     per = len(indices) // world
+    k = cfg.data.num_hard_negatives
     shard = make_shard(pairs, indices[rank * per : (rank + 1) * per], model.tokenizer, query_max_length=16,
-                       doc_max_length=32, num_negatives=0, chunk_size=3)
-    keys = batch_keys(PairKeys.build(pairs, 0), indices) if cfg.loss.mask_duplicates else None
+                       doc_max_length=32, num_negatives=k, chunk_size=3)
+    keys = batch_keys(PairKeys.build(pairs, k), indices) if cfg.loss.mask_duplicates else None
     loss = train_step(ddp, shard, cfg.loss, keys=keys, rank=rank)
     loss.backward()
     total = loss.detach().clone()
@@ -87,20 +104,27 @@ def _grad_worker(config):
     ray.train.report({"done": 1})
 
 
-@pytest.mark.parametrize("same_tower,mask", [("both", True), ("none", False)])
-def test_two_workers_match_one_process_loss_and_gradients(ray_cluster, tiny_model_dir, small_data, tmp_path, same_tower, mask):
+@pytest.mark.parametrize(
+    "same_tower,mask,hard",
+    [("both", True, 0), ("none", False, 0), ("both", True, 2)],
+    ids=["samtone-both-masked", "plain-in-batch", "samtone-both-hard-negatives"],
+)
+def test_two_workers_match_one_process_loss_and_gradients(
+    ray_cluster, tiny_model_dir, small_data, pairs_with_negatives, tmp_path, same_tower, mask, hard
+):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    pairs, _ = small_data
-    cfg = _cfg(tiny_model_dir, tmp_path, **{"loss.same_tower": same_tower, "loss.mask_duplicates": mask})
+    pairs = pairs_with_negatives if hard else small_data[0]
+    cfg = _cfg(tiny_model_dir, tmp_path, **{"loss.same_tower": same_tower, "loss.mask_duplicates": mask,
+                                            "data.num_hard_negatives": hard})
     indices = np.arange(8)  # includes the duplicated query (0, 1) and document (4, 5)
 
     # Oracle: one process, whole global batch, no Ray, no distributed.
     torch.manual_seed(0)
     model = build_model(cfg)
-    shard = make_shard(pairs, indices, model.tokenizer, query_max_length=16, doc_max_length=32, num_negatives=0, chunk_size=8)
-    keys = batch_keys(PairKeys.build(pairs, 0), indices) if mask else None
+    shard = make_shard(pairs, indices, model.tokenizer, query_max_length=16, doc_max_length=32, num_negatives=hard, chunk_size=8)
+    keys = batch_keys(PairKeys.build(pairs, hard), indices) if mask else None
     loss = train_step(model, shard, cfg.loss, keys=keys, rank=0)
     loss.backward()
     expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
