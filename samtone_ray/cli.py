@@ -1,4 +1,4 @@
-"""The ``samtone`` command line: eval, train, tune, models.
+"""samtone: train, tune and evaluate SamToNe dual-encoder retrievers on Ray.
 
 Every command runs on an embedded default (local Ray on 127.0.0.1, MLflow in
 ``./.samtone/mlflow.db``, the bundled Debian sample) unless told otherwise.

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 from samtone_ray.config import Config
+from samtone_ray.files import atomic_write_text
 from samtone_ray.search_space import Space, overrides_of
 
 METRIC_COLUMNS = ("mrr@10", "ndcg@10", "recall@10", "recall@100", "p@1")
@@ -113,14 +115,12 @@ def write_leaderboard(rows: list[dict[str, Any]], out_dir: Path, metric: str) ->
     """``leaderboard.csv`` and ``leaderboard.png`` under ``out_dir``, each written atomically."""
     from samtone_ray.tuning import LEADERBOARD_CSV, LEADERBOARD_PNG
 
-    columns = _columns(metric)
-    tmp = out_dir / (LEADERBOARD_CSV + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(_flat_row(row, metric))
-    os.replace(tmp, out_dir / LEADERBOARD_CSV)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=_columns(metric), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(_flat_row(row, metric))
+    atomic_write_text(out_dir / LEADERBOARD_CSV, buffer.getvalue())
     plot_leaderboard(rows, out_dir / LEADERBOARD_PNG, metric)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import random
@@ -31,6 +30,7 @@ import torch.distributed as dist
 
 from samtone_ray.batching import PairKeys, Schedule, Shard, batch_digest, make_shard
 from samtone_ray.config import Config, LossConfig, from_dict
+from samtone_ray.files import atomic_write_json
 from samtone_ray.losses import contrastive_loss
 from samtone_ray.towers import DualEncoder, TokenChunks
 
@@ -287,7 +287,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         model_dir = Path(loop_config["output_dir"]) / "model"
         model.save_pretrained(model_dir)
-        _atomic_write_json(Path(loop_config["output_dir"]) / HISTORY_FILE, state.history)
+        atomic_write_json(Path(loop_config["output_dir"]) / HISTORY_FILE, state.history)
         if logger:
             logger.log_model(model_dir)
             logger.log_artifact(Path(loop_config["output_dir"]) / HISTORY_FILE)
@@ -428,13 +428,6 @@ def _device_name(device: torch.device) -> str:
     import platform
 
     return platform.processor() or platform.machine()
-
-
-def _atomic_write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- the driver

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from samtone_ray.config import CombinationError, Config, from_dict
+from samtone_ray.files import atomic_write_json
 from samtone_ray.search_space import Space, overrides_of, parse_space
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
             uri, cfg.tracking.experiment, f"{cfg.name}-search", _search_params(cfg, space), tags={"samtone.kind": "search"}
         )
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_json(state_path, state)
+    atomic_write_json(state_path, state)
     baseline = None
     if zero_shot:
         print("evaluating the base model zero-shot ...", flush=True)
@@ -247,9 +247,3 @@ def _search_params(cfg: Config, space: Space) -> dict[str, Any]:
     params["search.space"] = json.dumps(cfg.search.space)
     params["search.skipped"] = json.dumps([c for c, _ in space.skipped])
     return params | cfg.flat()
-
-
-def _atomic_json(path: Path, payload: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)

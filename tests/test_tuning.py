@@ -202,7 +202,7 @@ def test_champion_moves_only_for_a_better_model(search, tiny_beir):
 
     outcome, cfg, uri = search
     split = load_beir(tiny_beir, "dev")
-    incumbent = evaluate_registered(uri, "models:/tiny@champion", split)["mrr@10"]
+    incumbent = evaluate_registered(uri, "models:/tiny@champion", split, precision=cfg.train.precision)["mrr@10"]
     first = outcome.champion["version"]
     worse = dict(outcome.best, metrics={"mrr@10": incumbent - 0.1})
     kept = promote_best(cfg, uri, worse, split)
