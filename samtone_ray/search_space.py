@@ -31,6 +31,7 @@ class Space:
     skipped: list[tuple[dict[str, Any], str]]  # (combination, reason)
     sampled: dict[str, tuple[str, list]] = field(default_factory=dict)  # key -> (distribution, args)
     fixed: dict[str, Any] = field(default_factory=dict)
+    grid_values: dict[str, list] = field(default_factory=dict)  # grid key -> its values
 
     def tune_space(self, algorithm: str) -> dict[str, Any]:
         from ray import tune
@@ -38,12 +39,14 @@ class Space:
         space: dict[str, Any] = dict(self.fixed)
         for key, (dist, args) in self.sampled.items():
             space[key] = _sampler(dist, args)
-        if self.grid:
-            # optuna and random draw grid keys as choices; grid search enumerates them.
-            if algorithm == "grid":
-                space[GRID_KEY] = tune.grid_search(self.grid)
-            else:
-                space[GRID_KEY] = tune.choice(self.grid)
+        if algorithm == "grid":
+            if self.grid:
+                space[GRID_KEY] = tune.grid_search(self.grid)  # only the valid combinations
+        else:
+            # random/optuna draw each grid key on its own (optuna's categoricals hold scalars only);
+            # a drawn invalid combination is skipped by the trial with its reason.
+            for key, values in self.grid_values.items():
+                space[key] = tune.choice(values)
         return space
 
     def num_grid_points(self) -> int:
@@ -95,6 +98,7 @@ def parse_space(space: dict[str, Any], base: Config) -> Space:
         else:
             _check_value(base, key, spec, where)
             result.fixed[key] = spec
+    result.grid_values = grid_values
     if grid_values:
         keys = list(grid_values)
         for values in itertools.product(*grid_values.values()):

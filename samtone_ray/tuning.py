@@ -164,7 +164,7 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
         tuner = rtune.Tuner(
             trainable,
             param_space=space.tune_space(cfg.search.algorithm),
-            tune_config=_tune_config(cfg, space),
+            tune_config=_tune_config(cfg),
             run_config=rtune.RunConfig(name="tune", storage_path=str(out), verbose=1),
         )
     results = tuner.fit()
@@ -191,7 +191,7 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
     return SearchOutcome(board, best, champion, state["parent_run_id"], out, baseline)
 
 
-def _tune_config(cfg: Config, space: Space):
+def _tune_config(cfg: Config):
     import ray
     from ray import tune as rtune
     from ray.tune.schedulers import ASHAScheduler
@@ -206,11 +206,10 @@ def _tune_config(cfg: Config, space: Space):
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=cfg.train.seed)
-    num_samples = s.num_samples
     return rtune.TuneConfig(
         metric=s.metric,
         mode=s.mode,
-        num_samples=num_samples,
+        num_samples=s.num_samples,
         search_alg=search_alg,
         scheduler=scheduler,
         max_concurrent_trials=max_concurrent(cfg, ray.cluster_resources()),

@@ -57,6 +57,26 @@ def test_invalid_combinations_are_skipped_with_a_reason():
     assert "bidirectional" in space.skipped[0][1]
 
 
+@pytest.mark.parametrize("algorithm", ["grid", "random", "optuna"])
+def test_search_spaces_convert_for_every_algorithm(algorithm):
+    from ray.tune.search.optuna import OptunaSearch
+
+    base = from_dict({})
+    space = parse_space(
+        {"loss.same_tower": {"grid": ["none", "doc"]}, "loss.bidirectional": {"grid": [True, False]},
+         "loss.temperature": {"loguniform": [0.01, 0.1]}, "train.lr": 1e-4},
+        base,
+    ).tune_space(algorithm)
+    assert space["train.lr"] == 1e-4
+    if algorithm == "grid":
+        assert len(space["grid"]["grid_search"]) == 3  # doc + q->d only is left out
+    else:
+        assert space["loss.same_tower"].categories == ["none", "doc"]
+    if algorithm == "optuna":  # optuna accepts the space (scalar categoricals, a log-uniform float)
+        searcher = OptunaSearch(metric="mrr@10", mode="max")
+        assert searcher.set_search_properties("mrr@10", "max", space)
+
+
 def test_cli_rejects_a_bad_space_before_starting_ray(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump({"search": {"space": {"train.batch_size": {"grid": [64, 3]}}}}))
