@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from samtone_ray.data import TrainingPairs, text_key
+from samtone_ray.data import TrainingPairs, text_keys
 from samtone_ray.towers import TokenChunks, tokenize_chunks
 
 
@@ -73,15 +73,9 @@ class PairKeys:
     def build(cls, pairs: TrainingPairs, num_negatives: int) -> "PairKeys":
         negatives = None
         if num_negatives:
-            negatives = torch.tensor(
-                [[text_key(t) for t in pick_negatives(row, num_negatives)] for row in pairs.negatives],
-                dtype=torch.int64,
-            )
-        return cls(
-            query=torch.tensor([text_key(t) for t in pairs.queries], dtype=torch.int64),
-            doc=torch.tensor([text_key(t) for t in pairs.documents], dtype=torch.int64),
-            negatives=negatives,
-        )
+            flat = [t for row in pairs.negatives for t in pick_negatives(row, num_negatives)]
+            negatives = text_keys(flat).view(len(pairs), num_negatives)  # [N, K]
+        return cls(query=text_keys(pairs.queries), doc=text_keys(pairs.documents), negatives=negatives)
 
 
 def pick_negatives(row: list[str], k: int) -> list[str]:

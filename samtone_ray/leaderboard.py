@@ -55,9 +55,7 @@ def build_leaderboard(results, cfg: Config, space: Space) -> list[dict[str, Any]
             }
         )
     for combo, reason in space.skipped:
-        flat = cfg.to_dict()
-        settings = {name: combo.get(key, _get(flat, key)) for name, key in SETTING_COLUMNS.items()}
-        rows.append({"trial": "-", "settings": settings, "metrics": {}, "steps": None, "status": "skipped",
+        rows.append({"trial": "-", "settings": _settings(cfg.flat() | combo), "metrics": {}, "steps": None, "status": "skipped",
                      "seconds": math.nan, "run_id": None, "model_dir": None, "reason": reason})
     metric = cfg.search.metric
     sign = -1 if cfg.search.mode == "max" else 1
@@ -67,12 +65,6 @@ def build_leaderboard(results, cfg: Config, space: Space) -> list[dict[str, Any]
 
 def _settings(flat: dict[str, Any]) -> dict[str, Any]:
     return {name: flat.get(key) for name, key in SETTING_COLUMNS.items()}
-
-
-def _get(tree: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
 
 
 def _columns(metric: str) -> list[str]:
