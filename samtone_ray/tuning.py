@@ -45,7 +45,13 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -
         return
     trial_dir = Path(search["dir"]) / "trials" / trial_id
     run_id = None
-    if search.get("tracking_uri"):
+    run_file = trial_dir / RUN_ID_FILE
+    if search.get("tracking_uri") and run_file.exists():
+        # A trial restarted by `tune --resume` continues its run, as Ray Train continues its
+        # checkpoint, so a trial is one MLflow run however often it was interrupted.
+        run_id = run_file.read_text().strip()
+        tracking.client(search["tracking_uri"]).update_run(run_id, status="RUNNING")
+    elif search.get("tracking_uri"):
         run_id = tracking.start_run(
             search["tracking_uri"],
             cfg.tracking.experiment,
@@ -55,7 +61,7 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -
             tags={"samtone.kind": "trial", "samtone.trial_id": trial_id},
         )
         trial_dir.mkdir(parents=True, exist_ok=True)
-        (trial_dir / RUN_ID_FILE).write_text(run_id)
+        run_file.write_text(run_id)
     trainer = build_trainer(
         cfg,
         pairs_ref=refs["pairs"],
@@ -67,14 +73,12 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -
         tracking_uri=search.get("tracking_uri"),
         callbacks=[TuneReportCallback()],
     )
-    status = "FAILED"
-    try:
-        trainer.fit()
-        status = "FINISHED"
-    finally:
-        # An ASHA stop kills this actor before `finally` runs; tune() marks those runs afterwards.
-        if run_id:
-            tracking.RunLogger(search["tracking_uri"], run_id).finish(status)
+    trainer.fit()
+    # Only success is marked here. A failed or ASHA-stopped trial's run is closed by tune() from
+    # the leaderboard: an ASHA stop interrupts fit() as if it failed, and a status written from
+    # this actor as it is torn down could land after tune()'s and overwrite KILLED with FAILED.
+    if run_id:
+        tracking.RunLogger(search["tracking_uri"], run_id).finish("FINISHED")
 
 
 def max_concurrent(cfg: Config, resources: dict[str, float]) -> int:
