@@ -27,6 +27,8 @@ def build_leaderboard(results, cfg: Config, space: Space) -> list[dict[str, Any]
     """Rows from a Tune ResultGrid, plus the grid combinations skipped before the search."""
     from samtone_ray.tuning import RUN_ID_FILE
 
+    # Searched keys beyond the standard columns get a column of their own, named by dotted key.
+    extra = [k for k in (*space.grid_values, *space.sampled) if k not in SETTING_COLUMNS.values()]
     rows = []
     for result in results:
         metrics = dict(result.metrics or {})
@@ -45,7 +47,7 @@ def build_leaderboard(results, cfg: Config, space: Space) -> list[dict[str, Any]
         rows.append(
             {
                 "trial": str(trial_id),
-                "settings": _settings(trial_cfg.flat() if trial_cfg else overrides_of(result.config or {})),
+                "settings": _settings(trial_cfg.flat() if trial_cfg else overrides_of(result.config or {}), extra),
                 "metrics": {k: float(metrics[k]) for k in metrics if "@" in k},
                 "steps": metrics.get("step"),
                 "status": status,
@@ -55,7 +57,7 @@ def build_leaderboard(results, cfg: Config, space: Space) -> list[dict[str, Any]
             }
         )
     for combo, reason in space.skipped:
-        rows.append({"trial": "-", "settings": _settings(cfg.flat() | combo), "metrics": {}, "steps": None, "status": "skipped",
+        rows.append({"trial": "-", "settings": _settings(cfg.flat() | combo, extra), "metrics": {}, "steps": None, "status": "skipped",
                      "seconds": math.nan, "run_id": None, "model_dir": None, "reason": reason})
     metric = cfg.search.metric
     sign = -1 if cfg.search.mode == "max" else 1
@@ -63,28 +65,29 @@ def build_leaderboard(results, cfg: Config, space: Space) -> list[dict[str, Any]
     return rows
 
 
-def _settings(flat: dict[str, Any]) -> dict[str, Any]:
-    return {name: flat.get(key) for name, key in SETTING_COLUMNS.items()}
+def _settings(flat: dict[str, Any], extra: list[str]) -> dict[str, Any]:
+    return {name: flat.get(key) for name, key in SETTING_COLUMNS.items()} | {key: flat.get(key) for key in extra}
 
 
-def _columns(metric: str) -> list[str]:
+def _columns(rows: list[dict[str, Any]], metric: str) -> list[str]:
+    settings = list(rows[0]["settings"]) if rows else list(SETTING_COLUMNS)
     metrics = list(dict.fromkeys([metric, *METRIC_COLUMNS]))
-    return ["trial", *SETTING_COLUMNS, *metrics, "steps", "status", "seconds"]
+    return ["trial", *settings, *metrics, "steps", "status", "seconds"]
 
 
-def _flat_row(row: dict[str, Any], metric: str) -> dict[str, Any]:
+def _flat_row(row: dict[str, Any], columns: list[str]) -> dict[str, Any]:
     out = {"trial": row["trial"], **row["settings"], "steps": row["steps"], "status": row["status"], "seconds": row["seconds"]}
-    for key in _columns(metric):
+    for key in columns:
         if "@" in key:
             out[key] = row["metrics"].get(key, math.nan)
     return out
 
 
 def format_leaderboard(rows: list[dict[str, Any]], metric: str) -> str:
-    columns = _columns(metric)
+    columns = _columns(rows, metric)
     cells = [columns]
     for row in rows:
-        flat = _flat_row(row, metric)
+        flat = _flat_row(row, columns)
         cells.append([_fmt(flat.get(c)) for c in columns])
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
@@ -107,11 +110,12 @@ def write_leaderboard(rows: list[dict[str, Any]], out_dir: Path, metric: str) ->
     """``leaderboard.csv`` and ``leaderboard.png`` under ``out_dir``, each written atomically."""
     from samtone_ray.tuning import LEADERBOARD_CSV, LEADERBOARD_PNG
 
+    columns = _columns(rows, metric)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=_columns(metric), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow(_flat_row(row, metric))
+        writer.writerow(_flat_row(row, columns))
     atomic_write_text(out_dir / LEADERBOARD_CSV, buffer.getvalue())
     plot_leaderboard(rows, out_dir / LEADERBOARD_PNG, metric)
 

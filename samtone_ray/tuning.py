@@ -217,7 +217,14 @@ def _tune_config(cfg: Config):
         search_alg=search_alg,
         scheduler=scheduler,
         max_concurrent_trials=max_concurrent(cfg, ray.cluster_resources()),
+        trial_dirname_creator=_trial_dirname,
     )
+
+
+def _trial_dirname(trial) -> str:
+    # Tune's own names embed the parameters; the bare id names the trial's results even for a
+    # trial that failed before its first report (whose metrics carry no trial_id).
+    return trial.trial_id
 
 
 def _best(board: list[dict[str, Any]], cfg: Config) -> dict[str, Any] | None:

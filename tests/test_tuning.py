@@ -249,6 +249,32 @@ def test_models_command_lists_versions_and_aliases(search, capsys):
     assert "champion" in out and "mrr@10" in out
 
 
+def test_a_failed_trial_is_an_error_row_and_a_failed_run_and_the_search_goes_on(ray_cluster, tiny_model_dir, tiny_beir, tmp_path):
+    from mlflow import MlflowClient
+
+    from samtone_ray.tuning import tune
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # fail_at_step=1 with no restarts allowed: that trial dies before its first report.
+    cfg = _search_cfg(
+        tiny_model_dir, tiny_beir, tmp_path / "out", uri,
+        scaling={"max_failures": 0},
+        search={"scheduler": "none", "max_concurrent_trials": 1,
+                "space": {"loss.same_tower": "none", "train.fail_at_step": {"grid": [0, 1]}}},
+    )
+    outcome = tune(cfg)
+    rows = {r["settings"]["train.fail_at_step"]: r for r in outcome.leaderboard}
+    assert rows[1]["status"] == "error" and rows[0]["status"] == "finished"
+    assert outcome.best["trial"] == rows[0]["trial"] and outcome.champion["promoted"]
+    c = MlflowClient(uri)
+    failed = c.get_run(rows[1]["run_id"])
+    assert failed.info.status == "FAILED" and failed.data.tags["samtone.status"] == "error"
+    # The searched key outside the standard columns has a leaderboard column of its own.
+    header = (outcome.output_dir / "leaderboard.csv").read_text().splitlines()[0].split(",")
+    assert header[1:7] == ["same_tower", "bidirectional", "batch_size", "temperature", "lr", "train.fail_at_step"]
+    assert c.get_run(rows[0]["run_id"]).info.status == "FINISHED"
+
+
 # ----------------------------------------------------------------- resume after an interrupted search
 
 
