@@ -5,12 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from samtone_ray.config import Config
-from samtone_ray.files import atomic_write_text
+from samtone_ray.files import atomic_write_bytes, atomic_write_text
 from samtone_ray.search_space import Space, overrides_of
 
 METRIC_COLUMNS = ("mrr@10", "ndcg@10", "recall@10", "recall@100", "p@1")
@@ -154,7 +153,7 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path, metric: str) -> Non
     ax.legend(fontsize="small")
     ax.set_title(f"{metric} by negative strategy and global batch size")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, png.getvalue())

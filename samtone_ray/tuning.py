@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from samtone_ray.config import CombinationError, Config, from_dict
-from samtone_ray.files import atomic_write_json
+from samtone_ray.files import atomic_write_json, atomic_write_text
 from samtone_ray.search_space import Space, overrides_of, parse_space
 
 log = logging.getLogger(__name__)
@@ -45,23 +45,23 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -
         return
     trial_dir = Path(search["dir"]) / "trials" / trial_id
     run_id = None
+    uri = search.get("tracking_uri")
     run_file = trial_dir / RUN_ID_FILE
-    if search.get("tracking_uri") and run_file.exists():
+    if uri and run_file.exists():
         # A trial restarted by `tune --resume` continues its run, as Ray Train continues its
         # checkpoint, so a trial is one MLflow run however often it was interrupted.
         run_id = run_file.read_text().strip()
-        tracking.client(search["tracking_uri"]).update_run(run_id, status="RUNNING")
-    elif search.get("tracking_uri"):
+        tracking.client(uri).update_run(run_id, status="RUNNING")
+    elif uri:
         run_id = tracking.start_run(
-            search["tracking_uri"],
+            uri,
             cfg.tracking.experiment,
             trial_id,
             cfg.flat(),
             parent_run_id=search["parent_run_id"],
             tags={"samtone.kind": "trial", "samtone.trial_id": trial_id},
         )
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(run_id)
+        atomic_write_text(run_file, run_id)
     trainer = build_trainer(
         cfg,
         pairs_ref=refs["pairs"],
@@ -70,7 +70,7 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -
         storage_path=trial_dir / "ray",
         name="train",
         run_id=run_id,
-        tracking_uri=search.get("tracking_uri"),
+        tracking_uri=uri,
         callbacks=[TuneReportCallback()],
     )
     trainer.fit()
@@ -78,7 +78,7 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -
     # the leaderboard: an ASHA stop interrupts fit() as if it failed, and a status written from
     # this actor as it is torn down could land after tune()'s and overwrite KILLED with FAILED.
     if run_id:
-        tracking.RunLogger(search["tracking_uri"], run_id).finish("FINISHED")
+        tracking.RunLogger(uri, run_id).finish("FINISHED")
 
 
 def max_concurrent(cfg: Config, resources: dict[str, float]) -> int:
