@@ -40,7 +40,8 @@ def cmd_eval(args) -> int:
     from samtone_ray.data import load_beir
     from samtone_ray.evaluation import bm25_run, format_metrics_table, retrieval_metrics
     from samtone_ray.towers import DualEncoder
-    from samtone_ray.training import evaluate, resolve_data_path
+    from samtone_ray.data import resolve_data_path
+    from samtone_ray.evaluation import evaluate_model as evaluate
 
     split = load_beir(resolve_data_path(args.data), args.split)
     rows = {}
@@ -59,7 +60,9 @@ def cmd_eval(args) -> int:
 
 def cmd_train(args) -> int:
     from samtone_ray.evaluation import format_metrics_table
-    from samtone_ray.training import build_model, evaluate, load_data, train
+    from samtone_ray.data import load_data
+    from samtone_ray.evaluation import evaluate_model as evaluate
+    from samtone_ray.training import build_model, train
 
     cfg = _load(args)
     _echo(cfg)

@@ -411,3 +411,18 @@ def text_keys(texts: Sequence[str]) -> torch.Tensor:
 def bundled_sample_path() -> Path:
     """Folder of the small real BEIR sample shipped with the package (see its README.md)."""
     return Path(__file__).resolve().parent / "sample" / "debian"
+
+
+def resolve_data_path(path: str) -> str:
+    from samtone_ray.config import BUNDLED_SAMPLE
+
+    return str(bundled_sample_path()) if path == BUNDLED_SAMPLE else str(Path(path).resolve())
+
+
+def load_data(cfg):
+    """(training pairs, eval split) as the workers will see them."""
+    pairs = load_training_pairs(resolve_data_path(cfg.data.train), cfg.data.train_split)
+    if cfg.data.num_hard_negatives and pairs.negatives is None:
+        raise ValueError(f"data.num_hard_negatives={cfg.data.num_hard_negatives} but {cfg.data.train} has no negatives")
+    eval_split = load_beir(resolve_data_path(cfg.data.eval), cfg.data.eval_split) if cfg.data.eval else None
+    return pairs, eval_split

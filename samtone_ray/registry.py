@@ -27,7 +27,7 @@ def evaluate_registered(
     """Load a registered pyfunc model's DualEncoder and evaluate it with exact search."""
     import mlflow
 
-    from samtone_ray.training import evaluate
+    from samtone_ray.evaluation import evaluate_model as evaluate
 
     mlflow.set_tracking_uri(uri)
     encoder = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().encoder

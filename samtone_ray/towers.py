@@ -45,9 +45,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -59,6 +57,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from samtone_ray.files import atomic_write_dir
 
 __all__ = [
     "DualEncoder",
@@ -579,7 +579,7 @@ class DualEncoder(nn.Module):
         place; an existing model is first renamed aside (``.NAME.old-*``) and deleted only after
         the new one is in place, so a crash leaves either the old or the new complete model."""
         target = Path(directory).absolute()
-        _atomic_write_dir(target, self._write_layout)
+        atomic_write_dir(target, self._write_layout)
         return target
 
     def _write_layout(self, root: Path) -> None:
@@ -757,51 +757,3 @@ def _read_st_lengths(
         # ST >= 6 stores the limit as the tokenizer's model_max_length, capped by the model.
         max_length = min(tokenizer.model_max_length, getattr(encoder.config, "max_position_embeddings", 10**9))
     return config.get("query_length") or int(max_length), config.get("document_length") or int(max_length)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(staging)`` on a fresh sibling directory of ``target``, then swap it in."""
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"{target} exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(staging)
-        _fsync_tree(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if not target.exists():
-        os.replace(staging, target)
-        _fsync_dir(target.parent)
-        return
-    # rename(2) cannot replace a non-empty directory: move the old model aside first.
-    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, backup)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        os.replace(backup, target)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _fsync_dir(target.parent)
-    shutil.rmtree(backup)

@@ -11,8 +11,6 @@ Ray Train worker function; ``build_trainer`` / ``train`` are the driver side.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import os
 import random
@@ -32,6 +30,9 @@ from samtone_ray.batching import PairKeys, Schedule, Shard, batch_digest, make_s
 from samtone_ray.config import Config, LossConfig, from_dict
 from samtone_ray.files import atomic_write_json
 from samtone_ray.losses import contrastive_loss
+from samtone_ray.data import load_data
+from samtone_ray.evaluation import evaluate_model
+from samtone_ray.runtime import autocast, connect_ray, cpu_threads, device_name, resolve_precision
 from samtone_ray.towers import DualEncoder, TokenChunks
 
 log = logging.getLogger(__name__)
@@ -105,31 +106,6 @@ def train_step(
         anchor_offset=rank * local,
         num_anchors=local,
     )
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 where bf16 matrix multiplies are native, else fp32."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if _cpu_has_amx() else "fp32"
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_has_amx() -> bool:
-    # Without AMX, CPU bf16 is emulated and slower than fp32; with it, ~2.4x faster (measured).
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast for the encoders (the loss upcasts to float32 itself); fp32 = no-op."""
-    if resolve_precision(precision, device) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def batch_keys(pair_keys: PairKeys | None, indices: np.ndarray) -> dict[str, torch.Tensor] | None:
@@ -220,7 +196,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             {
                 "workers": world,
                 "device": str(device),
-                "device_name": _device_name(device),
+                "device_name": device_name(device),
                 "precision": resolve_precision(cfg.train.precision, device),
             }
         )
@@ -276,8 +252,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             metrics: dict[str, Any] = {"step": state.step, "epoch": epoch, "loss": global_loss} | window.summary()
             if do_eval and rank == 0 and eval_split is not None:
                 # The other workers wait at the report barrier: lend their cores to the eval.
-                with _cpu_threads(None if cfg.scaling.use_gpu else os.cpu_count()):
-                    metrics |= evaluate(model, eval_split, cfg.train.eval_batch_size, cfg.train.precision)
+                with cpu_threads(None if cfg.scaling.use_gpu else os.cpu_count()):
+                    metrics |= evaluate_model(model, eval_split, cfg.train.eval_batch_size, cfg.train.precision)
                 if logger:
                     logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if "@" in k}, state.step)
             _report(metrics, state, model, optimizer, scheduler, rank, checkpoint=do_ckpt)
@@ -328,17 +304,6 @@ class _Window:
         return {"data_wait_share": self.total_wait / max(self.total_time, 1e-9)}
 
 
-@contextlib.contextmanager
-def _cpu_threads(n: int | None):
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _all_reduce_mean_and_sum(loss: torch.Tensor, tokens: int, world: int) -> tuple[float, int]:
     packed = torch.tensor([float(loss), float(tokens)], dtype=torch.float64)
     if world > 1:
@@ -347,29 +312,6 @@ def _all_reduce_mean_and_sum(loss: torch.Tensor, tokens: int, world: int) -> tup
         dist.all_reduce(packed)
         packed = packed.cpu()
     return float(packed[0]) / world, int(packed[1])
-
-
-def evaluate(model: DualEncoder, split, batch_size: int, precision: str = "fp32") -> dict[str, float]:
-    """Exact-search retrieval metrics of ``model`` on a BeirSplit (rank 0 only).
-
-    ``precision="bf16"`` encodes under bf16 autocast (about 2.4x faster on AMX CPUs and on GPUs);
-    embeddings are normalised and searched in float32 either way.
-    """
-    from samtone_ray.evaluation import evaluate_encoder
-
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast(model.device, precision):
-            return evaluate_encoder(
-                lambda t: model.encode_queries(t, batch_size=batch_size),
-                lambda t: model.encode_documents(t, batch_size=batch_size),
-                split.corpus,
-                split.queries,
-                split.qrels,
-            )
-    finally:
-        model.train(was_training)
 
 
 def _report(metrics, state: _State, model, optimizer, scheduler, rank: int, *, checkpoint: bool) -> None:
@@ -422,56 +364,7 @@ def _rank0_logger(loop_config: dict, rank: int):
     return RunLogger(loop_config["tracking_uri"], loop_config["run_id"])
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 # --------------------------------------------------------------------------- the driver
-
-
-def connect_ray(num_cpus: int | None = None) -> None:
-    """Join ``$RAY_ADDRESS`` when set, else start a local cluster bound to 127.0.0.1."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-        return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every listener on loopback
-    # One logical CPU more than the cores: Tune trial drivers hold a sliver of a CPU while their
-    # workers train, and without the spare a 2-worker trial could never start on a 2-core box.
-    ray.init(
-        num_cpus=num_cpus or max(2, os.cpu_count() or 2) + 1,
-        # The dashboard serves the state API that Ray Train's PlacementGroupCleaner polls: without
-        # it, the workers of a trial stopped early by ASHA are never released.
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
-        logging_level=logging.WARNING,
-    )
-
-
-def resolve_data_path(path: str) -> str:
-    from samtone_ray.config import BUNDLED_SAMPLE
-    from samtone_ray.data import bundled_sample_path
-
-    return str(bundled_sample_path()) if path == BUNDLED_SAMPLE else str(Path(path).resolve())
-
-
-def load_data(cfg: Config):
-    """(training pairs, eval split) as the workers will see them."""
-    from samtone_ray.data import load_beir, load_training_pairs
-
-    pairs = load_training_pairs(resolve_data_path(cfg.data.train), cfg.data.train_split)
-    if cfg.data.num_hard_negatives and pairs.negatives is None:
-        raise ValueError(f"data.num_hard_negatives={cfg.data.num_hard_negatives} but {cfg.data.train} has no negatives")
-    eval_split = load_beir(resolve_data_path(cfg.data.eval), cfg.data.eval_split) if cfg.data.eval else None
-    return pairs, eval_split
 
 
 def build_trainer(

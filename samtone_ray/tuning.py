@@ -114,7 +114,10 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
     from samtone_ray import tracking
     from samtone_ray.leaderboard import build_leaderboard, write_leaderboard
     from samtone_ray.registry import promote_best
-    from samtone_ray.training import build_model, connect_ray, evaluate, load_data
+    from samtone_ray.data import load_data
+    from samtone_ray.evaluation import evaluate_model as evaluate
+    from samtone_ray.runtime import connect_ray
+    from samtone_ray.training import build_model
 
     cfg = cfg.with_output_dir()
     space = parse_space(cfg.search.space, cfg)  # fail before anything starts; logs skipped combinations

@@ -17,6 +17,7 @@ def ray_cluster():
     import ray
 
     ray.init(
+        address="local",  # never join another cluster on this machine (a test head, a user's)
         num_cpus=4,
         include_dashboard=True,  # its state API lets Ray Train release early-stopped trials' workers
         dashboard_host="127.0.0.1",
