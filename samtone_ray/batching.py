@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from samtone_ray.data import TrainingPairs, text_keys
-from samtone_ray.towers import TokenChunks, tokenize_chunks
+from samtone_ray.tokenization import TokenChunks, tokenize_chunks
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ params and Ray Tune search spaces.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -16,13 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
-TowerMode = Literal["shared", "separate", "separate_shared_projection"]
-Pooling = Literal["mean", "cls"]
-SameTower = Literal["none", "query", "doc", "both"]
-Precision = Literal["auto", "fp32", "bf16"]
-SearchAlgorithm = Literal["grid", "random", "optuna"]
-Scheduler = Literal["asha", "none"]
-Mode = Literal["max", "min"]
+from samtone_ray import settings
+from samtone_ray.settings import Mode, Pooling, Precision, SameTower, Scheduler, SearchAlgorithm, TowerMode
 
 BUNDLED_SAMPLE = "bundled:debian"
 """Placeholder for the Debian sample shipped inside the package (resolved by ``resolve_data_path``)."""
@@ -46,12 +42,11 @@ class ModelConfig:
     doc_max_length: int = 128
 
     def __post_init__(self) -> None:
-        _positive("model.query_max_length", self.query_max_length)
-        _positive("model.doc_max_length", self.doc_max_length)
-        if self.projection_dim < 0:
-            raise ConfigError(f"model.projection_dim must be >= 0, got {self.projection_dim}")
-        if self.tower_mode == "separate_shared_projection" and self.projection_dim == 0:
-            raise ConfigError("model.tower_mode=separate_shared_projection needs model.projection_dim > 0")
+        with _as(ConfigError):
+            settings.validate_layout(
+                self.tower_mode, self.pooling, self.projection_dim, self.query_max_length, self.doc_max_length,
+                prefix="model.",
+            )
 
 
 @dataclass
@@ -75,12 +70,10 @@ class LossConfig:
     mask_duplicates: bool = True
 
     def __post_init__(self) -> None:
-        _positive("loss.temperature", self.temperature)
-        if self.same_tower == "doc" and not self.bidirectional:
-            raise CombinationError(
-                "loss.same_tower=doc needs loss.bidirectional=true: document-side negatives only "
-                "exist in the d->q direction"
-            )
+        with _as(ConfigError):
+            settings.check_temperature(self.temperature, prefix="loss.")
+        with _as(CombinationError):
+            settings.check_loss_combination(self.same_tower, self.bidirectional, prefix="loss.")
 
 
 @dataclass
@@ -352,6 +345,17 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
             return dict(value)
         raise ConfigError(f"{key} must be a mapping; got {value!r}")
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+@contextlib.contextmanager
+def _as(error: type[ConfigError]):
+    """Re-raise a settings validator's ValueError as ``error`` (its message already names the key)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise error(str(exc)) from None
 
 
 def _positive(key: str, value: float) -> None:

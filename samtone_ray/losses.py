@@ -28,30 +28,11 @@ or the anchor itself (same-tower) are removed from Z: they are false negatives.
 
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Literal, get_args
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-SameTower = Literal["none", "query", "doc", "both"]
-SAME_TOWER_CHOICES: tuple[str, ...] = get_args(SameTower)
-
-
-def validate_loss_config(same_tower: str, bidirectional: bool, temperature: float) -> None:
-    """Raise ValueError unless (same_tower, bidirectional, temperature) is a usable combination."""
-    if same_tower not in SAME_TOWER_CHOICES:
-        raise ValueError(f"same_tower must be one of {SAME_TOWER_CHOICES}, got {same_tower!r}")
-    if same_tower == "doc" and not bidirectional:
-        # Document-tower negatives only enter the d->q direction, so this would silently
-        # degrade to the plain in-batch loss.
-        raise ValueError("same_tower='doc' requires bidirectional=True: document-side "
-                         "negatives only exist in the d->q direction")
-    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
-            or not math.isfinite(temperature) or temperature <= 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+from samtone_ray.settings import SameTower, validate_loss_config
 
 
 def _check_keys(name: str, keys: torch.Tensor | None, shape: tuple[int, ...],

