@@ -92,7 +92,10 @@ class TrainConfig:
     eval_every: int = 25
     """Evaluate every N steps (0 = only at the end); ASHA decides on these evaluations."""
     checkpoint_every: int = 0
-    """Checkpoint every N steps (0 = only at the end)."""
+    """Checkpoint every N steps; 0 = with every evaluation (and at the end), so a lost worker
+    resumes from the last evaluation instead of step 0."""
+    collective_timeout_s: int = 1800
+    """Process-group timeout: how long a worker waits in a collective for the others."""
     chunk_size: int = 32
     """Texts encoded per forward chunk, sorted by length so each chunk pads only to its own longest."""
     eval_batch_size: int = 128
@@ -102,7 +105,7 @@ class TrainConfig:
     """Fault injection for tests: the last worker kills itself once after this step (0 = never)."""
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "epochs", "chunk_size", "eval_batch_size", "log_every"):
+        for key in ("batch_size", "epochs", "chunk_size", "eval_batch_size", "log_every", "collective_timeout_s"):
             _positive(f"train.{key}", getattr(self, key))
         for key in ("max_steps", "eval_every", "checkpoint_every", "fail_at_step"):
             if getattr(self, key) < 0:

@@ -1,13 +1,14 @@
 """The MLflow pyfunc wrapper of a saved DualEncoder: ``predict(texts) -> embeddings``.
 
-The model travels as plain files (safetensors + configs) in the artifact ``model``, and this
-file is logged as the model's code (MLflow "models from code"), so nothing is pickled.
-``params={"tower": "query"}`` selects the query tower (default: documents).
+The model travels as plain files (safetensors + configs) in the artifact ``model``. The logged
+``python_model.pkl`` holds only a reference to this class (``samtone_ray.mlflow_model.
+DualEncoderPyfunc``, an instance without state, pickled by reference), so loading imports the
+installed ``samtone_ray`` (pinned in the model's requirements) and runs no code from the
+artifact store. ``params={"tower": "query"}`` selects the query tower (default: documents).
 """
 
 from __future__ import annotations
 
-import mlflow.models
 import mlflow.pyfunc
 import numpy as np
 
@@ -37,5 +38,3 @@ def _texts(model_input) -> list[str]:
         model_input = model_input.iloc[:, 0]
     return [str(t) for t in list(model_input)]
 
-
-mlflow.models.set_model(DualEncoderPyfunc())

@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -80,3 +81,70 @@ def connect_ray(num_cpus: int | None = None) -> None:
         _node_ip_address="127.0.0.1",
         logging_level=logging.WARNING,
     )
+
+
+# File systems that every node of a cluster can see the same way (network, parallel or FUSE-backed
+# object stores). Anything else is taken to be local to one node.
+SHARED_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "cephfs", "glusterfs",
+     "fuse.glusterfs", "fuse.gcsfuse", "fuse.s3fs", "fuse.mountpoint-s3", "fuse.juicefs", "fuse.sshfs",
+     "fuse.blobfuse2", "fuse.cephfs", "fuse.lustre", "9p", "virtiofs", "wekafs", "panfs", "orangefs"}
+)
+
+
+class ClusterConfigError(ValueError):
+    """A setting that cannot work on this cluster; the message names it and what to use instead."""
+
+
+def check_cluster(num_nodes: int, tracking_uri: str | None, output_dir: str, output_fs: str) -> None:
+    """Refuse, before any work starts, settings that only work on one node.
+
+    On a cluster of ``num_nodes`` > 1 nodes rank 0 may run on any node: a SQLite tracking URI
+    names a file on one node only, and ``output_dir`` (models, checkpoints, leaderboards) must be
+    on a file system that every node shares (``output_fs``: its type, e.g. from ``filesystem_type``).
+    """
+    if num_nodes <= 1:
+        return
+    scheme = urlparse(tracking_uri or "").scheme
+    if tracking_uri and (scheme in ("sqlite", "file") or (not scheme and "/" in tracking_uri)):
+        raise ClusterConfigError(
+            f"tracking.uri (or $MLFLOW_TRACKING_URI) is {tracking_uri!r}, a store on one node, but Ray has "
+            f"{num_nodes} nodes and rank 0 may log from any of them: use an MLflow server every node "
+            "can reach (tracking.uri=http://HOST:5000) or set tracking.enabled=false"
+        )
+    if output_fs not in SHARED_FILESYSTEMS:
+        raise ClusterConfigError(
+            f"output_dir {output_dir!r} is on a {output_fs or 'unknown'} file system, local to one node, but "
+            f"Ray has {num_nodes} nodes and rank 0 writes models and checkpoints from whichever node it "
+            "runs on: set output_dir to a folder on a shared file system mounted on every node (NFS, "
+            "Lustre, a FUSE-mounted bucket, ...)"
+        )
+
+
+def filesystem_type(path: str | os.PathLike[str]) -> str:
+    """The type (``/proc/mounts``) of the file system holding ``path`` or its nearest existing parent."""
+    target = Path(path).absolute()
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    target = target.resolve()
+    best, kind = "", ""
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = fields[1].replace("\\040", " ")
+        if (target == Path(mount) or Path(mount) in target.parents) and len(mount) > len(best):
+            best, kind = mount, fields[2]
+    return kind
+
+
+def check_ray_cluster(tracking_uri: str | None, output_dir: str) -> None:
+    """``check_cluster`` on the connected Ray cluster's alive nodes."""
+    import ray
+
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    check_cluster(nodes, tracking_uri, output_dir, filesystem_type(output_dir))

@@ -6,12 +6,25 @@ is SQLite under ``./.samtone`` (MLflow 3 refuses the plain file store), with art
 
 from __future__ import annotations
 
+import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from samtone_ray import __version__
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DIR = Path(".samtone")
-PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "samtone-ray"]
+# The logged model imports samtone_ray from the installed package: pin the version that wrote it.
+PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", f"samtone-ray=={__version__}"]
+# Rank 0's logging calls: attempts and the first pause (doubled after each failure).
+LOG_ATTEMPTS = 3
+LOG_RETRY_PAUSE_S = 0.5
+
+T = TypeVar("T")
 
 
 def tracking_uri(configured: str = "") -> str:
@@ -76,31 +89,52 @@ def start_run(
 
 
 class RunLogger:
-    """Logs metrics to one existing run; used by rank 0 inside the training loop."""
+    """Logs metrics, tags, artifacts and the model to one existing run; used by rank 0 inside
+    the training loop. Each call is retried (``LOG_ATTEMPTS``, pauses from ``LOG_RETRY_PAUSE_S``)
+    and then given up with a warning: a tracking server hiccup never kills training."""
 
     def __init__(self, uri: str, run_id: str) -> None:
         self.uri, self.run_id = uri, run_id
         self._client = client(uri)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
+    def _retry(self, what: str, call: Callable[[], T]) -> T | None:
+        pause = LOG_RETRY_PAUSE_S
+        for attempt in range(1, LOG_ATTEMPTS + 1):
+            try:
+                return call()
+            except Exception as exc:  # MLflow, HTTP and database errors alike
+                if attempt == LOG_ATTEMPTS:
+                    log.warning(
+                        "MLflow: could not %s for run %s at %s after %d attempts (training goes on): %s",
+                        what, self.run_id, self.uri, attempt, exc,
+                    )
+                    return None
+                time.sleep(pause)
+                pause *= 2
+        return None
 
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(metric_key(k), float(v), now, step) for k, v in metrics.items()]
-        self._client.log_batch(self.run_id, metrics=batch)
+        self._retry(f"log metrics at step {step}", lambda: self._client.log_batch(self.run_id, metrics=batch))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self._client.set_tag(self.run_id, k, str(v))
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._retry("set tags", lambda: self._client.log_batch(self.run_id, tags=batch))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._client.log_artifact(self.run_id, str(path), artifact_path)
+        self._retry(f"log {path}", lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
 
-    def log_model(self, model_dir: str | Path) -> str:
-        """Log a saved DualEncoder as a pyfunc model under the run's ``model/``; returns its URI.
+    def log_model(self, model_dir: str | Path) -> str | None:
+        """Log a saved DualEncoder as a pyfunc model under the run's ``model/``; returns its URI
+        (None when logging failed after the retries).
 
+        The pyfunc is an instance of ``samtone_ray.mlflow_model.DualEncoderPyfunc``, pickled by
+        reference: no source file of ours is stored, so loading runs the installed package's code.
         Saved locally then uploaded as artifacts, so logging never opens or closes the run
         (its owner decides the final status).
         """
@@ -108,18 +142,21 @@ class RunLogger:
 
         import mlflow
 
-        from samtone_ray import mlflow_model
+        from samtone_ray.mlflow_model import DualEncoderPyfunc
 
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / "model"
-            mlflow.pyfunc.save_model(
-                path=str(local),
-                python_model=mlflow_model.__file__,
-                artifacts={"model": str(model_dir)},
-                pip_requirements=PIP_REQUIREMENTS,
-            )
-            self._client.log_artifacts(self.run_id, str(local), "model")
-        return f"runs:/{self.run_id}/model"
+        def save_and_upload() -> str:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(tmp) / "model"
+                mlflow.pyfunc.save_model(
+                    path=str(local),
+                    python_model=DualEncoderPyfunc(),
+                    artifacts={"model": str(model_dir)},
+                    pip_requirements=PIP_REQUIREMENTS,
+                )
+                self._client.log_artifacts(self.run_id, str(local), "model")
+            return f"runs:/{self.run_id}/model"
+
+        return self._retry("log the model", save_and_upload)
 
     def finish(self, status: str = "FINISHED") -> None:
         self._client.set_terminated(self.run_id, status=status)

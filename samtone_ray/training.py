@@ -32,7 +32,14 @@ from samtone_ray.files import atomic_write_json
 from samtone_ray.losses import contrastive_loss
 from samtone_ray.data import load_data
 from samtone_ray.evaluation import evaluate_model
-from samtone_ray.runtime import autocast, connect_ray, cpu_threads, device_name, resolve_precision
+from samtone_ray.runtime import (
+    autocast,
+    check_ray_cluster,
+    connect_ray,
+    cpu_threads,
+    device_name,
+    resolve_precision,
+)
 from samtone_ray.tokenization import TokenChunks
 from samtone_ray.towers import DualEncoder
 
@@ -163,7 +170,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if not cfg.scaling.use_gpu:
         torch.set_num_threads(cfg.scaling.cpus_per_worker)
     pairs = ray.get(loop_config["pairs"])
-    eval_split = ray.get(loop_config["eval"]) if rank == 0 and loop_config.get("eval") is not None else None
+    # Every rank encodes a share of the evaluation (evaluate_model), so every rank needs the split.
+    eval_split = ray.get(loop_config["eval"]) if loop_config.get("eval") is not None else None
+    eval_threads = None if cfg.scaling.use_gpu else max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
     logger = _rank0_logger(loop_config, rank)
 
     torch.manual_seed(cfg.train.seed)  # identical initialisation of any new layer on every rank
@@ -175,7 +184,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     saved = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+            saved = load_state(Path(d))
         model.load_state_dict(saved["model"])
         state = _State(step=saved["step"], history=saved["history"])
     ddp = ray.train.torch.prepare_model(model)  # moves to the device; wraps in DDP when world > 1
@@ -189,6 +198,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if torch.cuda.is_available() and saved["rng"][rank]["cuda"] is not None:
             torch.cuda.set_rng_state(saved["rng"][rank]["cuda"])
         log.info("rank %d resumed at step %d", rank, state.step)
+        if logger:
+            logger.set_tags({"resumed_at_step": state.step})
     else:
         torch.manual_seed(cfg.train.seed + 1000 * (rank + 1))  # per-rank dropout streams
     if logger and saved is None:
@@ -247,17 +258,21 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if logger and (state.step % cfg.train.log_every == 0 or done):
             logger.log_metrics(window.metrics() | {"lr": scheduler.get_last_lr()[0]}, state.step)
 
-        do_eval = done or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0)
-        do_ckpt = done or (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0)
+        do_eval, do_ckpt = eval_and_checkpoint_due(state.step, schedule.total_steps, cfg.train)
         if do_eval or do_ckpt:
             metrics: dict[str, Any] = {"step": state.step, "epoch": epoch, "loss": global_loss} | window.summary()
-            if do_eval and rank == 0 and eval_split is not None:
-                # The other workers wait at the report barrier: lend their cores to the eval.
-                with cpu_threads(None if cfg.scaling.use_gpu else os.cpu_count()):
-                    metrics |= evaluate_model(model, eval_split, cfg.train.eval_batch_size, cfg.train.precision)
+            # Collect every rank's RNG state first: no rank may sit in a collective while another
+            # one evaluates.
+            rngs = _gather_rng_states() if do_ckpt else None
+            if do_eval and eval_split is not None:
+                # Each rank encodes its share of the corpus and queries; rank 0 searches.
+                with cpu_threads(eval_threads):
+                    metrics |= evaluate_model(
+                        model, eval_split, cfg.train.eval_batch_size, cfg.train.precision, rank=rank, world=world
+                    )
                 if logger:
                     logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if "@" in k}, state.step)
-            _report(metrics, state, model, optimizer, scheduler, rank, checkpoint=do_ckpt)
+            _report(metrics, state, model, optimizer, scheduler, rank, rngs=rngs)
         _maybe_inject_fault(cfg, state.step, rank, world, loop_config)
     pool.shutdown()
 
@@ -315,17 +330,41 @@ def _all_reduce_mean_and_sum(loss: torch.Tensor, tokens: int, world: int) -> tup
     return float(packed[0]) / world, int(packed[1])
 
 
-def _report(metrics, state: _State, model, optimizer, scheduler, rank: int, *, checkpoint: bool) -> None:
-    import ray.train
+def eval_and_checkpoint_due(step: int, total_steps: int, train_cfg) -> tuple[bool, bool]:
+    """(evaluate, checkpoint) after optimizer step ``step``: both at the end; evaluations every
+    ``eval_every`` steps; checkpoints every ``checkpoint_every`` steps, or with every evaluation
+    when ``checkpoint_every`` is 0 (so a lost worker resumes from the last evaluation)."""
+    done = step == total_steps
+    do_eval = done or bool(train_cfg.eval_every and step % train_cfg.eval_every == 0)
+    if train_cfg.checkpoint_every:
+        return do_eval, done or step % train_cfg.checkpoint_every == 0
+    return do_eval, do_eval
 
+
+def _gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG states (rank order), so each rank's dropout stream resumes where it was.
+
+    Only tensors, ints, tuples and None: the checkpoint loads with ``weights_only=True``."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": None}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    rngs = [rng]
-    if checkpoint and dist.is_initialized() and dist.get_world_size() > 1:
-        rngs = [None] * dist.get_world_size()
-        dist.all_gather_object(rngs, rng)  # every rank's dropout stream resumes where it was
-    if not (checkpoint and rank == 0):
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [rng]
+    rngs: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, rng)
+    return rngs
+
+
+def load_state(directory: Path) -> dict[str, Any]:
+    """A checkpoint's training state. ``weights_only=True``: a checkpoint is data, and a tampered
+    one is refused instead of running the code a pickle can carry."""
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _report(metrics, state: _State, model, optimizer, scheduler, rank: int, *, rngs: list | None) -> None:
+    import ray.train
+
+    if rngs is None or rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -393,7 +432,10 @@ def build_trainer(
             "run_id": run_id,
             "tracking_uri": tracking_uri,
         },
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        # The process-group timeout bounds how long a rank may wait in a collective for the others.
+        torch_config=TorchConfig(
+            backend="nccl" if cfg.scaling.use_gpu else "gloo", timeout_s=cfg.train.collective_timeout_s
+        ),
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -425,13 +467,14 @@ def train(cfg: Config, *, data=None) -> TrainOutcome:
 
     cfg = cfg.with_output_dir()
     connect_ray()
-    pairs, eval_split = data or load_data(cfg)
     output_dir = Path(cfg.output_dir).resolve()
+    uri = tracking.tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else None
+    check_ray_cluster(uri, str(output_dir))
+    pairs, eval_split = data or load_data(cfg)
     if (output_dir / "model").exists():
         log.warning("%s/model exists and will be replaced when this run finishes", output_dir)
-    uri = run_id = None
+    run_id = None
     if cfg.tracking.enabled:
-        uri = tracking.tracking_uri(cfg.tracking.uri)
         run_id = tracking.start_run(uri, cfg.tracking.experiment, cfg.name, cfg.flat(), tags={"samtone.kind": "train"})
     trainer = build_trainer(
         cfg,

@@ -160,7 +160,9 @@ def runs(ray_cluster, tiny_model_dir, small_data, tmp_path_factory):
         data=(pairs, dev),
     )
     out["fault"] = train(
-        _cfg(tiny_model_dir, root / "fault", **{"train.checkpoint_every": 2, "train.fail_at_step": 3}),
+        # Default checkpointing (with every evaluation): the run must resume from step 2, not 0.
+        _cfg(tiny_model_dir, root / "fault", **{"train.eval_every": 2, "train.fail_at_step": 3,
+                                                "tracking.enabled": True, "tracking.uri": uri}),
         data=(pairs, dev),
     )
     return out, uri, pairs
@@ -198,6 +200,54 @@ def test_killed_worker_resumes_from_checkpoint_without_repeating_or_skipping(run
     clean, resumed = _weights(out["two"]), _weights(out["fault"])
     for name in clean:
         torch.testing.assert_close(resumed[name], clean[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_lost_worker_resumes_from_the_last_evaluation_by_default(runs):
+    from mlflow import MlflowClient
+
+    out, uri, _ = runs
+    tags = MlflowClient(uri).get_run(out["fault"].run_id).data.tags
+    assert tags.get("resumed_at_step") == "2"
+
+
+def test_checkpoints_are_data_loaded_without_unpickling_code(runs, tmp_path):
+    from samtone_ray.training import STATE_FILE, load_state
+
+    out, _, _ = runs
+    ray_dir = Path(out["fault"].model_dir).parent / "ray"
+    last = sorted(ray_dir.rglob(STATE_FILE))[-1]
+    state = load_state(last.parent)  # the real checkpoint is tensors, ints, tuples and lists only
+    assert state["step"] == 6 and len(state["rng"]) == 2
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "evil").mkdir()
+    torch.save({"step": 1, "payload": _Evil(str(marker))}, tmp_path / "evil" / STATE_FILE)
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        load_state(tmp_path / "evil")
+    assert not marker.exists()
+
+
+class _Evil:
+    """Unpickling this runs code: what a tampered checkpoint could carry."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_evaluation_and_checkpoint_schedule():
+    from samtone_ray.config import TrainConfig
+    from samtone_ray.training import eval_and_checkpoint_due
+
+    default = TrainConfig(eval_every=25)
+    assert [s for s in range(1, 48) if eval_and_checkpoint_due(s, 47, default)[1]] == [25, 47]
+    explicit = TrainConfig(eval_every=25, checkpoint_every=10)
+    due = {s: eval_and_checkpoint_due(s, 47, explicit) for s in range(1, 48)}
+    assert [s for s, (_, c) in due.items() if c] == [10, 20, 30, 40, 47]
+    assert [s for s, (e, _) in due.items() if e] == [25, 47]
+    assert [s for s in range(1, 48) if any(eval_and_checkpoint_due(s, 47, TrainConfig(eval_every=0)))] == [47]
 
 
 def test_global_batches_do_not_depend_on_worker_count(runs):
@@ -262,3 +312,91 @@ def test_tracking_disabled_never_imports_mlflow(tiny_model_dir, tmp_path):
         "assert 'mlflow' not in sys.modules, 'mlflow imported eagerly'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=os.environ | {"PYTHONPATH": TESTS_DIR})
+
+
+# ----------------------------------------------------------------- evaluation shared over ranks
+
+
+def _eval_worker(config):
+    """A real TorchTrainer worker: evaluate_model over the initialised process group."""
+    import ray.train
+
+    from samtone_ray.evaluation import evaluate_model
+    from samtone_ray.towers import DualEncoder
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    model = DualEncoder.from_pretrained(config["model"], query_max_length=16, doc_max_length=32)
+    torch.set_num_threads(1)
+    metrics = evaluate_model(model, ray.get(config["split"]), 16, "fp32", rank=rank, world=world)
+    if rank == 0:
+        Path(config["out"]).write_text(json.dumps(metrics))
+    else:
+        assert metrics == {}
+    ray.train.report({"done": 1})
+
+
+def test_two_workers_evaluate_exactly_like_one_process(ray_cluster, tiny_model_dir, small_data, tmp_path):
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from samtone_ray.evaluation import evaluate_encoder
+    from samtone_ray.runtime import cpu_threads
+    from samtone_ray.towers import DualEncoder
+
+    _, dev = small_data
+    out = tmp_path / "metrics.json"
+    TorchTrainer(
+        _eval_worker,
+        train_loop_config={"model": str(tiny_model_dir), "split": ray.put(dev), "out": str(out)},
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(name="eval2", storage_path=str(tmp_path / "ray")),
+    ).fit()
+    shared = json.loads(out.read_text())
+    # The oracle: one process encoding everything with encode_* and searching.
+    model = DualEncoder.from_pretrained(tiny_model_dir, query_max_length=16, doc_max_length=32)
+    with cpu_threads(1):
+        alone = evaluate_encoder(
+            lambda t: model.encode_queries(t, batch_size=16),
+            lambda t: model.encode_documents(t, batch_size=16),
+            dev.corpus,
+            dev.queries,
+            dev.qrels,
+        )
+    assert shared == alone
+    assert shared["recall@100"] > 0
+
+
+# ----------------------------------------------------------------- multi-node safety (pure)
+
+
+@pytest.mark.parametrize(
+    "nodes,uri,fs,error",
+    [
+        (1, "sqlite:////tmp/mlflow.db", "ext4", None),  # one node: everything is local and fine
+        (2, "sqlite:////tmp/mlflow.db", "nfs4", "tracking.uri"),
+        (3, "/home/me/mlruns", "nfs4", "tracking.uri"),
+        (2, "http://mlflow:5000", "ext4", "output_dir"),
+        (2, "http://mlflow:5000", "overlay", "output_dir"),
+        (2, None, "tmpfs", "output_dir"),  # tracking off still needs a shared output_dir
+        (2, "http://mlflow:5000", "nfs4", None),
+        (4, "databricks", "lustre", None),
+        (2, None, "fuse.gcsfuse", None),
+    ],
+)
+def test_multi_node_refuses_node_local_settings(nodes, uri, fs, error):
+    from samtone_ray.runtime import ClusterConfigError, check_cluster
+
+    if error is None:
+        check_cluster(nodes, uri, "/shared/out", fs)
+        return
+    with pytest.raises(ClusterConfigError, match=rf"{error}.*{nodes} nodes.*(use|set)"):
+        check_cluster(nodes, uri, "/shared/out", fs)
+
+
+def test_filesystem_type_reads_the_mount_table(tmp_path):
+    from samtone_ray.runtime import filesystem_type
+
+    assert filesystem_type("/proc/self") == "proc"
+    assert filesystem_type(tmp_path / "not" / "yet") == filesystem_type(tmp_path) != ""
