@@ -400,3 +400,13 @@ def test_filesystem_type_reads_the_mount_table(tmp_path):
 
     assert filesystem_type("/proc/self") == "proc"
     assert filesystem_type(tmp_path / "not" / "yet") == filesystem_type(tmp_path) != ""
+
+
+def test_process_group_timeout_comes_from_the_config(tmp_path):
+    from samtone_ray.config import load_config
+    from samtone_ray.training import build_trainer
+
+    cfg = load_config(None, ["train.collective_timeout_s=77"])
+    trainer = build_trainer(cfg, pairs_ref=None, eval_ref=None, output_dir=tmp_path, storage_path=tmp_path, name="n")
+    assert trainer.backend_config.timeout_s == 77
+    assert load_config(None, []).train.collective_timeout_s == 1800

@@ -1,0 +1,210 @@
+"""Where `make demo` (`samtone tune`, the embedded default) spends its time, measured by parts.
+
+The demo is too long to run for every question, so this measures its components with short runs
+on the demo's own settings (all-MiniLM-L6-v2, the bundled Debian sample, 2 CPU workers, global
+batch 64, eval batch 128) at a chosen precision (``--precision fp32`` reproduces a CPU without
+AMX), then multiplies them by the demo's counts:
+
+* ``ray_start``: ``connect_ray()`` (a fresh local cluster).
+* ``worker_group``: one ``TorchTrainer.fit`` whose 2 workers only report once: worker-group
+  start, process-group set-up, controller polling and teardown, paid once per trial.
+* ``train_step``: the median wall time of a real training step (``train_step`` + backward +
+  AdamW on the DDP model, 2 workers, fp32 gloo all-reduce), after one warm-up step.
+* ``eval_shared``: one in-training evaluation as the workers now run it (``evaluate_model`` with
+  rank/world: each worker encodes half the length-sorted batches, rank 0 searches).
+* ``eval_rank0``: the same evaluation as it ran before (rank 0 alone with every core while the
+  other worker waits in a barrier).
+* ``zero_shot``: the base model's evaluation on the driver (``samtone tune`` without
+  ``--no-baseline``), with every core.
+
+The demo's counts come from its leaderboard (README): 4 trials, 2 run all 47 steps (evaluated at
+steps 25 and 47), 2 are stopped by ASHA after step 25 (one evaluation): 144 steps, 6 in-training
+evaluations, 1 zero-shot evaluation, 4 worker groups. The champion rule adds evaluations of its
+own (the candidate and the incumbent re-evaluated from the registry: ``champion_evals``).
+
+Usage (holds the machine's cores: run it under the shared lock)::
+
+    flock /tmp/samtone-ray.lock python benchmarks/demo_profile.py --precision fp32 \
+        --out benchmarks/results/demo_profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from samtone_ray.env import apply_defaults  # noqa: E402
+
+apply_defaults()
+
+import torch  # noqa: E402
+
+from samtone_ray.config import load_config  # noqa: E402
+from samtone_ray.data import load_data  # noqa: E402
+from samtone_ray.evaluation import evaluate_model  # noqa: E402
+from samtone_ray.files import atomic_write_json  # noqa: E402
+from samtone_ray.runtime import connect_ray, resolve_precision  # noqa: E402
+from samtone_ray.training import build_model  # noqa: E402
+
+DEMO = {"trials": 4, "steps": 2 * 47 + 2 * 25, "in_training_evals": 2 * 2 + 2 * 1, "zero_shot_evals": 1}
+
+
+def _noop_worker(config):
+    import ray.train
+
+    ray.train.report({"done": 1})
+
+
+def _profile_worker(config):
+    """Train a few real steps, then evaluate shared and rank-0-alone; rank 0 writes the timings."""
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from samtone_ray.batching import PairKeys, Schedule, make_shard
+    from samtone_ray.config import from_dict
+    from samtone_ray.runtime import cpu_threads
+    from samtone_ray.training import batch_keys, build_model, linear_schedule, train_step
+
+    cfg = from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    pairs, split = ray.get(config["pairs"]), ray.get(config["eval"])
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg)
+    ddp = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = linear_schedule(optimizer, 47, cfg.train.warmup_ratio)
+    schedule = Schedule(len(pairs), cfg.train.batch_size, cfg.train.seed, 1, 0)
+    keys = PairKeys.build(pairs, 0)
+    per = cfg.per_worker_batch_size()
+    steps = []
+    model.train()
+    for step in range(config["steps"] + 1):
+        indices = schedule.batch(step)
+        shard = make_shard(pairs, indices[rank * per : (rank + 1) * per], model.tokenizer,
+                           query_max_length=cfg.model.query_max_length, doc_max_length=cfg.model.doc_max_length,
+                           num_negatives=0, chunk_size=cfg.train.chunk_size)
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss = train_step(ddp, shard, cfg.loss, keys=batch_keys(keys, indices), rank=rank,
+                          precision=cfg.train.precision)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        dist.barrier()
+        if step:  # the first step warms up allocators and DDP buckets
+            steps.append(time.perf_counter() - t0)
+    threads = max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
+    dist.barrier()
+    t0 = time.perf_counter()
+    with cpu_threads(threads):
+        shared = evaluate_model(model, split, cfg.train.eval_batch_size, cfg.train.precision, rank=rank, world=world)
+    dist.barrier()
+    eval_shared = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    alone = {}
+    if rank == 0:
+        with cpu_threads(os.cpu_count()):
+            alone = evaluate_model(model, split, cfg.train.eval_batch_size, cfg.train.precision)
+    dist.barrier()
+    eval_rank0 = time.perf_counter() - t0
+    if rank == 0:
+        Path(config["out"]).write_text(json.dumps({
+            "train_step_s": steps, "eval_shared_s": eval_shared, "eval_rank0_s": eval_rank0,
+            "eval_metrics_equal": shared == alone, "mrr@10": shared["mrr@10"],
+        }))
+    ray.train.report({"done": 1})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up)")
+    parser.add_argument("--champion-evals", type=int, default=1,
+                        help="evaluations the champion rule adds (1: the candidate re-evaluated; 2 with an incumbent)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/demo_profile.json"))
+    args = parser.parse_args()
+
+    import tempfile
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = load_config(None, [f"train.precision={args.precision}"])
+    parts: dict[str, float] = {}
+    t0 = time.perf_counter()
+    connect_ray()
+    parts["ray_start_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pairs, split = load_data(cfg)
+    parts["load_data_s"] = time.perf_counter() - t0
+
+    scaling = ScalingConfig(num_workers=cfg.scaling.num_workers,
+                            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker})
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        TorchTrainer(_noop_worker, scaling_config=scaling,
+                     run_config=RunConfig(name="noop", storage_path=tmp)).fit()
+        parts["worker_group_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        zero_shot = evaluate_model(build_model(cfg), split, cfg.train.eval_batch_size, cfg.train.precision)
+        parts["zero_shot_s"] = time.perf_counter() - t0
+
+        out = Path(tmp) / "profile.json"
+        TorchTrainer(
+            _profile_worker,
+            train_loop_config={"cfg": cfg.to_dict(), "pairs": ray.put(pairs), "eval": ray.put(split),
+                               "out": str(out), "steps": args.steps},
+            scaling_config=scaling,
+            run_config=RunConfig(name="profile", storage_path=tmp),
+        ).fit()
+        measured = json.loads(out.read_text())
+    ray.shutdown()
+
+    step = statistics.median(measured["train_step_s"])
+    demo = {
+        "ray_start_and_data": parts["ray_start_s"] + parts["load_data_s"],
+        "worker_groups": DEMO["trials"] * parts["worker_group_s"],
+        "training_steps": DEMO["steps"] * step,
+        "in_training_evals_before": DEMO["in_training_evals"] * measured["eval_rank0_s"],
+        "in_training_evals_now": DEMO["in_training_evals"] * measured["eval_shared_s"],
+        "zero_shot_eval": parts["zero_shot_s"],
+        "champion_evals": args.champion_evals * parts["zero_shot_s"],
+    }
+    total_now = sum(v for k, v in demo.items() if k != "in_training_evals_before")
+    payload = {
+        "what": "components of `make demo` (samtone tune, embedded default), measured by benchmarks/demo_profile.py",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "precision": resolve_precision(args.precision, torch.device("cpu")),
+                    "torch": torch.__version__},
+        "demo_counts": DEMO | {"champion_evals": args.champion_evals},
+        "measured": parts | measured | {"train_step_median_s": step, "zero_shot_mrr@10": zero_shot["mrr@10"]},
+        "demo_estimate_s": demo | {"total_now": total_now},
+        "demo_share_now": {k: round(v / total_now, 3) for k, v in demo.items() if k != "in_training_evals_before"},
+        "note": "Not counted: per-trial model build/load, the final save_pretrained + MLflow log_model, "
+                "checkpoint writes, Tune bookkeeping; the gap to a measured demo wall time is their sum.",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, payload)
+    print(json.dumps(payload, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
