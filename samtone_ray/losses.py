@@ -22,8 +22,14 @@ The loss is mean_i L_qd(i), or (mean_i L_qd(i) + mean_i L_dq(i)) / 2 when bidire
 ``tau`` sharpens the softmax: cosines live in [-1, 1], so logits live in [-1/tau, 1/tau];
 a small tau (0.01-0.1) lets the model express confident rankings.
 
-Candidates whose key (e.g. a hash of the text) duplicates the anchor's positive (cross-tower)
-or the anchor itself (same-tower) are removed from Z: they are false negatives.
+False-negative masking (``query_keys`` / ``doc_keys``: e.g. hashes of the texts) works by pair:
+candidate pair ``j`` (its document in q->d and d->d, its query in d->q and q->q) is removed from
+anchor ``i``'s softmax when pair ``j`` shares the query text OR the document text with pair ``i``
+(``j != i``; in the same-tower blocks the anchor itself is always removed). So a second known
+positive of the same query (``q_j == q_i``, ``d_j != d_i``) and a second query of the same
+document never act as negatives. A hard negative is removed for anchor ``i`` when its text equals
+any positive of ``q_i`` in the batch, i.e. ``d_j`` for every ``j`` with ``q_j == q_i`` (only
+``d_i`` when query keys are not given).
 """
 
 from __future__ import annotations
@@ -65,12 +71,40 @@ def _check_keys(name: str, keys: torch.Tensor | None, shape: tuple[int, ...],
     return keys.to(device)
 
 
-def _same_key(anchor_keys: torch.Tensor | None, cand_keys: torch.Tensor | None,
-              n: int, m: int, device: torch.device) -> torch.Tensor:
-    """[n, m] bool: candidate key equals anchor key; all False when either side is unknown."""
-    if anchor_keys is None or cand_keys is None:
-        return torch.zeros(n, m, dtype=torch.bool, device=device)
-    return anchor_keys[:, None] == cand_keys[None, :]  # [n, 1] == [1, m] -> [n, m]
+class _PairMasks:
+    """Which candidates each anchor must drop as false negatives, from the global batch's keys."""
+
+    def __init__(self, query_keys: torch.Tensor | None, doc_keys: torch.Tensor | None,
+                 hard_negative_keys: torch.Tensor | None, batch: int, device: torch.device) -> None:
+        self.query_keys, self.doc_keys = query_keys, doc_keys
+        self.batch, self.device = batch, device
+        self.hard_ids = None
+        if hard_negative_keys is not None:
+            # Hard negative h is a false negative for anchor i when (q_i, h) is a pair of the batch.
+            # Dense ids turn "is (query, text) a batch pair" into one integer membership test.
+            query_ids = (torch.arange(batch, device=device) if query_keys is None  # each row its own query
+                         else torch.unique(query_keys, return_inverse=True)[1])  # [B]
+            texts = torch.cat([doc_keys, hard_negative_keys.reshape(-1)])  # [B + B*K]
+            text_ids = torch.unique(texts, return_inverse=True)[1]
+            self.num_texts = int(texts.numel())  # > every text id, so the codes below are unique
+            self.query_ids = query_ids
+            self.hard_ids = text_ids[batch:]  # [B*K]
+            self.batch_pairs = torch.unique(query_ids * self.num_texts + text_ids[:batch])  # [<= B]
+
+    def related(self, rows: torch.Tensor) -> torch.Tensor:
+        """[n, B] bool: pair j shares the query or the document text with anchor pair rows[n]."""
+        out = torch.zeros(rows.numel(), self.batch, dtype=torch.bool, device=self.device)
+        for keys in (self.query_keys, self.doc_keys):
+            if keys is not None:
+                out |= keys[rows][:, None] == keys[None, :]  # [n, 1] == [1, B] -> [n, B]
+        return out
+
+    def hard(self, rows: torch.Tensor, num_hard_total: int) -> torch.Tensor:
+        """[n, B*K] bool: the hard negative's text is a positive of the anchor's query."""
+        if self.hard_ids is None:
+            return torch.zeros(rows.numel(), num_hard_total, dtype=torch.bool, device=self.device)
+        codes = self.query_ids[rows][:, None] * self.num_texts + self.hard_ids[None, :]  # [n, B*K]
+        return torch.isin(codes, self.batch_pairs)
 
 
 def _softmax_ce(anchors: torch.Tensor, candidates: list[torch.Tensor], masks: list[torch.Tensor],
@@ -112,10 +146,11 @@ def contrastive_loss(
         bidirectional: also average in the d->q direction.
         temperature: tau > 0; logits are similarities / tau.
         hard_negatives: [B, K, D]; all B*K are candidates for every query anchor (q->d only).
-        query_keys, doc_keys: [B] integer ids of the texts; equal ids mark duplicates, which are
-            removed from the softmax unless they are the target. Either may be given alone.
-        hard_negative_keys: [B, K] integer ids of the hard negatives, compared with the doc key
-            of the anchor's positive (requires doc_keys and hard_negatives).
+        query_keys, doc_keys: [B] integer ids of the texts (equal ids = equal texts); candidates
+            of pairs sharing the anchor pair's query or document are removed from the softmax
+            (module docstring). Either may be given alone; the rule then uses that one.
+        hard_negative_keys: [B, K] integer ids of the hard negatives; one equal to the doc key of
+            any positive of the anchor's query is removed (requires doc_keys and hard_negatives).
         anchor_offset, num_anchors: use only anchor rows [anchor_offset, anchor_offset+num_anchors)
             (default: all B) against all B candidates. With q, d, hard negatives and keys
             all-gathered, each worker passes its own row range; the mean of equal-size shard
@@ -152,11 +187,11 @@ def contrastive_loss(
     hard_negative_keys = _check_keys("hard_negative_keys", hard_negative_keys, (batch, num_hard), device)
 
     rows = torch.arange(anchor_offset, anchor_offset + num_anchors, device=device)  # [n] global rows
-    n = num_anchors
     # [n, B]: True at each anchor's own column, i.e. its positive (cross-tower) or itself (same-tower).
     own = rows[:, None] == torch.arange(batch, device=device)[None, :]
-    q_anchor_keys = None if query_keys is None else query_keys[rows]  # [n]
-    d_anchor_keys = None if doc_keys is None else doc_keys[rows]  # [n]
+    pair_masks = _PairMasks(query_keys, doc_keys, hard_negative_keys, batch, device)
+    related = pair_masks.related(rows)  # [n, B]
+    cross_removed, same_removed = related & ~own, related | own
 
     # Autocast would run the matmuls in bf16/fp16; 1/tau then amplifies the rounding error, and
     # logsumexp over large B needs float32 range anyway. float64 inputs stay float64.
@@ -165,25 +200,22 @@ def contrastive_loss(
         qf, df = q.to(compute_dtype), d.to(compute_dtype)
 
         # q -> d: target d_i in block 0.
-        cands = [df]
-        masks = [_same_key(d_anchor_keys, doc_keys, n, batch, device) & ~own]
+        cands, masks = [df], [cross_removed]
         if num_hard:
             # [B, K, D] -> [B*K, D]: every row's hard negatives are candidates for every anchor.
             cands.append(hard_negatives.to(compute_dtype).reshape(batch * num_hard, dim))
-            hn_keys = None if hard_negative_keys is None else hard_negative_keys.reshape(-1)  # [B*K]
-            masks.append(_same_key(d_anchor_keys, hn_keys, n, batch * num_hard, device))
+            masks.append(pair_masks.hard(rows, batch * num_hard))
         if same_tower in ("query", "both"):
             cands.append(qf)
-            masks.append(_same_key(q_anchor_keys, query_keys, n, batch, device) | own)
+            masks.append(same_removed)
         loss = _softmax_ce(qf[rows], cands, masks, rows, temperature)
 
         if bidirectional:
             # d -> q: target q_i in block 0; hard negatives are neither anchors nor candidates.
-            cands = [qf]
-            masks = [_same_key(q_anchor_keys, query_keys, n, batch, device) & ~own]
+            cands, masks = [qf], [cross_removed]
             if same_tower in ("doc", "both"):
                 cands.append(df)
-                masks.append(_same_key(d_anchor_keys, doc_keys, n, batch, device) | own)
+                masks.append(same_removed)
             loss = (loss + _softmax_ce(df[rows], cands, masks, rows, temperature)) / 2
     return loss
 

@@ -15,8 +15,9 @@ from samtone_ray.losses import SamToNeLoss, contrastive_loss
 
 B, D, K = 6, 5, 2
 TEMPERATURE = 0.05
-# Deliberate duplicates: queries 0~2 and 1~5; documents 0~3 and 1~5. Hard-negative keys repeat
-# the row's own positive (row 0 -> 20, row 5 -> 21) and other rows' positives (22, 23).
+# Deliberate duplicates: queries 0~2 (query 10 has two positives, 20 and 22) and 1~5; documents
+# 0~3 (document 20 has two queries, 10 and 12) and 1~5. Hard-negative keys repeat the row's own
+# positive (row 0 -> 20, row 5 -> 21), another positive of a query (22) and other rows' positives.
 QUERY_KEYS = [10, 11, 10, 12, 13, 11]
 DOC_KEYS = [20, 21, 22, 20, 23, 21]
 HARD_NEGATIVE_KEYS = [[20, 30], [31, 22], [21, 32], [33, 34], [23, 35], [21, 36]]
@@ -39,19 +40,26 @@ def naive_loss(q, d, *, same_tower, bidirectional, temperature, hard_negatives=N
         log_z = shift + torch.log(sum(torch.exp(x - shift) for x in logits))
         return log_z - logits[0]
 
-    def dup(keys, a, b):
-        return keys is not None and keys[a] == keys[b]
+    def related(a, b):
+        # Pairs a and b share the query text or the document text.
+        return ((query_keys is not None and query_keys[a] == query_keys[b])
+                or (doc_keys is not None and doc_keys[a] == doc_keys[b]))
+
+    def positives_of_query(i):
+        # Doc keys of every pair of the batch whose query is q_i (just d_i without query keys).
+        return {doc_keys[j] for j in range(batch)
+                if j == i or (query_keys is not None and query_keys[j] == query_keys[i])}
 
     q_to_d = []
     for i in rows:
-        negatives = [d[j] for j in range(batch) if j != i and not dup(doc_keys, j, i)]
+        negatives = [d[j] for j in range(batch) if j != i and not related(i, j)]
         for r in range(batch):
             for k in range(num_hard):
-                if hard_negative_keys is not None and hard_negative_keys[r][k] == doc_keys[i]:
+                if hard_negative_keys is not None and hard_negative_keys[r][k] in positives_of_query(i):
                     continue
                 negatives.append(hard_negatives[r, k])
         if same_tower in ("query", "both"):
-            negatives += [q[j] for j in range(batch) if j != i and not dup(query_keys, j, i)]
+            negatives += [q[j] for j in range(batch) if j != i and not related(i, j)]
         q_to_d.append(nll(q[i], d[i], negatives))
     loss = sum(q_to_d) / len(q_to_d)
     if not bidirectional:
@@ -59,9 +67,9 @@ def naive_loss(q, d, *, same_tower, bidirectional, temperature, hard_negatives=N
 
     d_to_q = []
     for i in rows:
-        negatives = [q[j] for j in range(batch) if j != i and not dup(query_keys, j, i)]
+        negatives = [q[j] for j in range(batch) if j != i and not related(i, j)]
         if same_tower in ("doc", "both"):
-            negatives += [d[j] for j in range(batch) if j != i and not dup(doc_keys, j, i)]
+            negatives += [d[j] for j in range(batch) if j != i and not related(i, j)]
         d_to_q.append(nll(d[i], q[i], negatives))
     return (loss + sum(d_to_q) / len(d_to_q)) / 2
 
@@ -152,6 +160,52 @@ def test_matches_naive_reference(same_tower, bidirectional, with_hard, key_set):
     q, d, hn = make_batch()
     config = dict(same_tower=same_tower, bidirectional=bidirectional, temperature=TEMPERATURE)
     assert_matches_naive(config, key_set, with_hard, q, d, hn)
+
+
+# A batch as real data builds it: query "qa" has two positives (rows 0, 1), document "da" two
+# queries (rows 0, 2), rows 3 and 4 are the same pair twice. One hard negative per row.
+PAIR_TEXTS = [("qa", "da"), ("qa", "db"), ("qb", "da"), ("qc", "dc"), ("qc", "dc")]
+HARD_TEXTS = ["db", "dc", "dd", "da", "de"]
+# Written out by hand from the rule: for each anchor row, the other rows whose candidates stay
+# (pairs sharing neither the query nor the document text) and the hard negatives that stay (those
+# whose text is not a positive of the anchor's query: qa -> {da, db}, qb -> {da}, qc -> {dc}).
+KEPT_ROWS = {0: [3, 4], 1: [2, 3, 4], 2: [1, 3, 4], 3: [0, 1, 2], 4: [0, 1, 2]}
+KEPT_HARD = {0: [1, 2, 4], 1: [1, 2, 4], 2: [0, 1, 2, 4], 3: [0, 2, 3, 4], 4: [0, 2, 3, 4]}
+
+
+@pytest.mark.parametrize("same_tower", SAME_TOWER)
+def test_multi_positive_queries_and_multi_query_documents(same_tower):
+    from samtone_ray.data import text_keys
+
+    gen = torch.Generator().manual_seed(7)
+    texts = sorted({t for pair in PAIR_TEXTS for t in pair} | set(HARD_TEXTS))
+    # Equal texts embed identically, as the same encoder would embed them.
+    emb = dict(zip(texts, F.normalize(torch.randn(len(texts), D, generator=gen, dtype=torch.float64), dim=-1)))
+    q = torch.stack([emb[qt] for qt, _ in PAIR_TEXTS])
+    d = torch.stack([emb[dt] for _, dt in PAIR_TEXTS])
+    hn = torch.stack([emb[t] for t in HARD_TEXTS])[:, None, :]  # [B, 1, D]
+    got = contrastive_loss(
+        q, d, same_tower=same_tower, bidirectional=True, temperature=0.1, hard_negatives=hn,
+        query_keys=text_keys([qt for qt, _ in PAIR_TEXTS]), doc_keys=text_keys([dt for _, dt in PAIR_TEXTS]),
+        hard_negative_keys=text_keys(HARD_TEXTS).view(-1, 1),
+    )
+
+    def nll(anchor, positive, negatives):
+        logits = torch.stack([anchor @ c for c in [positive, *negatives]]) / 0.1
+        return torch.logsumexp(logits, 0) - logits[0]
+
+    q_to_d, d_to_q = [], []
+    for i, kept in KEPT_ROWS.items():
+        negatives = [d[j] for j in kept] + [hn[r, 0] for r in KEPT_HARD[i]]
+        if same_tower in ("query", "both"):
+            negatives += [q[j] for j in kept]
+        q_to_d.append(nll(q[i], d[i], negatives))
+        negatives = [q[j] for j in kept]
+        if same_tower in ("doc", "both"):
+            negatives += [d[j] for j in kept]
+        d_to_q.append(nll(d[i], q[i], negatives))
+    want = (sum(q_to_d) / len(q_to_d) + sum(d_to_q) / len(d_to_q)) / 2
+    assert got.item() == pytest.approx(want.item(), abs=1e-10)
 
 
 def test_keys_change_the_loss():
