@@ -8,6 +8,7 @@ params and Ray Tune search spaces.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -335,25 +336,42 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
             return value
         raise ConfigError(f"{key} must be an integer; got {value!r}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+                number = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
             except ValueError:
                 pass
-        raise ConfigError(f"{key} must be a number; got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key} must be a number; got {value!r}")
+        require_finite(key, number)
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key} must be a string; got {value!r}")
     if origin is dict:
         if isinstance(value, dict):
+            require_finite(key, value)
             return dict(value)
         raise ConfigError(f"{key} must be a mapping; got {value!r}")
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
 
 
 def _positive(key: str, value: float) -> None:
-    if value <= 0:
+    if not value > 0:  # also refuses NaN
         raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def require_finite(key: str, value: Any) -> None:
+    """Refuse NaN and infinities anywhere in ``value`` (nested lists/mappings: search.space)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number; got {value!r}")
+    if isinstance(value, dict):
+        for name, item in value.items():
+            require_finite(f"{key}.{name}", item)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            require_finite(f"{key}[{i}]", item)
