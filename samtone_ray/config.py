@@ -74,9 +74,18 @@ class LossConfig:
     bidirectional: bool = True
     temperature: float = 0.05
     mask_duplicates: bool = True
+    same_tower_weight: float = 1.0
+    """alpha >= 0 multiplies each same-tower term of a softmax denominator (1 = SamToNe, 0 = plain in-batch)."""
+    false_negative_margin: float | None = None
+    """Drop each negative whose cosine to the anchor exceeds the positive's plus this margin (null = off)."""
 
     def __post_init__(self) -> None:
         _positive("loss.temperature", self.temperature)
+        if not self.same_tower_weight >= 0:  # also refuses NaN
+            raise ConfigError(f"loss.same_tower_weight must be >= 0, got {self.same_tower_weight}")
+        if self.false_negative_margin is not None and not math.isfinite(self.false_negative_margin):
+            raise ConfigError(f"loss.false_negative_margin must be null (off) or a finite number, "
+                              f"got {self.false_negative_margin}")
         if self.same_tower == "doc" and not self.bidirectional:
             raise CombinationError(
                 "loss.same_tower=doc needs loss.bidirectional=true: document-side negatives only "
@@ -327,6 +336,10 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(f"{key}: {value!r} fits none of: " + "; ".join(errors))
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key} must be null; got {value!r}")
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -97,6 +97,29 @@ def test_searched_nan_or_infinite_values_fail_before_any_trial(key, spec):
         parse_space({key: spec}, Config())
 
 
+def test_loss_knobs_load_validate_and_reach_the_params():
+    cfg = load_config(None, ["loss.same_tower_weight=0.25", "loss.false_negative_margin=0.1"])
+    assert cfg.loss.same_tower_weight == 0.25 and cfg.loss.false_negative_margin == pytest.approx(0.1)
+    assert cfg.flat()["loss.same_tower_weight"] == 0.25
+    defaults = load_config(None, ["loss.false_negative_margin=null"])
+    assert defaults.loss.same_tower_weight == 1.0 and defaults.loss.false_negative_margin is None
+    with pytest.raises(ConfigError, match=r"loss\.same_tower_weight.*>= 0"):
+        load_config(None, ["loss.same_tower_weight=-0.5"])
+    with pytest.raises(ConfigError, match=r"loss\.false_negative_margin"):
+        load_config(None, ["loss.false_negative_margin=wide"])
+
+
+def test_loss_knobs_are_searchable():
+    from samtone_ray.search_space import parse_space
+
+    space = parse_space({"loss.same_tower_weight": {"grid": [0.0, 0.5, 1.0]},
+                         "loss.false_negative_margin": {"grid": [None, 0.1]}}, Config())
+    assert len(space.grid) == 6
+    assert {"loss.same_tower_weight": 0.0, "loss.false_negative_margin": None} in space.grid
+    with pytest.raises(ConfigError, match=r"search\.space\.loss\.same_tower_weight.*>= 0"):
+        parse_space({"loss.same_tower_weight": {"uniform": [-1.0, 1.0]}}, Config())
+
+
 def test_doc_side_negatives_need_both_directions():
     with pytest.raises(CombinationError, match="loss.same_tower=doc"):
         load_config(None, ["loss.same_tower=doc", "loss.bidirectional=false"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -27,17 +28,27 @@ KEY_SETS = ["none", "query", "doc", "both"]
 
 
 def naive_loss(q, d, *, same_tower, bidirectional, temperature, hard_negatives=None,
-               query_keys=None, doc_keys=None, hard_negative_keys=None, rows=None):
-    """SamToNe loss by explicit enumeration of each anchor's candidate list (autograd-able)."""
+               query_keys=None, doc_keys=None, hard_negative_keys=None, rows=None,
+               same_tower_weight=1.0, false_negative_margin=None):
+    """SamToNe loss by explicit enumeration of each anchor's candidate list (autograd-able).
+
+    Each negative is (vector, weight): same-tower terms of a denominator are multiplied by
+    ``same_tower_weight``, cross-tower and hard ones by 1.
+    """
     batch = q.shape[0]
     num_hard = 0 if hard_negatives is None else hard_negatives.shape[1]
     rows = range(batch) if rows is None else rows
+    alpha = same_tower_weight
 
     def nll(anchor, positive, negatives):
-        logits = [torch.dot(anchor, positive) / temperature]
-        logits += [torch.dot(anchor, c) / temperature for c in negatives]
+        positive_sim = torch.dot(anchor, positive).item()
+        if false_negative_margin is not None:
+            negatives = [(c, w) for c, w in negatives
+                         if not torch.dot(anchor, c).item() > positive_sim + false_negative_margin]
+        logits = [torch.dot(anchor, positive) / temperature] + [torch.dot(anchor, c) / temperature for c, _ in negatives]
+        weights = [1.0] + [w for _, w in negatives]
         shift = max(x.detach().item() for x in logits)  # constant, only for numerical range
-        log_z = shift + torch.log(sum(torch.exp(x - shift) for x in logits))
+        log_z = shift + torch.log(sum(w * torch.exp(x - shift) for x, w in zip(logits, weights)))
         return log_z - logits[0]
 
     def related(a, b):
@@ -52,14 +63,14 @@ def naive_loss(q, d, *, same_tower, bidirectional, temperature, hard_negatives=N
 
     q_to_d = []
     for i in rows:
-        negatives = [d[j] for j in range(batch) if j != i and not related(i, j)]
+        negatives = [(d[j], 1.0) for j in range(batch) if j != i and not related(i, j)]
         for r in range(batch):
             for k in range(num_hard):
                 if hard_negative_keys is not None and hard_negative_keys[r][k] in positives_of_query(i):
                     continue
-                negatives.append(hard_negatives[r, k])
+                negatives.append((hard_negatives[r, k], 1.0))
         if same_tower in ("query", "both"):
-            negatives += [q[j] for j in range(batch) if j != i and not related(i, j)]
+            negatives += [(q[j], alpha) for j in range(batch) if j != i and not related(i, j)]
         q_to_d.append(nll(q[i], d[i], negatives))
     loss = sum(q_to_d) / len(q_to_d)
     if not bidirectional:
@@ -67,9 +78,9 @@ def naive_loss(q, d, *, same_tower, bidirectional, temperature, hard_negatives=N
 
     d_to_q = []
     for i in rows:
-        negatives = [q[j] for j in range(batch) if j != i and not related(i, j)]
+        negatives = [(q[j], 1.0) for j in range(batch) if j != i and not related(i, j)]
         if same_tower in ("doc", "both"):
-            negatives += [d[j] for j in range(batch) if j != i and not related(i, j)]
+            negatives += [(d[j], alpha) for j in range(batch) if j != i and not related(i, j)]
         d_to_q.append(nll(d[i], q[i], negatives))
     return (loss + sum(d_to_q) / len(d_to_q)) / 2
 
@@ -208,6 +219,98 @@ def test_multi_positive_queries_and_multi_query_documents(same_tower):
     assert got.item() == pytest.approx(want.item(), abs=1e-10)
 
 
+# (same_tower_weight, false_negative_margin): weighted, filtered, both, a strict filter, alpha > 1.
+# The margins sit >= 0.01 away from every similarity gap of make_batch() (test_margins_are_not_ties).
+KNOBS = [(0.3, None), (1.0, 0.03), (0.3, 0.19), (0.0, -0.15), (2.0, -0.15)]
+
+
+def similarity_gaps(q, d, hn):
+    """s(anchor, candidate) - s(anchor, positive) for every anchor and candidate, both directions."""
+    q, d, hn = q.double(), d.double(), hn.double()
+    positive = (q * d).sum(-1, keepdim=True)
+    q_to_d = q @ torch.cat([d, hn.reshape(-1, q.shape[1]), q]).T - positive
+    d_to_q = d @ torch.cat([q, d]).T - positive
+    return torch.cat([q_to_d.flatten(), d_to_q.flatten()])
+
+
+def test_margins_are_not_ties():
+    # A similarity within float32 rounding of the threshold could be kept by one implementation
+    # and dropped by the other; the fixture's margins stay clear of every gap.
+    gaps = similarity_gaps(*make_batch())
+    for _, margin in KNOBS:
+        if margin is not None:
+            assert (gaps - margin).abs().min() > 0.01
+
+
+KNOB_COMBINATIONS = [
+    pytest.param(st, bi, hard, ks, alpha, m,
+                 id=f"{st}-{'bi' if bi else 'uni'}-{'hn2' if hard else 'nohn'}-keys_{ks}-a{alpha}-m{m}")
+    for st, bi, hard, ks in itertools.product(SAME_TOWER, [False, True], [False, True], ["none", "both"])
+    for alpha, m in KNOBS
+    if not (st == "doc" and not bi)
+]
+
+
+@pytest.mark.parametrize("same_tower, bidirectional, with_hard, key_set, alpha, margin", KNOB_COMBINATIONS)
+def test_knobs_match_naive_reference(same_tower, bidirectional, with_hard, key_set, alpha, margin):
+    q, d, hn = make_batch()
+    config = dict(same_tower=same_tower, bidirectional=bidirectional, temperature=TEMPERATURE,
+                  same_tower_weight=alpha, false_negative_margin=margin)
+    assert_matches_naive(config, key_set, with_hard, q, d, hn)
+
+
+def test_knobs_change_the_loss():
+    # Guards the fixtures above: each knob must change something, or matching the reference proves little.
+    q, d, hn = make_batch()
+    plain = contrastive_loss(q, d, hard_negatives=hn).item()
+    for alpha, margin in KNOBS:
+        knobbed = contrastive_loss(q, d, hard_negatives=hn, same_tower_weight=alpha, false_negative_margin=margin)
+        assert abs(knobbed.item() - plain) > 1e-3, (alpha, margin)
+
+
+def _loss_and_grads(q, d, hn, **kwargs):
+    q, d, hn = leaf(q, d, hn)
+    loss = contrastive_loss(q, d, hard_negatives=hn, **kwargs)
+    loss.backward()
+    return loss, q.grad, d.grad, hn.grad
+
+
+@pytest.mark.parametrize("same_tower", ["query", "doc", "both"])
+@pytest.mark.parametrize("margin", [None, 0.03])
+@pytest.mark.parametrize("key_set", ["none", "both"])
+def test_zero_same_tower_weight_is_plain_in_batch_exactly(same_tower, margin, key_set):
+    q, d, hn = make_batch()
+    keys = as_tensors(key_kwargs(key_set, True))
+    common = dict(bidirectional=True, false_negative_margin=margin, **keys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no log(0), no -inf arithmetic warnings
+        warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
+        with torch.autograd.detect_anomaly(check_nan=True):  # no NaN in any backward op
+            got = _loss_and_grads(q, d, hn, same_tower=same_tower, same_tower_weight=0.0, **common)
+    want = _loss_and_grads(q, d, hn, same_tower="none", **common)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("same_tower, bidirectional", [("none", False), ("query", True), ("both", True)])
+def test_huge_margin_is_no_filter_exactly(same_tower, bidirectional):
+    q, d, hn = make_batch()
+    common = dict(same_tower=same_tower, bidirectional=bidirectional, **as_tensors(key_kwargs("both", True)))
+    got = _loss_and_grads(q, d, hn, false_negative_margin=1e6, **common)
+    want = _loss_and_grads(q, d, hn, **common)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_margin_never_removes_the_positive():
+    # A margin below -2 exceeds every cosine gap: all negatives go, each softmax keeps only its
+    # positive, and -log(1) = 0 for every anchor.
+    q, d, hn = make_batch()
+    got = _loss_and_grads(q, d, hn, same_tower="both", false_negative_margin=-3.0)
+    assert got[0].item() == 0.0
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in got[1:])
+
+
 def test_keys_change_the_loss():
     # Guards the key fixtures: masking must remove something, or the key cases above prove nothing.
     q, d, hn = make_batch()
@@ -264,6 +367,13 @@ def test_shape_errors_name_the_shapes(kwargs, fragments):
     (dict(anchor_offset=3, num_anchors=2), r"\[3, 5\).*4"),
     (dict(anchor_offset=-1, num_anchors=2), "anchor rows"),
     (dict(num_anchors=0), "anchor rows"),
+    (dict(same_tower_weight=-0.5), "same_tower_weight"),
+    (dict(same_tower_weight=math.nan), "same_tower_weight"),
+    (dict(same_tower_weight=math.inf), "same_tower_weight"),
+    (dict(same_tower_weight=True), "same_tower_weight"),
+    (dict(false_negative_margin=math.nan), "false_negative_margin"),
+    (dict(false_negative_margin=-math.inf), "false_negative_margin"),
+    (dict(false_negative_margin="0.1"), "false_negative_margin"),
 ])
 def test_invalid_arguments(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -355,7 +465,8 @@ def test_module_forward_matches_naive_and_reports_config():
     q, d, hn = make_batch(seed=1)
     keys = key_kwargs("both", True)
     loss_fn = SamToNeLoss(same_tower="query", bidirectional=True, temperature=0.1)
-    assert loss_fn.get_config_dict() == {"same_tower": "query", "bidirectional": True, "temperature": 0.1}
+    assert loss_fn.get_config_dict() == {"same_tower": "query", "bidirectional": True, "temperature": 0.1,
+                                         "same_tower_weight": 1.0, "false_negative_margin": None}
     got = loss_fn(q, d, hn, **as_tensors(keys), anchor_offset=2, num_anchors=3)
     want = naive_loss(q.double(), d.double(), hard_negatives=hn.double(), **keys, same_tower="query",
                       bidirectional=True, temperature=0.1, rows=range(2, 5))
