@@ -48,6 +48,7 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 SameTower = Literal["none", "query", "doc", "both"]
 SAME_TOWER_CHOICES: tuple[str, ...] = get_args(SameTower)
@@ -159,6 +160,7 @@ def contrastive_loss(
     hard_negative_keys: torch.Tensor | None = None,
     anchor_offset: int = 0,
     num_anchors: int | None = None,
+    anchor_chunk_size: int | None = None,
 ) -> torch.Tensor:
     """SamToNe loss (see module docstring) as a scalar, float32 for half/bf16/fp32 inputs.
 
@@ -182,6 +184,11 @@ def contrastive_loss(
             (default: all B) against all B candidates. With q, d, hard negatives and keys
             all-gathered, each worker passes its own row range; the mean of equal-size shard
             losses equals the full-batch loss.
+        anchor_chunk_size: bound memory: anchors are processed this many at a time, and each
+            chunk's logits are recomputed in backward rather than kept, so no logits tensor is
+            larger than [chunk, candidates] and only one chunk's is alive at a time. Same value and
+            gradients as unchunked (up to float summation order); costs one more forward of the
+            similarity matmul. None = all anchors at once.
     """
     validate_loss_config(same_tower, bidirectional, temperature, same_tower_weight, false_negative_margin)
     if q.ndim != 2 or q.shape != d.shape:
@@ -201,7 +208,9 @@ def contrastive_loss(
             raise ValueError("hard_negative_keys given without hard_negatives")
         if doc_keys is None:
             raise ValueError("hard_negative_keys need doc_keys: a hard negative is removed when "
-                             "its key equals the doc key of the anchor's positive")
+                             "its key equals the doc key of a positive of the anchor's query")
+    if anchor_chunk_size is not None and not (type(anchor_chunk_size) is int and anchor_chunk_size >= 1):
+        raise ValueError(f"anchor_chunk_size must be None or an integer >= 1, got {anchor_chunk_size!r}")
     if num_anchors is None:
         num_anchors = batch - anchor_offset
     if not (0 <= anchor_offset and 1 <= num_anchors and anchor_offset + num_anchors <= batch):
@@ -253,8 +262,17 @@ def contrastive_loss(
                                          false_negative_margin)
             return total
 
-        rows = torch.arange(anchor_offset, anchor_offset + num_anchors, device=device)  # [n] global rows
-        loss = loss_sum(rows) / (num_anchors * (2 if bidirectional else 1))
+        end = anchor_offset + num_anchors
+        if anchor_chunk_size is None or anchor_chunk_size >= num_anchors:
+            total = loss_sum(torch.arange(anchor_offset, end, device=device))
+        else:
+            total = 0
+            for start in range(anchor_offset, end, anchor_chunk_size):
+                rows = torch.arange(start, min(start + anchor_chunk_size, end), device=device)  # [chunk]
+                # Backward recomputes this chunk's logits instead of keeping every chunk's softmax
+                # alive until then, so peak memory holds one [chunk, M] block, not [n, M].
+                total = total + checkpoint(loss_sum, rows, use_reentrant=False, preserve_rng_state=False)
+        loss = total / (num_anchors * (2 if bidirectional else 1))
     return loss
 
 
@@ -288,7 +306,7 @@ class SamToNeLoss(nn.Module):
 
     def __init__(self, same_tower: SameTower = "both", bidirectional: bool = True,
                  temperature: float = 0.05, same_tower_weight: float = 1.0,
-                 false_negative_margin: float | None = None) -> None:
+                 false_negative_margin: float | None = None, anchor_chunk_size: int | None = None) -> None:
         super().__init__()
         validate_loss_config(same_tower, bidirectional, temperature, same_tower_weight, false_negative_margin)
         self.same_tower: SameTower = same_tower
@@ -296,6 +314,7 @@ class SamToNeLoss(nn.Module):
         self.temperature = float(temperature)
         self.same_tower_weight = float(same_tower_weight)
         self.false_negative_margin = None if false_negative_margin is None else float(false_negative_margin)
+        self.anchor_chunk_size = anchor_chunk_size  # memory only: not a hyperparameter, not in the config dict
 
     def forward(
         self,
@@ -311,7 +330,7 @@ class SamToNeLoss(nn.Module):
         return contrastive_loss(
             q, d, **self.get_config_dict(), hard_negatives=hard_negatives, query_keys=query_keys,
             doc_keys=doc_keys, hard_negative_keys=hard_negative_keys,
-            anchor_offset=anchor_offset, num_anchors=num_anchors,
+            anchor_offset=anchor_offset, num_anchors=num_anchors, anchor_chunk_size=self.anchor_chunk_size,
         )
 
     def get_config_dict(self) -> dict[str, object]:

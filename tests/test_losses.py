@@ -6,10 +6,13 @@ import doctest
 import itertools
 import math
 import warnings
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from samtone_ray import losses
 from samtone_ray.losses import SamToNeLoss, contrastive_loss
@@ -137,11 +140,12 @@ def leaf(*tensors):
 
 
 def assert_matches_naive(config: dict, key_set: str, with_hard: bool, q, d, hn, *,
-                         atol=1e-5, grad_atol=1e-4, device="cpu"):
+                         atol=1e-5, grad_atol=1e-4, device="cpu", anchor_chunk_size=None):
     keys = key_kwargs(key_set, with_hard)
     q32, d32, hn32 = leaf(q.to(device), d.to(device), hn.to(device))
     device_keys = {name: t.to(device) for name, t in as_tensors(keys).items()}
-    got = contrastive_loss(q32, d32, hard_negatives=hn32 if with_hard else None, **device_keys, **config)
+    got = contrastive_loss(q32, d32, hard_negatives=hn32 if with_hard else None, **device_keys, **config,
+                           anchor_chunk_size=anchor_chunk_size)
     got.backward()
 
     q64, d64, hn64 = leaf(q.double(), d.double(), hn.double())
@@ -374,6 +378,8 @@ def test_shape_errors_name_the_shapes(kwargs, fragments):
     (dict(false_negative_margin=math.nan), "false_negative_margin"),
     (dict(false_negative_margin=-math.inf), "false_negative_margin"),
     (dict(false_negative_margin="0.1"), "false_negative_margin"),
+    (dict(anchor_chunk_size=0), "anchor_chunk_size"),
+    (dict(anchor_chunk_size=2.0), "anchor_chunk_size"),
 ])
 def test_invalid_arguments(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -473,13 +479,88 @@ def test_module_forward_matches_naive_and_reports_config():
     assert got.item() == pytest.approx(want.item(), abs=1e-5)
 
 
+CHUNK_COMBINATIONS = [
+    pytest.param(st, bi, hard, ks, knobs,
+                 id=f"{st}-{'bi' if bi else 'uni'}-{'hn2' if hard else 'nohn'}-keys_{ks}-a{knobs[0]}-m{knobs[1]}")
+    for st, bi, hard, ks in itertools.product(SAME_TOWER, [False, True], [False, True], ["none", "both"])
+    for knobs in [(1.0, None), (0.3, 0.03)]
+    if not (st == "doc" and not bi)
+]
+
+
+@pytest.mark.parametrize("offset, num_anchors, chunk", [(0, B, 4), (1, 5, 2)])  # uneven last chunks
+@pytest.mark.parametrize("same_tower, bidirectional, with_hard, key_set, knobs", CHUNK_COMBINATIONS)
+def test_chunked_anchors_match_unchunked_loss_and_gradients(same_tower, bidirectional, with_hard, key_set,
+                                                            knobs, offset, num_anchors, chunk):
+    # float64 so that equal math gives equal numbers to 1e-12, whatever kernel each shape takes.
+    q, d, hn = make_batch(dtype=torch.float64)
+    kwargs = dict(same_tower=same_tower, bidirectional=bidirectional, temperature=TEMPERATURE,
+                  same_tower_weight=knobs[0], false_negative_margin=knobs[1],
+                  anchor_offset=offset, num_anchors=num_anchors, **as_tensors(key_kwargs(key_set, with_hard)))
+    if not with_hard:
+        hn = None
+    inputs = [t for t in (q, d, hn) if t is not None]
+    full_in, chunk_in = leaf(*inputs), leaf(*inputs)
+    full = contrastive_loss(*full_in[:2], hard_negatives=full_in[2] if with_hard else None, **kwargs)
+    chunked = contrastive_loss(*chunk_in[:2], hard_negatives=chunk_in[2] if with_hard else None,
+                               anchor_chunk_size=chunk, **kwargs)
+    (full + chunked).backward()  # one backward: each side's gradients land on its own leaves
+    assert chunked.dtype == torch.float64
+    assert chunked.item() == pytest.approx(full.item(), abs=1e-12)
+    for got, want in zip(chunk_in, full_in):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-12, rtol=1e-10)
+
+
+class LiveTensors(TorchDispatchMode):
+    """Records, over every tensor op run inside it, the largest output and the peak bytes held by
+    the storages of outputs still alive (saved activations included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages, self.peak_bytes, self.max_numel = [], 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.storages.append(weakref.ref(t.untyped_storage()))
+                self.max_numel = max(self.max_numel, t.numel())
+        self.storages = [ref for ref in self.storages if ref() is not None]
+        alive = {ref().data_ptr(): ref().nbytes() for ref in self.storages}
+        self.peak_bytes = max(self.peak_bytes, sum(alive.values()))
+        return out
+
+
+def test_chunked_anchors_bound_the_memory():
+    batch, chunk = 96, 8
+    q, d, hn = make_batch(batch=batch, num_hard=1, seed=5)
+    keys = as_tensors({name: cycled(v, batch) for name, v in key_kwargs("both", True).items()})
+    keys["hard_negative_keys"] = keys["hard_negative_keys"][:, :1]
+    candidates = 3 * batch  # q->d: documents, hard negatives, queries
+
+    def run(**kwargs):
+        qs, ds, hs = leaf(q, d, hn)
+        with LiveTensors() as live:
+            contrastive_loss(qs, ds, hard_negatives=hs, false_negative_margin=0.03, **keys, **kwargs).backward()
+        return live
+
+    full, chunked = run(), run(anchor_chunk_size=chunk)
+    assert full.max_numel >= batch * candidates  # the measurement sees the [B, M] logits
+    assert chunked.max_numel <= chunk * candidates
+    # Only one chunk's logits are alive at a time: well under the unchunked peak, not the same
+    # total spread over chunks (which is what keeping every chunk's softmax for backward gives).
+    assert chunked.peak_bytes < full.peak_bytes / 4, (chunked.peak_bytes, full.peak_bytes)
+
+
 def test_docstring_example_runs():
     result = doctest.testmod(losses, verbose=False)
     assert result.attempted > 0 and result.failed == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_naive_reference():
+@pytest.mark.parametrize("alpha, margin, chunk", [(1.0, None, None), (0.3, 0.03, 4)])
+def test_cuda_matches_naive_reference(alpha, margin, chunk):
     q, d, hn = make_batch()
-    config = dict(same_tower="both", bidirectional=True, temperature=TEMPERATURE)
-    assert_matches_naive(config, "both", True, q, d, hn, device="cuda")
+    config = dict(same_tower="both", bidirectional=True, temperature=TEMPERATURE,
+                  same_tower_weight=alpha, false_negative_margin=margin)
+    assert_matches_naive(config, "both", True, q, d, hn, device="cuda", anchor_chunk_size=chunk)
