@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -68,12 +69,18 @@ class LossConfig:
     bidirectional: bool = True
     temperature: float = 0.05
     mask_duplicates: bool = True
+    same_tower_weight: float = 1.0
+    """alpha >= 0 multiplies each same-tower term of a softmax denominator (1 = SamToNe, 0 = plain in-batch)."""
+    false_negative_margin: float | None = None
+    """Drop each negative whose cosine to the anchor exceeds the positive's plus this margin (null = off)."""
 
     def __post_init__(self) -> None:
         with _as(ConfigError):
             settings.check_temperature(self.temperature, prefix="loss.")
         with _as(CombinationError):
             settings.check_loss_combination(self.same_tower, self.bidirectional, prefix="loss.")
+        with _as(ConfigError):
+            settings.check_loss_knobs(self.same_tower_weight, self.false_negative_margin, prefix="loss.")
 
 
 @dataclass
@@ -322,6 +329,10 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(f"{key}: {value!r} fits none of: " + "; ".join(errors))
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key} must be null; got {value!r}")
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -331,20 +342,25 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
             return value
         raise ConfigError(f"{key} must be an integer; got {value!r}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+                number = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
             except ValueError:
                 pass
-        raise ConfigError(f"{key} must be a number; got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key} must be a number; got {value!r}")
+        require_finite(key, number)
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key} must be a string; got {value!r}")
     if origin is dict:
         if isinstance(value, dict):
+            require_finite(key, value)
             return dict(value)
         raise ConfigError(f"{key} must be a mapping; got {value!r}")
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
@@ -362,5 +378,17 @@ def _as(error: type[ConfigError]):
 
 
 def _positive(key: str, value: float) -> None:
-    if value <= 0:
+    if not value > 0:  # also refuses NaN
         raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def require_finite(key: str, value: Any) -> None:
+    """Refuse NaN and infinities anywhere in ``value`` (nested lists/mappings: search.space)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number; got {value!r}")
+    if isinstance(value, dict):
+        for name, item in value.items():
+            require_finite(f"{key}.{name}", item)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            require_finite(f"{key}[{i}]", item)

@@ -277,24 +277,31 @@ class TrainingPairs:
         )
 
 
-def load_training_pairs(path: PathLike, split: str = "train") -> TrainingPairs:
+def load_training_pairs(path: PathLike, split: str = "train", *, num_negatives: int = 0) -> TrainingPairs:
     """Load training pairs from a BEIR folder or from Parquet.
 
     * BEIR folder (has ``qrels/``): one pair per row of ``qrels/<split>.tsv`` with relevance > 0,
       in file order; texts are looked up while streaming the queries and corpus once, keeping
       only the needed ones. ``split`` is ignored for Parquet.
     * ``.parquet`` file or folder of ``.parquet`` files (read in name order): see module docstring.
+
+    ``num_negatives`` > 0 (``data.num_hard_negatives``) needs Parquet with a ``negatives`` column
+    and at least one negative in every row: an empty or null list fails here, naming the file and
+    the row, instead of deep inside a training worker.
     """
     path = Path(path)
     if path.is_file():
-        return _pairs_from_parquet([path], label=path)
+        return _pairs_from_parquet([path], label=path, num_negatives=num_negatives)
     root = _require_dir(path)
     if (root / "qrels").is_dir():
+        if num_negatives:
+            raise DataError(f"{root}: data.num_hard_negatives={num_negatives} needs Parquet training pairs with "
+                            "a 'negatives' column; a BEIR folder has no hard negatives")
         return _pairs_from_beir(root, split)
     files = sorted(root.glob("*.parquet"))
     if not files:
         raise DataError(f"{root}: neither a BEIR folder (no qrels/) nor a folder of .parquet files")
-    return _pairs_from_parquet(files, label=root)
+    return _pairs_from_parquet(files, label=root, num_negatives=num_negatives)
 
 
 def _pairs_from_beir(root: Path, split: str) -> TrainingPairs:
@@ -343,13 +350,16 @@ def _check_parquet_schema(path: Path, schema: pa.Schema) -> tuple[str, ...]:
     return optional
 
 
-def _pairs_from_parquet(files: Sequence[Path], label: Path) -> TrainingPairs:
+def _pairs_from_parquet(files: Sequence[Path], label: Path, num_negatives: int) -> TrainingPairs:
     columns: dict[str, list] = {}
     optional: tuple[str, ...] | None = None
     for path in files:
         reader = _open_parquet(path)
         schema = reader.schema_arrow
         file_optional = _check_parquet_schema(path, schema)
+        if num_negatives and "negatives" not in file_optional:
+            raise DataError(f"{path}: data.num_hard_negatives={num_negatives} needs a 'negatives' column "
+                            f"(columns present: {', '.join(schema.names)})")
         if optional is None:
             optional = file_optional
             columns = {name: [] for name in (*_PARQUET_REQUIRED, *optional)}
@@ -363,7 +373,7 @@ def _pairs_from_parquet(files: Sequence[Path], label: Path) -> TrainingPairs:
             for name in columns:
                 values = batch.column(name).to_pylist()
                 if name == "negatives":
-                    values = [_negatives_row(path, row0 + i, v) for i, v in enumerate(values)]
+                    values = [_negatives_row(path, row0 + i, v, num_negatives) for i, v in enumerate(values)]
                 elif None in values:
                     raise DataError(f"{path}: null in column {name!r} at row index {row0 + values.index(None)}")
                 columns[name].extend(values)
@@ -379,12 +389,16 @@ def _pairs_from_parquet(files: Sequence[Path], label: Path) -> TrainingPairs:
     )
 
 
-def _negatives_row(path: Path, row: int, value: list | None) -> list[str]:
-    # A null list means "no mined negatives for this pair"; a null text inside a list is a bug.
+def _negatives_row(path: Path, row: int, value: list | None, num_negatives: int) -> list[str]:
+    # A null list means "no mined negatives for this pair": fine unless negatives are trained on.
+    # A null text inside a list is always a bug.
     if value is None:
-        return []
+        value = []
     if any(v is None for v in value):
         raise DataError(f"{path}: null text inside column 'negatives' at row index {row}")
+    if num_negatives and not value:
+        raise DataError(f"{path}: empty hard-negative list in column 'negatives' at row index {row}, but "
+                        f"data.num_hard_negatives={num_negatives} needs at least one per row")
     return value
 
 
@@ -421,8 +435,7 @@ def resolve_data_path(path: str) -> str:
 
 def load_data(cfg):
     """(training pairs, eval split) as the workers will see them."""
-    pairs = load_training_pairs(resolve_data_path(cfg.data.train), cfg.data.train_split)
-    if cfg.data.num_hard_negatives and pairs.negatives is None:
-        raise ValueError(f"data.num_hard_negatives={cfg.data.num_hard_negatives} but {cfg.data.train} has no negatives")
+    pairs = load_training_pairs(resolve_data_path(cfg.data.train), cfg.data.train_split,
+                                num_negatives=cfg.data.num_hard_negatives)
     eval_split = load_beir(resolve_data_path(cfg.data.eval), cfg.data.eval_split) if cfg.data.eval else None
     return pairs, eval_split

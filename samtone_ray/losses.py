@@ -4,33 +4,49 @@ Reference: Moiseev, F., Hernandez Abrego, G., Dornbach, P., Zitouni, I., Alfonse
 "SamToNe: Improving Contrastive Loss for Dual Encoder Retrieval Models with Same Tower
 Negatives", Findings of ACL 2023, arXiv:2306.02516.
 
-With L2-normalised embeddings, similarity ``s(a, b) = a . b`` (cosine) and temperature ``tau``,
-the query-to-document loss for anchor ``q_i`` is
+With L2-normalised embeddings, similarity ``s(a, b) = a . b`` (cosine), temperature ``tau`` and
+same-tower weight ``alpha`` (``same_tower_weight``), the query-to-document loss for anchor ``q_i`` is
 
     L_qd(i) = -log  exp(s(q_i, d_i)/tau) / Z_qd(i)
     Z_qd(i) = sum_j exp(s(q_i, d_j)/tau)                      # in-batch documents
             + sum_{r,k} exp(s(q_i, h_rk)/tau)                 # every row's hard negatives
-            + [same_tower in {query, both}] sum_{j != i} exp(s(q_i, q_j)/tau)
+            + [same_tower in {query, both}] alpha * sum_{j != i} exp(s(q_i, q_j)/tau)
 
 and the document-to-query loss (``bidirectional=True``) for anchor ``d_i`` is
 
     L_dq(i) = -log  exp(s(d_i, q_i)/tau) / Z_dq(i)
     Z_dq(i) = sum_j exp(s(d_i, q_j)/tau)
-            + [same_tower in {doc, both}] sum_{j != i} exp(s(d_i, d_j)/tau)
+            + [same_tower in {doc, both}] alpha * sum_{j != i} exp(s(d_i, d_j)/tau)
 
 The loss is mean_i L_qd(i), or (mean_i L_qd(i) + mean_i L_dq(i)) / 2 when bidirectional.
 ``tau`` sharpens the softmax: cosines live in [-1, 1], so logits live in [-1/tau, 1/tau];
-a small tau (0.01-0.1) lets the model express confident rankings.
+a small tau (0.01-0.1) lets the model express confident rankings. ``alpha`` = 1 is SamToNe,
+``alpha`` = 0 is exactly the plain in-batch loss, values between weigh same-tower negatives
+down (log(alpha) is added to every same-tower logit).
 
-Candidates whose key (e.g. a hash of the text) duplicates the anchor's positive (cross-tower)
-or the anchor itself (same-tower) are removed from Z: they are false negatives.
+False-negative masking (``query_keys`` / ``doc_keys``: e.g. hashes of the texts) works by pair:
+candidate pair ``j`` (its document in q->d and d->d, its query in d->q and q->q) is removed from
+anchor ``i``'s softmax when pair ``j`` shares the query text OR the document text with pair ``i``
+(``j != i``; in the same-tower blocks the anchor itself is always removed). So a second known
+positive of the same query (``q_j == q_i``, ``d_j != d_i``) and a second query of the same
+document never act as negatives. A hard negative is removed for anchor ``i`` when its text equals
+any positive of ``q_i`` in the batch, i.e. ``d_j`` for every ``j`` with ``q_j == q_i`` (only
+``d_i`` when query keys are not given).
+
+The false-negative margin ``m`` (``false_negative_margin``; GTE / NV-Retriever's positive-aware
+filter applied inside the batch) removes, for each anchor, every negative candidate (cross-tower,
+hard or same-tower) with ``s(anchor, c) > s(anchor, positive) + m``. It is decided on detached
+similarities and never removes the positive.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from samtone_ray.settings import SameTower, validate_loss_config
 
@@ -46,28 +62,62 @@ def _check_keys(name: str, keys: torch.Tensor | None, shape: tuple[int, ...],
     return keys.to(device)
 
 
-def _same_key(anchor_keys: torch.Tensor | None, cand_keys: torch.Tensor | None,
-              n: int, m: int, device: torch.device) -> torch.Tensor:
-    """[n, m] bool: candidate key equals anchor key; all False when either side is unknown."""
-    if anchor_keys is None or cand_keys is None:
-        return torch.zeros(n, m, dtype=torch.bool, device=device)
-    return anchor_keys[:, None] == cand_keys[None, :]  # [n, 1] == [1, m] -> [n, m]
+class _PairMasks:
+    """Which candidates each anchor must drop as false negatives, from the global batch's keys."""
+
+    def __init__(self, query_keys: torch.Tensor | None, doc_keys: torch.Tensor | None,
+                 hard_negative_keys: torch.Tensor | None, batch: int, device: torch.device) -> None:
+        self.query_keys, self.doc_keys = query_keys, doc_keys
+        self.batch, self.device = batch, device
+        self.hard_ids = None
+        if hard_negative_keys is not None:
+            # Hard negative h is a false negative for anchor i when (q_i, h) is a pair of the batch.
+            # Dense ids turn "is (query, text) a batch pair" into one integer membership test.
+            query_ids = (torch.arange(batch, device=device) if query_keys is None  # each row its own query
+                         else torch.unique(query_keys, return_inverse=True)[1])  # [B]
+            texts = torch.cat([doc_keys, hard_negative_keys.reshape(-1)])  # [B + B*K]
+            text_ids = torch.unique(texts, return_inverse=True)[1]
+            self.num_texts = int(texts.numel())  # > every text id, so the codes below are unique
+            self.query_ids = query_ids
+            self.hard_ids = text_ids[batch:]  # [B*K]
+            self.batch_pairs = torch.unique(query_ids * self.num_texts + text_ids[:batch])  # [<= B]
+
+    def related(self, rows: torch.Tensor) -> torch.Tensor:
+        """[n, B] bool: pair j shares the query or the document text with anchor pair rows[n]."""
+        out = torch.zeros(rows.numel(), self.batch, dtype=torch.bool, device=self.device)
+        for keys in (self.query_keys, self.doc_keys):
+            if keys is not None:
+                out |= keys[rows][:, None] == keys[None, :]  # [n, 1] == [1, B] -> [n, B]
+        return out
+
+    def hard(self, rows: torch.Tensor, num_hard_total: int) -> torch.Tensor:
+        """[n, B*K] bool: the hard negative's text is a positive of the anchor's query."""
+        if self.hard_ids is None:
+            return torch.zeros(rows.numel(), num_hard_total, dtype=torch.bool, device=self.device)
+        codes = self.query_ids[rows][:, None] * self.num_texts + self.hard_ids[None, :]  # [n, B*K]
+        return torch.isin(codes, self.batch_pairs)
 
 
-def _softmax_ce(anchors: torch.Tensor, candidates: list[torch.Tensor], masks: list[torch.Tensor],
-                targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean cross-entropy of anchors [n, D] over concatenated candidate blocks.
+def _nll_sum(anchors: torch.Tensor, cands: torch.Tensor, removed: torch.Tensor, targets: torch.Tensor,
+             temperature: float, bias: torch.Tensor | None, margin: float | None) -> torch.Tensor:
+    """Summed cross-entropy of anchors [n, D] over candidates [M, D].
 
-    Block ``b`` has candidates [M_b, D] and a removal mask [n, M_b]; ``targets`` index columns of
-    the first block, whose target entries must be unmasked.
+    ``removed`` [n, M] marks false negatives; ``targets`` [n] are the positives' columns, which are
+    never removed; ``bias`` [M] is added to the logits (log(alpha) on same-tower columns).
     """
-    cands = torch.cat(candidates, dim=0)  # [sum M_b, D]
-    removed = torch.cat(masks, dim=1)  # [n, sum M_b]
-    logits = anchors @ cands.T / temperature  # [n, sum M_b]
+    sims = anchors @ cands.T  # [n, M] cosine similarities
+    if margin is not None:
+        # Decided on detached similarities: the filter picks the negatives, it is not trained.
+        detached = sims.detach()
+        positive = detached.gather(1, targets[:, None])  # [n, 1]
+        removed = (removed | (detached > positive + margin)).scatter(1, targets[:, None], False)
+    logits = sims / temperature
+    if bias is not None:
+        logits = logits + bias
     # -inf gives exactly zero probability mass and zero gradient; the target is never removed,
     # so every row keeps a finite logsumexp.
     logits = logits.masked_fill(removed, float("-inf"))
-    return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, reduction="sum")
 
 
 def contrastive_loss(
@@ -77,12 +127,15 @@ def contrastive_loss(
     same_tower: SameTower = "both",
     bidirectional: bool = True,
     temperature: float = 0.05,
+    same_tower_weight: float = 1.0,
+    false_negative_margin: float | None = None,
     hard_negatives: torch.Tensor | None = None,
     query_keys: torch.Tensor | None = None,
     doc_keys: torch.Tensor | None = None,
     hard_negative_keys: torch.Tensor | None = None,
     anchor_offset: int = 0,
     num_anchors: int | None = None,
+    anchor_chunk_size: int | None = None,
 ) -> torch.Tensor:
     """SamToNe loss (see module docstring) as a scalar, float32 for half/bf16/fp32 inputs.
 
@@ -92,17 +145,27 @@ def contrastive_loss(
             "doc" (d_j in d->q, needs bidirectional), "both".
         bidirectional: also average in the d->q direction.
         temperature: tau > 0; logits are similarities / tau.
+        same_tower_weight: alpha >= 0, multiplies each same-tower term of a denominator (1 =
+            SamToNe, 0 = exactly the plain in-batch loss).
+        false_negative_margin: m, or None (off): drop each anchor's negatives whose similarity
+            exceeds the similarity to its positive plus m (module docstring).
         hard_negatives: [B, K, D]; all B*K are candidates for every query anchor (q->d only).
-        query_keys, doc_keys: [B] integer ids of the texts; equal ids mark duplicates, which are
-            removed from the softmax unless they are the target. Either may be given alone.
-        hard_negative_keys: [B, K] integer ids of the hard negatives, compared with the doc key
-            of the anchor's positive (requires doc_keys and hard_negatives).
+        query_keys, doc_keys: [B] integer ids of the texts (equal ids = equal texts); candidates
+            of pairs sharing the anchor pair's query or document are removed from the softmax
+            (module docstring). Either may be given alone; the rule then uses that one.
+        hard_negative_keys: [B, K] integer ids of the hard negatives; one equal to the doc key of
+            any positive of the anchor's query is removed (requires doc_keys and hard_negatives).
         anchor_offset, num_anchors: use only anchor rows [anchor_offset, anchor_offset+num_anchors)
             (default: all B) against all B candidates. With q, d, hard negatives and keys
             all-gathered, each worker passes its own row range; the mean of equal-size shard
             losses equals the full-batch loss.
+        anchor_chunk_size: bound memory: anchors are processed this many at a time, and each
+            chunk's logits are recomputed in backward rather than kept, so no logits tensor is
+            larger than [chunk, candidates] and only one chunk's is alive at a time. Same value and
+            gradients as unchunked (up to float summation order); costs one more forward of the
+            similarity matmul. None = all anchors at once.
     """
-    validate_loss_config(same_tower, bidirectional, temperature)
+    validate_loss_config(same_tower, bidirectional, temperature, same_tower_weight, false_negative_margin)
     if q.ndim != 2 or q.shape != d.shape:
         raise ValueError(f"q and d must both be [B, D] with equal shapes, got q {tuple(q.shape)} "
                          f"and d {tuple(d.shape)}")
@@ -120,7 +183,9 @@ def contrastive_loss(
             raise ValueError("hard_negative_keys given without hard_negatives")
         if doc_keys is None:
             raise ValueError("hard_negative_keys need doc_keys: a hard negative is removed when "
-                             "its key equals the doc key of the anchor's positive")
+                             "its key equals the doc key of a positive of the anchor's query")
+    if anchor_chunk_size is not None and not (type(anchor_chunk_size) is int and anchor_chunk_size >= 1):
+        raise ValueError(f"anchor_chunk_size must be None or an integer >= 1, got {anchor_chunk_size!r}")
     if num_anchors is None:
         num_anchors = batch - anchor_offset
     if not (0 <= anchor_offset and 1 <= num_anchors and anchor_offset + num_anchors <= batch):
@@ -132,41 +197,65 @@ def contrastive_loss(
     doc_keys = _check_keys("doc_keys", doc_keys, (batch,), device)
     hard_negative_keys = _check_keys("hard_negative_keys", hard_negative_keys, (batch, num_hard), device)
 
-    rows = torch.arange(anchor_offset, anchor_offset + num_anchors, device=device)  # [n] global rows
-    n = num_anchors
-    # [n, B]: True at each anchor's own column, i.e. its positive (cross-tower) or itself (same-tower).
-    own = rows[:, None] == torch.arange(batch, device=device)[None, :]
-    q_anchor_keys = None if query_keys is None else query_keys[rows]  # [n]
-    d_anchor_keys = None if doc_keys is None else doc_keys[rows]  # [n]
+    pair_masks = _PairMasks(query_keys, doc_keys, hard_negative_keys, batch, device)
+    # alpha = 0 drops the same-tower blocks outright: exactly plain in-batch, no log(0) = -inf.
+    query_side = same_tower in ("query", "both") and same_tower_weight > 0
+    doc_side = bidirectional and same_tower in ("doc", "both") and same_tower_weight > 0
+    log_alpha = math.log(same_tower_weight) if same_tower_weight > 0 else 0.0
 
     # Autocast would run the matmuls in bf16/fp16; 1/tau then amplifies the rounding error, and
     # logsumexp over large B needs float32 range anyway. float64 inputs stay float64.
     compute_dtype = torch.promote_types(torch.promote_types(q.dtype, d.dtype), torch.float32)
     with torch.autocast(device_type=device.type, enabled=False):
         qf, df = q.to(compute_dtype), d.to(compute_dtype)
-
-        # q -> d: target d_i in block 0.
-        cands = [df]
-        masks = [_same_key(d_anchor_keys, doc_keys, n, batch, device) & ~own]
+        # q -> d candidates: [documents (target d_i) | hard negatives | queries]; d -> q: [queries
+        # (target q_i) | documents]. Hard negatives are neither d->q anchors nor candidates.
+        qd_blocks = [df]
         if num_hard:
-            # [B, K, D] -> [B*K, D]: every row's hard negatives are candidates for every anchor.
-            cands.append(hard_negatives.to(compute_dtype).reshape(batch * num_hard, dim))
-            hn_keys = None if hard_negative_keys is None else hard_negative_keys.reshape(-1)  # [B*K]
-            masks.append(_same_key(d_anchor_keys, hn_keys, n, batch * num_hard, device))
-        if same_tower in ("query", "both"):
-            cands.append(qf)
-            masks.append(_same_key(q_anchor_keys, query_keys, n, batch, device) | own)
-        loss = _softmax_ce(qf[rows], cands, masks, rows, temperature)
+            qd_blocks.append(hard_negatives.to(compute_dtype).reshape(batch * num_hard, dim))  # [B*K, D]
+        qd_cands = torch.cat(qd_blocks + ([qf] if query_side else []))  # [B + B*K (+ B), D]
+        dq_cands = torch.cat([qf] + ([df] if doc_side else []))  # [B (+ B), D]
+        qd_bias = _same_tower_bias(batch * (1 + num_hard), batch if query_side else 0, log_alpha, qd_cands)
+        dq_bias = _same_tower_bias(batch, batch if doc_side else 0, log_alpha, dq_cands)
 
-        if bidirectional:
-            # d -> q: target q_i in block 0; hard negatives are neither anchors nor candidates.
-            cands = [qf]
-            masks = [_same_key(q_anchor_keys, query_keys, n, batch, device) & ~own]
-            if same_tower in ("doc", "both"):
-                cands.append(df)
-                masks.append(_same_key(d_anchor_keys, doc_keys, n, batch, device) | own)
-            loss = (loss + _softmax_ce(df[rows], cands, masks, rows, temperature)) / 2
+        def loss_sum(rows: torch.Tensor) -> torch.Tensor:
+            """Summed per-anchor losses of global anchor rows ``rows`` [n], both directions."""
+            # [n, B]: each anchor's own column, i.e. its positive (cross-tower) or itself (same-tower).
+            own = rows[:, None] == torch.arange(batch, device=device)[None, :]
+            related = pair_masks.related(rows)  # [n, B]
+            cross_removed, same_removed = related & ~own, related | own
+            removed = [cross_removed]
+            if num_hard:
+                removed.append(pair_masks.hard(rows, batch * num_hard))
+            if query_side:
+                removed.append(same_removed)
+            total = _nll_sum(qf[rows], qd_cands, torch.cat(removed, 1), rows, temperature, qd_bias,
+                             false_negative_margin)
+            if bidirectional:
+                removed = torch.cat([cross_removed] + ([same_removed] if doc_side else []), 1)
+                total = total + _nll_sum(df[rows], dq_cands, removed, rows, temperature, dq_bias,
+                                         false_negative_margin)
+            return total
+
+        end = anchor_offset + num_anchors
+        if anchor_chunk_size is None or anchor_chunk_size >= num_anchors:
+            total = loss_sum(torch.arange(anchor_offset, end, device=device))
+        else:
+            total = 0
+            for start in range(anchor_offset, end, anchor_chunk_size):
+                rows = torch.arange(start, min(start + anchor_chunk_size, end), device=device)  # [chunk]
+                # Backward recomputes this chunk's logits instead of keeping every chunk's softmax
+                # alive until then, so peak memory holds one [chunk, M] block, not [n, M].
+                total = total + checkpoint(loss_sum, rows, use_reentrant=False, preserve_rng_state=False)
+        loss = total / (num_anchors * (2 if bidirectional else 1))
     return loss
+
+
+def _same_tower_bias(num_cross: int, num_same: int, log_alpha: float, like: torch.Tensor) -> torch.Tensor | None:
+    """[num_cross + num_same] logit offsets: 0 on cross-tower columns, log(alpha) on same-tower ones."""
+    if not num_same or log_alpha == 0.0:
+        return None
+    return torch.cat([like.new_zeros(num_cross), like.new_full((num_same,), log_alpha)])
 
 
 class SamToNeLoss(nn.Module):
@@ -175,7 +264,9 @@ class SamToNeLoss(nn.Module):
     loss = mean_i -log softmax_i(q->d) [+ mean_i -log softmax_i(d->q), averaged], where the
     q->d softmax for anchor q_i runs over {d_j} + {hard negatives} + {q_j : j != i} (same_tower
     "query"/"both") and the d->q softmax for d_i over {q_j} + {d_j : j != i} ("doc"/"both");
-    logits are cosine similarity / temperature, so a lower temperature means a sharper softmax.
+    logits are cosine similarity / temperature, so a lower temperature means a sharper softmax;
+    same-tower terms are weighted by ``same_tower_weight``; ``false_negative_margin`` drops
+    negatives scoring above the positive plus the margin.
     Reference: Moiseev et al. 2023, arXiv:2306.02516.
 
     Example:
@@ -189,12 +280,16 @@ class SamToNeLoss(nn.Module):
     """
 
     def __init__(self, same_tower: SameTower = "both", bidirectional: bool = True,
-                 temperature: float = 0.05) -> None:
+                 temperature: float = 0.05, same_tower_weight: float = 1.0,
+                 false_negative_margin: float | None = None, anchor_chunk_size: int | None = None) -> None:
         super().__init__()
-        validate_loss_config(same_tower, bidirectional, temperature)
+        validate_loss_config(same_tower, bidirectional, temperature, same_tower_weight, false_negative_margin)
         self.same_tower: SameTower = same_tower
         self.bidirectional = bidirectional
         self.temperature = float(temperature)
+        self.same_tower_weight = float(same_tower_weight)
+        self.false_negative_margin = None if false_negative_margin is None else float(false_negative_margin)
+        self.anchor_chunk_size = anchor_chunk_size  # memory only: not a hyperparameter, not in the config dict
 
     def forward(
         self,
@@ -208,16 +303,15 @@ class SamToNeLoss(nn.Module):
         num_anchors: int | None = None,
     ) -> torch.Tensor:
         return contrastive_loss(
-            q, d, same_tower=self.same_tower, bidirectional=self.bidirectional,
-            temperature=self.temperature, hard_negatives=hard_negatives, query_keys=query_keys,
+            q, d, **self.get_config_dict(), hard_negatives=hard_negatives, query_keys=query_keys,
             doc_keys=doc_keys, hard_negative_keys=hard_negative_keys,
-            anchor_offset=anchor_offset, num_anchors=num_anchors,
+            anchor_offset=anchor_offset, num_anchors=num_anchors, anchor_chunk_size=self.anchor_chunk_size,
         )
 
     def get_config_dict(self) -> dict[str, object]:
         return {"same_tower": self.same_tower, "bidirectional": self.bidirectional,
-                "temperature": self.temperature}
+                "temperature": self.temperature, "same_tower_weight": self.same_tower_weight,
+                "false_negative_margin": self.false_negative_margin}
 
     def extra_repr(self) -> str:
-        return (f"same_tower={self.same_tower!r}, bidirectional={self.bidirectional}, "
-                f"temperature={self.temperature}")
+        return ", ".join(f"{k}={v!r}" for k, v in self.get_config_dict().items())

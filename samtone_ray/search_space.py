@@ -4,8 +4,8 @@ Keys are dotted training keys (``loss.same_tower``); each value is one of
 ``{grid: [...]}``, ``{choice: [...]}``, ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``,
 ``{randint: [lo, hi]}`` or a plain value (fixed for every trial).
 
-Values that are invalid on their own (unknown key, wrong type, a batch size the workers cannot
-split) fail here, before any trial. Combinations that are only invalid together (same_tower=doc
+Values that are invalid on their own (unknown key, wrong type, NaN or infinity, a batch size the
+workers cannot split) fail here, before any trial. Combinations that are only invalid together (same_tower=doc
 with bidirectional=false) are skipped with a logged reason.
 """
 
@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from samtone_ray.config import CombinationError, Config, ConfigError
+from samtone_ray.config import CombinationError, Config, ConfigError, require_finite
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ def parse_space(space: dict[str, Any], base: Config) -> Space:
         where = f"search.space.{key}"
         if key not in valid_keys:
             raise ConfigError(f"{where}: unknown training key {key!r}")
+        # NaN passes or fails the comparisons below by accident (every comparison with NaN is
+        # False), and an infinite randint bound would crash int(): refuse both by name.
+        require_finite(where, spec)
         if isinstance(spec, dict):
             if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
                 raise ConfigError(f"{where} must be one of {{{', '.join(DISTRIBUTIONS)}: ...}} or a plain value; got {spec!r}")

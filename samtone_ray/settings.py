@@ -82,10 +82,30 @@ def check_loss_combination(same_tower: str, bidirectional: bool, *, prefix: str 
         )
 
 
-def validate_loss_config(same_tower: str, bidirectional: bool, temperature: float) -> None:
-    """Raise ValueError unless (same_tower, bidirectional, temperature) is a usable combination."""
+def _finite_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_loss_knobs(same_tower_weight: float, false_negative_margin: float | None, *, prefix: str = "") -> None:
+    if not _finite_real(same_tower_weight) or same_tower_weight < 0:
+        raise ValueError(f"{prefix}same_tower_weight must be a finite number >= 0, got {same_tower_weight!r}")
+    if false_negative_margin is not None and not _finite_real(false_negative_margin):
+        raise ValueError(
+            f"{prefix}false_negative_margin must be None/null (off) or a finite number, got {false_negative_margin!r}"
+        )
+
+
+def validate_loss_config(
+    same_tower: str,
+    bidirectional: bool,
+    temperature: float,
+    same_tower_weight: float = 1.0,
+    false_negative_margin: float | None = None,
+) -> None:
+    """Raise ValueError unless the loss settings are a usable combination."""
     check_loss_combination(same_tower, bidirectional)
     check_temperature(temperature)
+    check_loss_knobs(same_tower_weight, false_negative_margin)
 
 
 def check_precision(precision: str, *, prefix: str = "") -> None:

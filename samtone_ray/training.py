@@ -107,6 +107,8 @@ def train_step(
         same_tower=loss_cfg.same_tower,
         bidirectional=loss_cfg.bidirectional,
         temperature=loss_cfg.temperature,
+        same_tower_weight=loss_cfg.same_tower_weight,
+        false_negative_margin=loss_cfg.false_negative_margin,
         hard_negatives=hard,
         query_keys=keys.get("query"),
         doc_keys=keys.get("doc"),

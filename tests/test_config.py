@@ -61,6 +61,65 @@ def test_errors_name_the_key(overrides, needle):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize("override", ["train.weight_decay=.nan", "train.lr=inf", "loss.temperature=nan",
+                                      "train.warmup_ratio=-.inf", "loss.temperature=1e999"])
+def test_nan_and_infinite_floats_fail_at_load(override):
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*finite"):
+        load_config(None, [override])
+
+
+def test_nan_inside_the_search_space_fails_at_load(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("search:\n  space:\n    train.lr: {uniform: [1.0e-5, .nan]}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml.*search\.space\.train\.lr\.uniform\[1\].*finite"):
+        load_config(path)
+
+
+def test_directly_built_config_refuses_nan():
+    from samtone_ray.config import LossConfig
+
+    with pytest.raises(ConfigError, match="loss.temperature"):
+        LossConfig(temperature=float("nan"))
+
+
+@pytest.mark.parametrize("key, spec", [
+    ("train.weight_decay", {"grid": [0.0, float("nan")]}),
+    ("train.lr", {"choice": [1e-4, float("nan")]}),
+    ("train.lr", {"loguniform": [float("nan"), 1e-3]}),
+    ("train.seed", {"randint": [0, float("inf")]}),
+    ("train.weight_decay", float("nan")),
+])
+def test_searched_nan_or_infinite_values_fail_before_any_trial(key, spec):
+    from samtone_ray.search_space import parse_space
+
+    with pytest.raises(ConfigError, match=f"search\\.space\\.{key.replace('.', '[.]')}.*finite"):
+        parse_space({key: spec}, Config())
+
+
+def test_loss_knobs_load_validate_and_reach_the_params():
+    cfg = load_config(None, ["loss.same_tower_weight=0.25", "loss.false_negative_margin=0.1"])
+    assert cfg.loss.same_tower_weight == 0.25 and cfg.loss.false_negative_margin == pytest.approx(0.1)
+    assert cfg.flat()["loss.same_tower_weight"] == 0.25
+    defaults = load_config(None, ["loss.false_negative_margin=null"])
+    assert defaults.loss.same_tower_weight == 1.0 and defaults.loss.false_negative_margin is None
+    with pytest.raises(ConfigError, match=r"loss\.same_tower_weight.*>= 0"):
+        load_config(None, ["loss.same_tower_weight=-0.5"])
+    with pytest.raises(ConfigError, match=r"loss\.false_negative_margin"):
+        load_config(None, ["loss.false_negative_margin=wide"])
+
+
+def test_loss_knobs_are_searchable():
+    from samtone_ray.search_space import parse_space
+
+    space = parse_space({"loss.same_tower_weight": {"grid": [0.0, 0.5, 1.0]},
+                         "loss.false_negative_margin": {"grid": [None, 0.1]}}, Config())
+    assert len(space.grid) == 6
+    assert {"loss.same_tower_weight": 0.0, "loss.false_negative_margin": None} in space.grid
+    with pytest.raises(ConfigError, match=r"search\.space\.loss\.same_tower_weight.*>= 0"):
+        parse_space({"loss.same_tower_weight": {"uniform": [-1.0, 1.0]}}, Config())
+
+
 def test_doc_side_negatives_need_both_directions():
     with pytest.raises(CombinationError, match="loss.same_tower=doc"):
         load_config(None, ["loss.same_tower=doc", "loss.bidirectional=false"])

@@ -403,6 +403,29 @@ def test_parquet_folder_with_mismatched_optional_columns(tmp_path):
         load_training_pairs(folder)
 
 
+@pytest.mark.parametrize("empty", [[], None], ids=["empty-list", "null-list"])
+def test_parquet_row_without_negatives_fails_at_load_when_negatives_are_trained(tmp_path, monkeypatch, empty):
+    from samtone_ray.config import from_dict
+
+    monkeypatch.setattr(data, "_PARQUET_BATCH_ROWS", 2)  # the row index must include earlier batches
+    columns = {k: list(v) for k, v in PAIRS.items()}
+    columns["negatives"] = [["n1"], ["n2"], ["n3"], empty, ["n5"]]
+    path = write_parquet(tmp_path / "holes.parquet", columns, row_group_size=2)
+    cfg = from_dict({"data": {"train": str(path), "eval": "", "num_hard_negatives": 2}})
+    with raises(["holes.parquet", "row index 3", "'negatives'", "data.num_hard_negatives=2"]):
+        data.load_data(cfg)
+    # Without hard negatives in training the same file loads: the lists are unused.
+    assert load_training_pairs(path).negatives[3] == []
+
+
+def test_hard_negatives_need_a_negatives_column(tmp_path, beir):
+    path = write_parquet(tmp_path / "plain.parquet", {"query": ["q"], "document": ["d"]})
+    with raises(["plain.parquet", "'negatives'", "data.num_hard_negatives=1"]):
+        load_training_pairs(path, num_negatives=1)
+    with raises([str(beir), "data.num_hard_negatives=1", "BEIR"]):
+        load_training_pairs(beir, num_negatives=1)
+
+
 # --------------------------------------------------------------------------------------------
 # Text keys
 # --------------------------------------------------------------------------------------------

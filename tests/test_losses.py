@@ -5,18 +5,23 @@ from __future__ import annotations
 import doctest
 import itertools
 import math
+import warnings
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from samtone_ray import losses
 from samtone_ray.losses import SamToNeLoss, contrastive_loss
 
 B, D, K = 6, 5, 2
 TEMPERATURE = 0.05
-# Deliberate duplicates: queries 0~2 and 1~5; documents 0~3 and 1~5. Hard-negative keys repeat
-# the row's own positive (row 0 -> 20, row 5 -> 21) and other rows' positives (22, 23).
+# Deliberate duplicates: queries 0~2 (query 10 has two positives, 20 and 22) and 1~5; documents
+# 0~3 (document 20 has two queries, 10 and 12) and 1~5. Hard-negative keys repeat the row's own
+# positive (row 0 -> 20, row 5 -> 21), another positive of a query (22) and other rows' positives.
 QUERY_KEYS = [10, 11, 10, 12, 13, 11]
 DOC_KEYS = [20, 21, 22, 20, 23, 21]
 HARD_NEGATIVE_KEYS = [[20, 30], [31, 22], [21, 32], [33, 34], [23, 35], [21, 36]]
@@ -26,32 +31,49 @@ KEY_SETS = ["none", "query", "doc", "both"]
 
 
 def naive_loss(q, d, *, same_tower, bidirectional, temperature, hard_negatives=None,
-               query_keys=None, doc_keys=None, hard_negative_keys=None, rows=None):
-    """SamToNe loss by explicit enumeration of each anchor's candidate list (autograd-able)."""
+               query_keys=None, doc_keys=None, hard_negative_keys=None, rows=None,
+               same_tower_weight=1.0, false_negative_margin=None):
+    """SamToNe loss by explicit enumeration of each anchor's candidate list (autograd-able).
+
+    Each negative is (vector, weight): same-tower terms of a denominator are multiplied by
+    ``same_tower_weight``, cross-tower and hard ones by 1.
+    """
     batch = q.shape[0]
     num_hard = 0 if hard_negatives is None else hard_negatives.shape[1]
     rows = range(batch) if rows is None else rows
+    alpha = same_tower_weight
 
     def nll(anchor, positive, negatives):
-        logits = [torch.dot(anchor, positive) / temperature]
-        logits += [torch.dot(anchor, c) / temperature for c in negatives]
+        positive_sim = torch.dot(anchor, positive).item()
+        if false_negative_margin is not None:
+            negatives = [(c, w) for c, w in negatives
+                         if not torch.dot(anchor, c).item() > positive_sim + false_negative_margin]
+        logits = [torch.dot(anchor, positive) / temperature] + [torch.dot(anchor, c) / temperature for c, _ in negatives]
+        weights = [1.0] + [w for _, w in negatives]
         shift = max(x.detach().item() for x in logits)  # constant, only for numerical range
-        log_z = shift + torch.log(sum(torch.exp(x - shift) for x in logits))
+        log_z = shift + torch.log(sum(w * torch.exp(x - shift) for x, w in zip(logits, weights)))
         return log_z - logits[0]
 
-    def dup(keys, a, b):
-        return keys is not None and keys[a] == keys[b]
+    def related(a, b):
+        # Pairs a and b share the query text or the document text.
+        return ((query_keys is not None and query_keys[a] == query_keys[b])
+                or (doc_keys is not None and doc_keys[a] == doc_keys[b]))
+
+    def positives_of_query(i):
+        # Doc keys of every pair of the batch whose query is q_i (just d_i without query keys).
+        return {doc_keys[j] for j in range(batch)
+                if j == i or (query_keys is not None and query_keys[j] == query_keys[i])}
 
     q_to_d = []
     for i in rows:
-        negatives = [d[j] for j in range(batch) if j != i and not dup(doc_keys, j, i)]
+        negatives = [(d[j], 1.0) for j in range(batch) if j != i and not related(i, j)]
         for r in range(batch):
             for k in range(num_hard):
-                if hard_negative_keys is not None and hard_negative_keys[r][k] == doc_keys[i]:
+                if hard_negative_keys is not None and hard_negative_keys[r][k] in positives_of_query(i):
                     continue
-                negatives.append(hard_negatives[r, k])
+                negatives.append((hard_negatives[r, k], 1.0))
         if same_tower in ("query", "both"):
-            negatives += [q[j] for j in range(batch) if j != i and not dup(query_keys, j, i)]
+            negatives += [(q[j], alpha) for j in range(batch) if j != i and not related(i, j)]
         q_to_d.append(nll(q[i], d[i], negatives))
     loss = sum(q_to_d) / len(q_to_d)
     if not bidirectional:
@@ -59,9 +81,9 @@ def naive_loss(q, d, *, same_tower, bidirectional, temperature, hard_negatives=N
 
     d_to_q = []
     for i in rows:
-        negatives = [q[j] for j in range(batch) if j != i and not dup(query_keys, j, i)]
+        negatives = [(q[j], 1.0) for j in range(batch) if j != i and not related(i, j)]
         if same_tower in ("doc", "both"):
-            negatives += [d[j] for j in range(batch) if j != i and not dup(doc_keys, j, i)]
+            negatives += [(d[j], alpha) for j in range(batch) if j != i and not related(i, j)]
         d_to_q.append(nll(d[i], q[i], negatives))
     return (loss + sum(d_to_q) / len(d_to_q)) / 2
 
@@ -118,11 +140,12 @@ def leaf(*tensors):
 
 
 def assert_matches_naive(config: dict, key_set: str, with_hard: bool, q, d, hn, *,
-                         atol=1e-5, grad_atol=1e-4, device="cpu"):
+                         atol=1e-5, grad_atol=1e-4, device="cpu", anchor_chunk_size=None):
     keys = key_kwargs(key_set, with_hard)
     q32, d32, hn32 = leaf(q.to(device), d.to(device), hn.to(device))
     device_keys = {name: t.to(device) for name, t in as_tensors(keys).items()}
-    got = contrastive_loss(q32, d32, hard_negatives=hn32 if with_hard else None, **device_keys, **config)
+    got = contrastive_loss(q32, d32, hard_negatives=hn32 if with_hard else None, **device_keys, **config,
+                           anchor_chunk_size=anchor_chunk_size)
     got.backward()
 
     q64, d64, hn64 = leaf(q.double(), d.double(), hn.double())
@@ -152,6 +175,144 @@ def test_matches_naive_reference(same_tower, bidirectional, with_hard, key_set):
     q, d, hn = make_batch()
     config = dict(same_tower=same_tower, bidirectional=bidirectional, temperature=TEMPERATURE)
     assert_matches_naive(config, key_set, with_hard, q, d, hn)
+
+
+# A batch as real data builds it: query "qa" has two positives (rows 0, 1), document "da" two
+# queries (rows 0, 2), rows 3 and 4 are the same pair twice. One hard negative per row.
+PAIR_TEXTS = [("qa", "da"), ("qa", "db"), ("qb", "da"), ("qc", "dc"), ("qc", "dc")]
+HARD_TEXTS = ["db", "dc", "dd", "da", "de"]
+# Written out by hand from the rule: for each anchor row, the other rows whose candidates stay
+# (pairs sharing neither the query nor the document text) and the hard negatives that stay (those
+# whose text is not a positive of the anchor's query: qa -> {da, db}, qb -> {da}, qc -> {dc}).
+KEPT_ROWS = {0: [3, 4], 1: [2, 3, 4], 2: [1, 3, 4], 3: [0, 1, 2], 4: [0, 1, 2]}
+KEPT_HARD = {0: [1, 2, 4], 1: [1, 2, 4], 2: [0, 1, 2, 4], 3: [0, 2, 3, 4], 4: [0, 2, 3, 4]}
+
+
+@pytest.mark.parametrize("same_tower", SAME_TOWER)
+def test_multi_positive_queries_and_multi_query_documents(same_tower):
+    from samtone_ray.data import text_keys
+
+    gen = torch.Generator().manual_seed(7)
+    texts = sorted({t for pair in PAIR_TEXTS for t in pair} | set(HARD_TEXTS))
+    # Equal texts embed identically, as the same encoder would embed them.
+    emb = dict(zip(texts, F.normalize(torch.randn(len(texts), D, generator=gen, dtype=torch.float64), dim=-1)))
+    q = torch.stack([emb[qt] for qt, _ in PAIR_TEXTS])
+    d = torch.stack([emb[dt] for _, dt in PAIR_TEXTS])
+    hn = torch.stack([emb[t] for t in HARD_TEXTS])[:, None, :]  # [B, 1, D]
+    got = contrastive_loss(
+        q, d, same_tower=same_tower, bidirectional=True, temperature=0.1, hard_negatives=hn,
+        query_keys=text_keys([qt for qt, _ in PAIR_TEXTS]), doc_keys=text_keys([dt for _, dt in PAIR_TEXTS]),
+        hard_negative_keys=text_keys(HARD_TEXTS).view(-1, 1),
+    )
+
+    def nll(anchor, positive, negatives):
+        logits = torch.stack([anchor @ c for c in [positive, *negatives]]) / 0.1
+        return torch.logsumexp(logits, 0) - logits[0]
+
+    q_to_d, d_to_q = [], []
+    for i, kept in KEPT_ROWS.items():
+        negatives = [d[j] for j in kept] + [hn[r, 0] for r in KEPT_HARD[i]]
+        if same_tower in ("query", "both"):
+            negatives += [q[j] for j in kept]
+        q_to_d.append(nll(q[i], d[i], negatives))
+        negatives = [q[j] for j in kept]
+        if same_tower in ("doc", "both"):
+            negatives += [d[j] for j in kept]
+        d_to_q.append(nll(d[i], q[i], negatives))
+    want = (sum(q_to_d) / len(q_to_d) + sum(d_to_q) / len(d_to_q)) / 2
+    assert got.item() == pytest.approx(want.item(), abs=1e-10)
+
+
+# (same_tower_weight, false_negative_margin): weighted, filtered, both, a strict filter, alpha > 1.
+# The margins sit >= 0.01 away from every similarity gap of make_batch() (test_margins_are_not_ties).
+KNOBS = [(0.3, None), (1.0, 0.03), (0.3, 0.19), (0.0, -0.15), (2.0, -0.15)]
+
+
+def similarity_gaps(q, d, hn):
+    """s(anchor, candidate) - s(anchor, positive) for every anchor and candidate, both directions."""
+    q, d, hn = q.double(), d.double(), hn.double()
+    positive = (q * d).sum(-1, keepdim=True)
+    q_to_d = q @ torch.cat([d, hn.reshape(-1, q.shape[1]), q]).T - positive
+    d_to_q = d @ torch.cat([q, d]).T - positive
+    return torch.cat([q_to_d.flatten(), d_to_q.flatten()])
+
+
+def test_margins_are_not_ties():
+    # A similarity within float32 rounding of the threshold could be kept by one implementation
+    # and dropped by the other; the fixture's margins stay clear of every gap.
+    gaps = similarity_gaps(*make_batch())
+    for _, margin in KNOBS:
+        if margin is not None:
+            assert (gaps - margin).abs().min() > 0.01
+
+
+KNOB_COMBINATIONS = [
+    pytest.param(st, bi, hard, ks, alpha, m,
+                 id=f"{st}-{'bi' if bi else 'uni'}-{'hn2' if hard else 'nohn'}-keys_{ks}-a{alpha}-m{m}")
+    for st, bi, hard, ks in itertools.product(SAME_TOWER, [False, True], [False, True], ["none", "both"])
+    for alpha, m in KNOBS
+    if not (st == "doc" and not bi)
+]
+
+
+@pytest.mark.parametrize("same_tower, bidirectional, with_hard, key_set, alpha, margin", KNOB_COMBINATIONS)
+def test_knobs_match_naive_reference(same_tower, bidirectional, with_hard, key_set, alpha, margin):
+    q, d, hn = make_batch()
+    config = dict(same_tower=same_tower, bidirectional=bidirectional, temperature=TEMPERATURE,
+                  same_tower_weight=alpha, false_negative_margin=margin)
+    assert_matches_naive(config, key_set, with_hard, q, d, hn)
+
+
+def test_knobs_change_the_loss():
+    # Guards the fixtures above: each knob must change something, or matching the reference proves little.
+    q, d, hn = make_batch()
+    plain = contrastive_loss(q, d, hard_negatives=hn).item()
+    for alpha, margin in KNOBS:
+        knobbed = contrastive_loss(q, d, hard_negatives=hn, same_tower_weight=alpha, false_negative_margin=margin)
+        assert abs(knobbed.item() - plain) > 1e-3, (alpha, margin)
+
+
+def _loss_and_grads(q, d, hn, **kwargs):
+    q, d, hn = leaf(q, d, hn)
+    loss = contrastive_loss(q, d, hard_negatives=hn, **kwargs)
+    loss.backward()
+    return loss, q.grad, d.grad, hn.grad
+
+
+@pytest.mark.parametrize("same_tower", ["query", "doc", "both"])
+@pytest.mark.parametrize("margin", [None, 0.03])
+@pytest.mark.parametrize("key_set", ["none", "both"])
+def test_zero_same_tower_weight_is_plain_in_batch_exactly(same_tower, margin, key_set):
+    q, d, hn = make_batch()
+    keys = as_tensors(key_kwargs(key_set, True))
+    common = dict(bidirectional=True, false_negative_margin=margin, **keys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no log(0), no -inf arithmetic warnings
+        warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
+        with torch.autograd.detect_anomaly(check_nan=True):  # no NaN in any backward op
+            got = _loss_and_grads(q, d, hn, same_tower=same_tower, same_tower_weight=0.0, **common)
+    want = _loss_and_grads(q, d, hn, same_tower="none", **common)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("same_tower, bidirectional", [("none", False), ("query", True), ("both", True)])
+def test_huge_margin_is_no_filter_exactly(same_tower, bidirectional):
+    q, d, hn = make_batch()
+    common = dict(same_tower=same_tower, bidirectional=bidirectional, **as_tensors(key_kwargs("both", True)))
+    got = _loss_and_grads(q, d, hn, false_negative_margin=1e6, **common)
+    want = _loss_and_grads(q, d, hn, **common)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_margin_never_removes_the_positive():
+    # A margin below -2 exceeds every cosine gap: all negatives go, each softmax keeps only its
+    # positive, and -log(1) = 0 for every anchor.
+    q, d, hn = make_batch()
+    got = _loss_and_grads(q, d, hn, same_tower="both", false_negative_margin=-3.0)
+    assert got[0].item() == 0.0
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in got[1:])
 
 
 def test_keys_change_the_loss():
@@ -210,6 +371,15 @@ def test_shape_errors_name_the_shapes(kwargs, fragments):
     (dict(anchor_offset=3, num_anchors=2), r"\[3, 5\).*4"),
     (dict(anchor_offset=-1, num_anchors=2), "anchor rows"),
     (dict(num_anchors=0), "anchor rows"),
+    (dict(same_tower_weight=-0.5), "same_tower_weight"),
+    (dict(same_tower_weight=math.nan), "same_tower_weight"),
+    (dict(same_tower_weight=math.inf), "same_tower_weight"),
+    (dict(same_tower_weight=True), "same_tower_weight"),
+    (dict(false_negative_margin=math.nan), "false_negative_margin"),
+    (dict(false_negative_margin=-math.inf), "false_negative_margin"),
+    (dict(false_negative_margin="0.1"), "false_negative_margin"),
+    (dict(anchor_chunk_size=0), "anchor_chunk_size"),
+    (dict(anchor_chunk_size=2.0), "anchor_chunk_size"),
 ])
 def test_invalid_arguments(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -250,10 +420,13 @@ SHARD_CONFIGS = [
     dict(same_tower="both", bidirectional=True, with_hard=True, key_set="both"),
     dict(same_tower="query", bidirectional=False, with_hard=True, key_set="doc"),
     dict(same_tower="none", bidirectional=True, with_hard=False, key_set="none"),
+    # 0.13 sits >= 0.02 away from every similarity gap of make_batch(batch=8, seed=3).
+    dict(same_tower="both", bidirectional=True, with_hard=True, key_set="both",
+         same_tower_weight=0.3, false_negative_margin=0.13),
 ]
 
 
-@pytest.mark.parametrize("cfg", SHARD_CONFIGS, ids=lambda c: f"{c['same_tower']}-bi{c['bidirectional']}")
+@pytest.mark.parametrize("cfg", SHARD_CONFIGS, ids=lambda c: f"{c['same_tower']}-bi{c['bidirectional']}-knobs{len(c) > 4}")
 @pytest.mark.parametrize("num_shards", [2, 4])
 def test_anchor_shards_average_to_full_batch(cfg, num_shards):
     batch = 8
@@ -301,11 +474,85 @@ def test_module_forward_matches_naive_and_reports_config():
     q, d, hn = make_batch(seed=1)
     keys = key_kwargs("both", True)
     loss_fn = SamToNeLoss(same_tower="query", bidirectional=True, temperature=0.1)
-    assert loss_fn.get_config_dict() == {"same_tower": "query", "bidirectional": True, "temperature": 0.1}
+    assert loss_fn.get_config_dict() == {"same_tower": "query", "bidirectional": True, "temperature": 0.1,
+                                         "same_tower_weight": 1.0, "false_negative_margin": None}
     got = loss_fn(q, d, hn, **as_tensors(keys), anchor_offset=2, num_anchors=3)
     want = naive_loss(q.double(), d.double(), hard_negatives=hn.double(), **keys, same_tower="query",
                       bidirectional=True, temperature=0.1, rows=range(2, 5))
     assert got.item() == pytest.approx(want.item(), abs=1e-5)
+
+
+CHUNK_COMBINATIONS = [
+    pytest.param(st, bi, hard, ks, knobs,
+                 id=f"{st}-{'bi' if bi else 'uni'}-{'hn2' if hard else 'nohn'}-keys_{ks}-a{knobs[0]}-m{knobs[1]}")
+    for st, bi, hard, ks in itertools.product(SAME_TOWER, [False, True], [False, True], ["none", "both"])
+    for knobs in [(1.0, None), (0.3, 0.03)]
+    if not (st == "doc" and not bi)
+]
+
+
+@pytest.mark.parametrize("offset, num_anchors, chunk", [(0, B, 4), (1, 5, 2)])  # uneven last chunks
+@pytest.mark.parametrize("same_tower, bidirectional, with_hard, key_set, knobs", CHUNK_COMBINATIONS)
+def test_chunked_anchors_match_unchunked_loss_and_gradients(same_tower, bidirectional, with_hard, key_set,
+                                                            knobs, offset, num_anchors, chunk):
+    # float64 so that equal math gives equal numbers to 1e-12, whatever kernel each shape takes.
+    q, d, hn = make_batch(dtype=torch.float64)
+    kwargs = dict(same_tower=same_tower, bidirectional=bidirectional, temperature=TEMPERATURE,
+                  same_tower_weight=knobs[0], false_negative_margin=knobs[1],
+                  anchor_offset=offset, num_anchors=num_anchors, **as_tensors(key_kwargs(key_set, with_hard)))
+    if not with_hard:
+        hn = None
+    inputs = [t for t in (q, d, hn) if t is not None]
+    full_in, chunk_in = leaf(*inputs), leaf(*inputs)
+    full = contrastive_loss(*full_in[:2], hard_negatives=full_in[2] if with_hard else None, **kwargs)
+    chunked = contrastive_loss(*chunk_in[:2], hard_negatives=chunk_in[2] if with_hard else None,
+                               anchor_chunk_size=chunk, **kwargs)
+    (full + chunked).backward()  # one backward: each side's gradients land on its own leaves
+    assert chunked.dtype == torch.float64
+    assert chunked.item() == pytest.approx(full.item(), abs=1e-12)
+    for got, want in zip(chunk_in, full_in):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-12, rtol=1e-10)
+
+
+class LiveTensors(TorchDispatchMode):
+    """Records, over every tensor op run inside it, the largest output and the peak bytes held by
+    the storages of outputs still alive (saved activations included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages, self.peak_bytes, self.max_numel = [], 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.storages.append(weakref.ref(t.untyped_storage()))
+                self.max_numel = max(self.max_numel, t.numel())
+        self.storages = [ref for ref in self.storages if ref() is not None]
+        alive = {ref().data_ptr(): ref().nbytes() for ref in self.storages}
+        self.peak_bytes = max(self.peak_bytes, sum(alive.values()))
+        return out
+
+
+def test_chunked_anchors_bound_the_memory():
+    batch, chunk = 96, 8
+    q, d, hn = make_batch(batch=batch, num_hard=1, seed=5)
+    keys = as_tensors({name: cycled(v, batch) for name, v in key_kwargs("both", True).items()})
+    keys["hard_negative_keys"] = keys["hard_negative_keys"][:, :1]
+    candidates = 3 * batch  # q->d: documents, hard negatives, queries
+
+    def run(**kwargs):
+        qs, ds, hs = leaf(q, d, hn)
+        with LiveTensors() as live:
+            contrastive_loss(qs, ds, hard_negatives=hs, false_negative_margin=0.03, **keys, **kwargs).backward()
+        return live
+
+    full, chunked = run(), run(anchor_chunk_size=chunk)
+    assert full.max_numel >= batch * candidates  # the measurement sees the [B, M] logits
+    assert chunked.max_numel <= chunk * candidates
+    # Only one chunk's logits are alive at a time: well under the unchunked peak, not the same
+    # total spread over chunks (which is what keeping every chunk's softmax for backward gives).
+    assert chunked.peak_bytes < full.peak_bytes / 4, (chunked.peak_bytes, full.peak_bytes)
 
 
 def test_docstring_example_runs():
@@ -314,7 +561,9 @@ def test_docstring_example_runs():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_naive_reference():
+@pytest.mark.parametrize("alpha, margin, chunk", [(1.0, None, None), (0.3, 0.03, 4)])
+def test_cuda_matches_naive_reference(alpha, margin, chunk):
     q, d, hn = make_batch()
-    config = dict(same_tower="both", bidirectional=True, temperature=TEMPERATURE)
-    assert_matches_naive(config, "both", True, q, d, hn, device="cuda")
+    config = dict(same_tower="both", bidirectional=True, temperature=TEMPERATURE,
+                  same_tower_weight=alpha, false_negative_margin=margin)
+    assert_matches_naive(config, "both", True, q, d, hn, device="cuda", anchor_chunk_size=chunk)
