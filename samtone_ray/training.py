@@ -250,6 +250,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         do_ckpt = done or (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0)
         if do_eval or do_ckpt:
             metrics: dict[str, Any] = {"step": state.step, "epoch": epoch, "loss": global_loss} | window.summary()
+            metrics["pairs"] = state.step * cfg.train.batch_size  # ASHA's clock in a search
             if do_eval and rank == 0 and eval_split is not None:
                 # The other workers wait at the report barrier: lend their cores to the eval.
                 with cpu_threads(None if cfg.scaling.use_gpu else os.cpu_count()):
