@@ -106,6 +106,9 @@ def cmd_tune(args) -> int:
         s = outcome.best["settings"]
         print(f"best: trial {outcome.best['trial']} (same_tower={s['same_tower']}, bidirectional={s['bidirectional']}, "
               f"batch_size={s['batch_size']}) {cfg.search.metric}={outcome.best['metrics'][cfg.search.metric]:.4f}")
+    if outcome.champion and "error" in outcome.champion:
+        print(f"champion: not decided: {outcome.champion['error']}", file=sys.stderr)
+        return 1
     if outcome.champion:
         print(f"champion: models:/{cfg.registry.model_name}@{cfg.registry.alias} "
               f"(version {outcome.champion['version'] if outcome.champion['promoted'] else outcome.champion['incumbent_version']})")

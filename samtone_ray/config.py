@@ -168,6 +168,12 @@ class SearchConfig:
 class RegistryConfig:
     model_name: str = "samtone"
     alias: str = "champion"
+    min_delta: float = 0.0
+    """The alias moves only when the candidate beats the incumbent by more than this."""
+
+    def __post_init__(self) -> None:
+        if not self.min_delta >= 0:  # also refuses NaN
+            raise ConfigError(f"registry.min_delta must be >= 0, got {self.min_delta}")
 
 
 @dataclass

@@ -43,20 +43,24 @@ def build_leaderboard(results, cfg: Config, space: Space) -> list[dict[str, Any]
         else:
             status = "stopped"  # ASHA ended it before its last step
         run_file = trial_dir / RUN_ID_FILE
+        reason = {"reason": metrics["skipped"]} if status == "skipped" else {}
         rows.append(
             {
                 "trial": str(trial_id),
                 "settings": _settings(trial_cfg.flat() if trial_cfg else overrides_of(result.config or {}), extra),
-                "metrics": {k: float(metrics[k]) for k in metrics if "@" in k},
+                # A skipped trial reports the worst value only because Tune requires the metric.
+                "metrics": {k: float(metrics[k]) for k in metrics if "@" in k} if status != "skipped" else {},
                 "steps": metrics.get("step"),
+                "pairs": metrics.get("pairs"),  # training pairs seen: ASHA compares trials at equal pairs
                 "status": status,
                 "seconds": float(metrics.get("time_total_s", math.nan)),
                 "run_id": run_file.read_text().strip() if run_file.exists() else None,
                 "model_dir": str(trial_dir / "model") if status == "finished" else None,
             }
+            | reason
         )
     for combo, reason in space.skipped:
-        rows.append({"trial": "-", "settings": _settings(cfg.flat() | combo, extra), "metrics": {}, "steps": None, "status": "skipped",
+        rows.append({"trial": "-", "settings": _settings(cfg.flat() | combo, extra), "metrics": {}, "steps": None, "pairs": None, "status": "skipped",
                      "seconds": math.nan, "run_id": None, "model_dir": None, "reason": reason})
     metric = cfg.search.metric
     sign = -1 if cfg.search.mode == "max" else 1
@@ -71,11 +75,12 @@ def _settings(flat: dict[str, Any], extra: list[str]) -> dict[str, Any]:
 def _columns(rows: list[dict[str, Any]], metric: str) -> list[str]:
     settings = list(rows[0]["settings"]) if rows else list(SETTING_COLUMNS)
     metrics = list(dict.fromkeys([metric, *METRIC_COLUMNS]))
-    return ["trial", *settings, *metrics, "steps", "status", "seconds"]
+    return ["trial", *settings, *metrics, "steps", "pairs", "status", "seconds"]
 
 
 def _flat_row(row: dict[str, Any], columns: list[str]) -> dict[str, Any]:
-    out = {"trial": row["trial"], **row["settings"], "steps": row["steps"], "status": row["status"], "seconds": row["seconds"]}
+    out = {"trial": row["trial"], **row["settings"], "steps": row["steps"], "pairs": row["pairs"], "status": row["status"],
+           "seconds": row["seconds"]}
     for key in columns:
         if "@" in key:
             out[key] = row["metrics"].get(key, math.nan)

@@ -1,7 +1,11 @@
 """The model registry: every search's best model becomes a version; the alias moves only on a win.
 
-The incumbent champion is re-evaluated on the *current* eval data with the same metric, so the
-comparison is like for like even when the champion was crowned on other data.
+Like with like: the candidate and the incumbent champion are both re-evaluated here, from their
+registered artifacts, on the *current* eval data, with the same code path, device and precision
+(the candidate's in-training number is never compared with a number measured another way).
+
+Fail closed: only "no such model/alias yet" counts as having no incumbent. Any other registry or
+database error aborts the promotion with ``PromotionError`` and leaves the alias where it was.
 """
 
 from __future__ import annotations
@@ -14,77 +18,102 @@ from samtone_ray.config import Config
 log = logging.getLogger(__name__)
 
 
-def beats(candidate: float, incumbent: float | None, mode: str) -> bool:
-    """Strictly better (a tie keeps the incumbent: a new alias must be earned)."""
+class PromotionError(RuntimeError):
+    """The champion decision could not be made safely; the alias was not touched."""
+
+
+def beats(candidate: float, incumbent: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Better by more than ``min_delta`` (a tie keeps the incumbent: a new alias must be earned)."""
     if incumbent is None:
         return True
-    return candidate > incumbent if mode == "max" else candidate < incumbent
+    return candidate > incumbent + min_delta if mode == "max" else candidate < incumbent - min_delta
 
 
 def evaluate_registered(
     uri: str, model_uri: str, eval_split, batch_size: int = 128, precision: str = "fp32"
 ) -> dict[str, float]:
-    """Load a registered pyfunc model's DualEncoder and evaluate it with exact search."""
-    import mlflow
+    """Evaluate a registered model's DualEncoder with exact search, from its files (nothing unpickled)."""
+    from samtone_ray.evaluation import evaluate_model
+    from samtone_ray.model_uri import resolve_model
+    from samtone_ray.towers import DualEncoder
 
-    from samtone_ray.evaluation import evaluate_model as evaluate
+    model = DualEncoder.from_pretrained(resolve_model(model_uri, uri).path)
+    return evaluate_model(model, eval_split, batch_size, precision)
 
-    mlflow.set_tracking_uri(uri)
-    encoder = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().encoder
-    return evaluate(encoder, eval_split, batch_size, precision)
+
+def champion_version(client, name: str, alias: str) -> tuple[bool, str | None]:
+    """(does the registered model exist, the version holding ``alias`` or None).
+
+    Raises PromotionError for any failure other than the model not existing yet.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False, None
+        raise PromotionError(f"cannot read registered model {name!r} ({exc.error_code}: {exc}); @{alias} left as it was") from exc
+    except Exception as exc:  # a broken or locked database surfaces as SQLAlchemy/OS errors
+        raise PromotionError(f"cannot read registered model {name!r} ({type(exc).__name__}: {exc}); @{alias} left as it was") from exc
+    version = (model.aliases or {}).get(alias)
+    return True, str(version) if version is not None else None
 
 
 def promote_best(cfg: Config, uri: str, best: dict[str, Any], eval_split) -> dict[str, Any]:
     """Register ``best`` (a leaderboard row) as a new version; move the alias if it wins.
 
-    Returns the decision: version, candidate and incumbent metric values, promoted or not.
+    Returns the decision: version, candidate and incumbent metric values (both re-evaluated here),
+    promoted or not. Raises PromotionError, with the alias untouched, when it cannot decide.
     """
     from samtone_ray import tracking
 
     name, alias, metric = cfg.registry.model_name, cfg.registry.alias, cfg.search.metric
     c = tracking.client(uri)
-    if not c.search_registered_models(filter_string=f"name='{name}'"):
-        c.create_registered_model(name, description="Dual-encoder retrievers trained by samtone-ray")
-    run = c.get_run(best["run_id"])
-    candidate = float(best["metrics"][metric])
-    incumbent_version = incumbent = None
+    exists, incumbent_version = champion_version(c, name, alias)
+    held = f"@{alias} stays on v{incumbent_version}" if incumbent_version else f"@{alias} stays unset"
     try:
-        current = c.get_model_version_by_alias(name, alias)
-        incumbent_version = int(current.version)
-    except Exception:  # MLflow raises RestException/MlflowException when the alias is unset
-        current = None
-    if current is not None:
-        incumbent = evaluate_registered(
-            uri, f"models:/{name}/{current.version}", eval_split, cfg.train.eval_batch_size, cfg.train.precision
-        )[metric]
-    version = c.create_model_version(
-        name,
-        source=f"{run.info.artifact_uri}/model",
-        run_id=best["run_id"],
-        tags={
-            "metric": metric,
-            tracking.metric_key(metric): f"{candidate:.6f}",
-            "eval_data": f"{cfg.data.eval}:{cfg.data.eval_split}",
-            "trial": best["trial"],
-            **{f"setting.{k}": str(v) for k, v in best["settings"].items()},
-        },
-    )
-    promoted = beats(candidate, incumbent, cfg.search.mode)
+        if not exists:
+            c.create_registered_model(name, description="Dual-encoder retrievers trained by samtone-ray")
+        run = c.get_run(best["run_id"])
+        version = c.create_model_version(
+            name,
+            source=f"{run.info.artifact_uri}/model",
+            run_id=best["run_id"],
+            tags={
+                "metric": metric,
+                "eval_data": f"{cfg.data.eval}:{cfg.data.eval_split}",
+                "trial": best["trial"],
+                **{f"setting.{k}": str(v) for k, v in best["settings"].items()},
+            },
+        )
+
+        def score(v: str) -> float:
+            return evaluate_registered(uri, f"models:/{name}/{v}", eval_split, cfg.train.eval_batch_size, cfg.train.precision)[metric]
+
+        candidate = score(version.version)
+        c.set_model_version_tag(name, version.version, tracking.metric_key(metric), f"{candidate:.6f}")
+        incumbent = score(incumbent_version) if incumbent_version else None
+    except Exception as exc:
+        raise PromotionError(f"champion decision aborted ({type(exc).__name__}: {exc}); {held}") from exc
+    margin = cfg.registry.min_delta
+    promoted = beats(candidate, incumbent, cfg.search.mode, margin)
+    by = f" by more than {margin:g}" if margin else ""
     if promoted:
         c.set_registered_model_alias(name, alias, version.version)
         print(
             f"registered {name} v{version.version} ({metric}={candidate:.4f}) as @{alias}"
-            + (f", replacing v{incumbent_version} ({metric}={incumbent:.4f} on the same data)" if current else "")
+            + (f", replacing v{incumbent_version} ({metric}={incumbent:.4f} on the same data)" if incumbent_version else "")
         )
     else:
         print(
-            f"registered {name} v{version.version} ({metric}={candidate:.4f}); @{alias} stays on "
-            f"v{incumbent_version}, which scores {metric}={incumbent:.4f} on the same data"
+            f"registered {name} v{version.version} ({metric}={candidate:.4f}); {held}, which scores "
+            f"{metric}={incumbent:.4f} on the same data (the candidate must beat it{by})"
         )
     return {
         "version": int(version.version),
         "promoted": promoted,
         "candidate_metric": candidate,
         "incumbent_metric": incumbent,
-        "incumbent_version": incumbent_version,
+        "incumbent_version": int(incumbent_version) if incumbent_version else None,
     }

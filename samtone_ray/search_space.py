@@ -6,12 +6,14 @@ Keys are dotted training keys (``loss.same_tower``); each value is one of
 
 Values that are invalid on their own (unknown key, wrong type, NaN or infinity, a batch size the
 workers cannot split) fail here, before any trial. Combinations that are only invalid together (same_tower=doc
-with bidirectional=false) are skipped with a logged reason.
+with bidirectional=false) are skipped with a logged reason: grid combinations before the search,
+combinations of sampled (``choice``, ...) values by the trial that draws them.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,11 +44,11 @@ class Space:
         if algorithm == "grid":
             if self.grid:
                 space[GRID_KEY] = tune.grid_search(self.grid)  # only the valid combinations
-        else:
-            # random/optuna draw each grid key on its own (optuna's categoricals hold scalars only);
-            # a drawn invalid combination is skipped by the trial with its reason.
-            for key, values in self.grid_values.items():
-                space[key] = tune.choice(values)
+        elif self.grid:
+            # random/optuna draw one of the VALID grid combinations, so no draw is a combination
+            # the grid already knows to be invalid; as JSON text because optuna's categoricals
+            # hold scalars only.
+            space[GRID_KEY] = tune.choice([json.dumps(combo, sort_keys=True) for combo in self.grid])
         return space
 
     def num_grid_points(self) -> int:
@@ -56,7 +58,8 @@ class Space:
 def overrides_of(params: dict[str, Any]) -> dict[str, Any]:
     """Flatten a Tune trial config back into dotted overrides."""
     out = {k: v for k, v in params.items() if k != GRID_KEY}
-    out.update(params.get(GRID_KEY) or {})
+    combo = params.get(GRID_KEY) or {}
+    out.update(json.loads(combo) if isinstance(combo, str) else combo)
     return out
 
 

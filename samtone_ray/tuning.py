@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from samtone_ray.config import CombinationError, Config, from_dict
+from samtone_ray.config import CombinationError, Config, ConfigError, from_dict
+from samtone_ray.evaluation import DEFAULT_K_VALUES, METRIC_NAMES
 from samtone_ray.files import atomic_write_json, atomic_write_text
 from samtone_ray.search_space import Space, overrides_of, parse_space
 
@@ -38,10 +40,14 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -
     trial_id = tune.get_context().get_trial_id()
     try:
         cfg = from_dict(base).with_overrides(overrides_of(params))
+        reason = report_gap(cfg)
     except CombinationError as exc:
-        # Only reachable with random/optuna sampling: grid combinations are filtered up front.
-        log.warning("trial %s skipped: %s", trial_id, exc)
-        tune.report({"skipped": str(exc)})
+        reason = str(exc)
+    if reason:
+        # Only reachable with sampled (choice, ...) keys: grid combinations are checked up front.
+        # Tune refuses a report without the search metric, so the skip reports the worst value.
+        log.warning("trial %s skipped: %s", trial_id, reason)
+        tune.report({search["metric"]: -math.inf if search["mode"] == "max" else math.inf, "skipped": reason})
         return
     trial_dir = Path(search["dir"]) / "trials" / trial_id
     run_id = None
@@ -81,6 +87,68 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -
         tracking.RunLogger(uri, run_id).finish("FINISHED")
 
 
+def report_gap(cfg: Config) -> str | None:
+    """Why some Tune report of a trial run with ``cfg`` would lack ``search.metric``, or None.
+
+    Tune rejects such a report before any scheduler sees it, failing the trial. Training reports
+    at every evaluation and every checkpoint, so each checkpoint must coincide with an evaluation.
+    """
+    t, metric = cfg.train, cfg.search.metric
+    produced = [f"{name}@{k}" for name in METRIC_NAMES for k in DEFAULT_K_VALUES]
+    if metric not in produced:
+        return f"search.metric={metric!r} is not an evaluation metric; choose one of {', '.join(produced)}"
+    if not cfg.data.eval:
+        return "data.eval is empty: a search ranks trials by evaluating them, so it needs eval data"
+    if t.checkpoint_every and (not t.eval_every or t.checkpoint_every % t.eval_every):
+        return (
+            f"train.checkpoint_every={t.checkpoint_every} is not a multiple of train.eval_every={t.eval_every}: "
+            f"a checkpoint between evaluations would report no {metric} to Tune"
+        )
+    return None
+
+
+def _check_reports(cfg: Config, space: Space) -> None:
+    """Drop grid combinations whose reports would lack the metric; fail if nothing is left."""
+    if not space.grid:  # sampled draws are checked again by each trial
+        reason = report_gap(cfg.with_overrides(space.fixed))
+        if reason:
+            raise ConfigError(reason)
+    valid = []
+    for combo in space.grid:
+        reason = report_gap(cfg.with_overrides(space.fixed | combo))
+        if reason:
+            log.warning("skipping %s: %s", combo, reason)
+            space.skipped.append((combo, reason))
+        else:
+            valid.append(combo)
+    if space.grid and not valid:
+        raise ConfigError("search.space: no grid combination can report search.metric: " + space.skipped[-1][1])
+    space.grid = valid
+
+
+def asha_pairs(cfg: Config, space: Space) -> int:
+    """ASHA's first milestone, in training pairs: ``search.grace_period`` times the least common
+    multiple of every trial's evaluation interval (``eval_every * batch_size`` pairs).
+
+    ASHA's milestones are this value times powers of 2, so every trial evaluates exactly at every
+    milestone it reaches: a batch-256 and a batch-64 trial are compared after the same data.
+    """
+    values = {}
+    for key in ("train.batch_size", "train.eval_every"):
+        if key in space.sampled:
+            dist, args = space.sampled[key]
+            if dist != "choice":
+                log.warning("%s is drawn from a range: ASHA compares trials at their first evaluation past "
+                            "each milestone, not at exactly equal pairs", key)
+                args = [cfg.with_overrides(space.fixed).flat()[key]]
+            values[key] = args
+        else:
+            combos = [cfg.with_overrides(space.fixed | c) for c in space.grid or [{}]]
+            values[key] = [c.flat()[key] for c in combos]
+    intervals = [b * e for b in values["train.batch_size"] for e in values["train.eval_every"] if e]
+    return cfg.search.grace_period * (math.lcm(*intervals) if intervals else 1)
+
+
 def max_concurrent(cfg: Config, resources: dict[str, float]) -> int:
     """How many trials fit the cluster at once, each needing its full worker group."""
     if cfg.search.max_concurrent_trials != "auto":
@@ -108,19 +176,13 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
 
     ``zero_shot`` also scores the untrained base model on the eval data, as a reference row.
     """
-    import ray
-    from ray import tune as rtune
-
     from samtone_ray import tracking
-    from samtone_ray.leaderboard import build_leaderboard, write_leaderboard
-    from samtone_ray.registry import promote_best
     from samtone_ray.data import load_data
-    from samtone_ray.evaluation import evaluate_model as evaluate
     from samtone_ray.runtime import connect_ray
-    from samtone_ray.training import build_model
 
     cfg = cfg.with_output_dir()
     space = parse_space(cfg.search.space, cfg)  # fail before anything starts; logs skipped combinations
+    _check_reports(cfg, space)
     out = Path(cfg.output_dir).resolve()
     state_path = out / STATE_FILE
     if resume:
@@ -137,11 +199,37 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
 
     connect_ray()
     pairs, eval_split = data or load_data(cfg)
+    if eval_split is None:
+        raise ConfigError("a search ranks trials by evaluating them: it needs eval data (data.eval)")
     uri = tracking.tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else None
     if uri and not state["parent_run_id"]:
         state["parent_run_id"] = tracking.start_run(
             uri, cfg.tracking.experiment, f"{cfg.name}-search", _search_params(cfg, space), tags={"samtone.kind": "search"}
         )
+    elif uri:
+        tracking.client(uri).update_run(state["parent_run_id"], status="RUNNING")  # resumed
+    try:
+        return _search(cfg, space, state, out, uri, (pairs, eval_split), resume=resume, zero_shot=zero_shot)
+    except BaseException:
+        # No parent run left RUNNING forever: the search's run says it failed.
+        if uri:
+            tracking.RunLogger(uri, state["parent_run_id"]).finish("FAILED")
+        raise
+
+
+def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, data, *, resume: bool,
+            zero_shot: bool) -> SearchOutcome:
+    import ray
+    from ray import tune as rtune
+
+    from samtone_ray import tracking
+    from samtone_ray.evaluation import evaluate_model as evaluate
+    from samtone_ray.leaderboard import build_leaderboard, write_leaderboard
+    from samtone_ray.registry import PromotionError, promote_best
+    from samtone_ray.training import build_model
+
+    pairs, eval_split = data
+    state_path = out / STATE_FILE
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(state_path, state)
     baseline = None
@@ -158,7 +246,8 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
             run_trial,
             base=cfg.to_dict(),
             refs={"pairs": ray.put(pairs), "eval": ray.put(eval_split)},
-            search={"dir": str(out), "tracking_uri": uri, "parent_run_id": state["parent_run_id"]},
+            search={"dir": str(out), "tracking_uri": uri, "parent_run_id": state["parent_run_id"],
+                    "metric": cfg.search.metric, "mode": cfg.search.mode},
         ),
         # The trial function only drives a TorchTrainer, whose workers hold the real resources.
         {"CPU": 0.01},
@@ -171,7 +260,7 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
         tuner = rtune.Tuner(
             trainable,
             param_space=space.tune_space(cfg.search.algorithm),
-            tune_config=_tune_config(cfg),
+            tune_config=_tune_config(cfg, space),
             run_config=rtune.RunConfig(name="tune", storage_path=str(out), verbose=1),
         )
     results = tuner.fit()
@@ -183,7 +272,14 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
     best = _best(board, cfg)
     champion = None
     if best is not None and uri:
-        champion = promote_best(cfg, uri, best, eval_split)
+        try:
+            champion = promote_best(cfg, uri, best, eval_split)
+        except PromotionError as exc:
+            # The search's results stand (leaderboard written, trials logged); only the decision
+            # is refused, and the run says so.
+            log.error("%s", exc)
+            print(f"error: {exc}", file=sys.stderr)
+            champion = {"promoted": False, "version": None, "error": str(exc)}
     if parent:
         parent.log_artifact(out / LEADERBOARD_CSV)
         parent.log_artifact(out / LEADERBOARD_PNG)
@@ -194,11 +290,13 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
             summary |= {k: v for k, v in champion.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             parent.set_tags({"champion.promoted": champion["promoted"], "champion.version": champion["version"]})
         parent.log_metrics(summary, step=0)
-        parent.finish("FINISHED")
+        if champion and "error" in champion:
+            parent.set_tags({"champion.error": champion["error"]})
+        parent.finish("FAILED" if champion and "error" in champion else "FINISHED")
     return SearchOutcome(board, best, champion, state["parent_run_id"], out, baseline)
 
 
-def _tune_config(cfg: Config):
+def _tune_config(cfg: Config, space: Space):
     import ray
     from ray import tune as rtune
     from ray.tune.schedulers import ASHAScheduler
@@ -206,8 +304,10 @@ def _tune_config(cfg: Config):
     s = cfg.search
     scheduler = None
     if s.scheduler == "asha":
-        # time_attr counts reports; only evaluations carry the metric, and ASHA ignores the rest.
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=10_000, grace_period=s.grace_period, reduction_factor=2)
+        # ASHA's clock is the training pairs seen, not the report count: trials with different
+        # batch sizes are compared after the same amount of data (see asha_pairs).
+        grace = asha_pairs(cfg, space)
+        scheduler = ASHAScheduler(time_attr="pairs", max_t=grace << 20, grace_period=grace, reduction_factor=2)
     search_alg = None
     if s.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch

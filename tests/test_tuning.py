@@ -16,7 +16,7 @@ import yaml
 from samtone_ray.config import ConfigError, from_dict
 from samtone_ray.data import bundled_sample_path, iter_jsonl, load_beir
 from samtone_ray.registry import beats
-from samtone_ray.search_space import parse_space
+from samtone_ray.search_space import overrides_of, parse_space
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,11 +70,62 @@ def test_search_spaces_convert_for_every_algorithm(algorithm):
     assert space["train.lr"] == 1e-4
     if algorithm == "grid":
         assert len(space["grid"]["grid_search"]) == 3  # doc + q->d only is left out
-    else:
-        assert space["loss.same_tower"].categories == ["none", "doc"]
+    else:  # random/optuna draw whole combinations, and only valid ones
+        drawn = [overrides_of({"grid": c}) for c in space["grid"].categories]
+        assert len(drawn) == 3 and {"loss.same_tower": "doc", "loss.bidirectional": False} not in drawn
+        assert {"loss.same_tower": "doc", "loss.bidirectional": True} in drawn
     if algorithm == "optuna":  # optuna accepts the space (scalar categoricals, a log-uniform float)
         searcher = OptunaSearch(metric="mrr@10", mode="max")
         assert searcher.set_search_properties("mrr@10", "max", space)
+
+
+@pytest.mark.parametrize(
+    "settings,needle",
+    [
+        ({"train": {"checkpoint_every": 3, "eval_every": 2}}, "train.checkpoint_every=3"),
+        ({"train": {"checkpoint_every": 2, "eval_every": 0}}, "train.checkpoint_every=2"),
+        ({"data": {"eval": ""}}, "data.eval"),
+        ({"search": {"metric": "mrr@5"}}, "search.metric"),
+    ],
+)
+def test_searches_whose_reports_would_lack_the_metric_fail_before_starting(tmp_path, settings, needle):
+    from samtone_ray.tuning import tune
+
+    cfg = from_dict({"output_dir": str(tmp_path / "out"), "tracking": {"uri": f"sqlite:///{tmp_path / 'm.db'}"},
+                     "search": {"space": {"loss.same_tower": "none"}}})
+    cfg = cfg.with_overrides({f"{sec}.{k}": v for sec, kv in settings.items() for k, v in kv.items()})
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        tune(cfg)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.db").exists()  # nothing started
+
+
+def test_grid_combinations_whose_reports_would_lack_the_metric_are_skipped_up_front():
+    from samtone_ray.tuning import _check_reports
+
+    base = from_dict({"train": {"eval_every": 2}})
+    space = parse_space({"train.checkpoint_every": {"grid": [0, 3, 4]}}, base)
+    _check_reports(base, space)
+    assert space.grid == [{"train.checkpoint_every": 0}, {"train.checkpoint_every": 4}]
+    assert [c for c, _ in space.skipped] == [{"train.checkpoint_every": 3}]
+    assert "train.eval_every=2" in space.skipped[0][1]
+    only_bad = parse_space({"train.checkpoint_every": {"grid": [3]}}, base)
+    with pytest.raises(ConfigError, match="train.checkpoint_every=3"):
+        _check_reports(base, only_bad)
+
+
+@pytest.mark.parametrize(
+    "batch_sizes,eval_every,grace,first",
+    [([64, 256], 25, 1, 6400), ([64], 25, 1, 1600), ([4, 8], 2, 1, 16), ([48, 64], 10, 2, 2 * 1920)],
+)
+def test_asha_milestones_fall_on_every_trials_evaluations(batch_sizes, eval_every, grace, first):
+    from samtone_ray.tuning import asha_pairs
+
+    base = from_dict({"train": {"eval_every": eval_every}, "search": {"grace_period": grace}})
+    space = parse_space({"train.batch_size": {"grid": batch_sizes}}, base)
+    assert asha_pairs(base, space) == first
+    for milestone in (first << k for k in range(6)):  # ASHA's milestones with reduction factor 2
+        for batch in batch_sizes:  # every trial evaluates exactly there: equal data at each rung
+            assert milestone % (eval_every * batch) == 0
 
 
 def test_cli_rejects_a_bad_space_before_starting_ray(tmp_path):
@@ -136,7 +187,7 @@ def _search_cfg(tiny_model_dir, tiny_beir, out, uri, **extra):
         "tracking": {"uri": uri, "experiment": "tests"},
         "search": {
             "scheduler": "asha",
-            "space": {"loss.same_tower": {"grid": ["none", "both"]}, "loss.bidirectional": {"grid": [True, False]}},
+            "space": {"loss.same_tower": {"grid": ["none", "both"]}, "train.batch_size": {"grid": [4, 8]}},
         },
         "registry": {"model_name": "tiny"},
     }
@@ -159,8 +210,8 @@ def test_search_runs_every_valid_trial_and_writes_the_leaderboard(search):
     outcome, cfg, _ = search
     trials = [r for r in outcome.leaderboard if r["trial"] != "-"]
     assert len(trials) == 4
-    assert {(r["settings"]["same_tower"], r["settings"]["bidirectional"]) for r in trials} == {
-        ("none", True), ("none", False), ("both", True), ("both", False)
+    assert {(r["settings"]["same_tower"], r["settings"]["batch_size"]) for r in trials} == {
+        ("none", 4), ("none", 8), ("both", 4), ("both", 8)
     }
     assert {r["status"] for r in trials} <= {"finished", "stopped"}
     assert any(r["status"] == "finished" for r in trials)
@@ -173,6 +224,44 @@ def test_search_runs_every_valid_trial_and_writes_the_leaderboard(search):
     # The best row really is the best finished trial by the metric.
     finished = [r for r in trials if r["status"] == "finished"]
     assert outcome.best["metrics"]["mrr@10"] == max(r["metrics"]["mrr@10"] for r in finished)
+
+
+def test_asha_compares_trials_at_equal_training_pairs(search):
+    outcome, cfg, _ = search
+    trials = [r for r in outcome.leaderboard if r["trial"] != "-"]
+    first_milestone = 16  # grace 1 x lcm(2 steps x 4 pairs, 2 steps x 8 pairs)
+    for row in trials:
+        reports = [json.loads(line) for line in (outcome.output_dir / "tune" / row["trial"] / "result.json").read_text().splitlines()]
+        batch = row["settings"]["batch_size"]
+        assert all(r["pairs"] == r["step"] * batch for r in reports)  # ASHA's clock is in every report
+        # Each trial reports exactly at the milestone, so ASHA's first rung holds equal-data values.
+        assert first_milestone in [r["pairs"] for r in reports]
+        assert row["pairs"] == row["steps"] * batch == reports[-1]["pairs"]
+    header = (outcome.output_dir / "leaderboard.csv").read_text().splitlines()[0].split(",")
+    assert "pairs" in header
+
+
+@pytest.mark.parametrize(
+    "algorithm,space,needle",
+    [
+        ("random", {"loss.same_tower": {"choice": ["doc"]}, "loss.bidirectional": {"choice": [False]}}, "bidirectional"),
+        ("optuna", {"loss.same_tower": {"choice": ["doc"]}, "loss.bidirectional": {"choice": [False]}}, "bidirectional"),
+        ("random", {"loss.same_tower": "none", "train.checkpoint_every": {"choice": [3]}}, "train.checkpoint_every=3"),
+    ],
+)
+def test_a_skipped_draw_reports_the_metric_and_is_a_skipped_row(ray_cluster, tiny_model_dir, tiny_beir, tmp_path,
+                                                                 algorithm, space, needle):
+    from samtone_ray.tuning import tune
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _search_cfg(tiny_model_dir, tiny_beir, tmp_path / "out", uri,
+                      search={"algorithm": algorithm, "num_samples": 2, "scheduler": "asha", "space": space})
+    outcome = tune(cfg)
+    rows = [r for r in outcome.leaderboard if r["trial"] != "-"]
+    assert len(rows) == 2
+    for row in rows:  # Tune accepted the reports: no error, and the reason is kept
+        assert row["status"] == "skipped" and needle in row["reason"] and row["metrics"] == {}
+    assert outcome.best is None and outcome.champion is None
 
 
 def test_stopped_trials_release_their_workers(search, ray_cluster):
@@ -196,7 +285,7 @@ def test_mlflow_has_a_parent_run_with_a_child_per_trial(search):
     children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
     assert len(children) == 4
     for child in children:
-        assert child.data.params["train.batch_size"] == "8"
+        assert child.data.params["train.batch_size"] in ("4", "8")
         assert child.data.params["loss.same_tower"] in ("none", "both")
         assert child.data.tags["samtone.status"] in ("finished", "stopped")
         assert child.info.status in ("FINISHED", "KILLED")
