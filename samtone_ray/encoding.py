@@ -302,7 +302,7 @@ def _identity(opts: EncodeOptions, resolved, plan: Plan, dim: int, max_length: i
         "normalized": True,
         "precision": opts.precision,
         "input": {
-            "uri": opts.input,
+            "uri": opts.input if "://" in opts.input else os.path.abspath(opts.input),
             "fingerprint": plan.fingerprint,
             "id_field": opts.id_field,
             "text_fields": list(opts.text_fields),
