@@ -279,3 +279,89 @@ def test_sigkill_then_rerun_holds_every_id_exactly_once(tmp_path, tiny_model_dir
     row = {d: i for i, d in enumerate(expected_ids)}
     np.testing.assert_allclose(emb, expected[[row[i] for i in ids]], atol=1e-5)
     assert not list(out.glob(".*tmp*"))  # interrupted writes were cleaned up
+
+
+# ------------------------------------------------------------------------------ index + serve
+
+
+@pytest.fixture(scope="module")
+def encoded(ray_cluster, tmp_path_factory, tiny_model_dir):
+    """A tiny BEIR-style corpus encoded once for the index tests, and the oracle's embeddings."""
+    from samtone_ray.towers import DualEncoder
+
+    root = tmp_path_factory.mktemp("indexed")
+    docs = _docs(60, seed=5)
+    corpus = _write_jsonl(root / "beir" / "corpus.jsonl", docs)
+    _write_jsonl(root / "beir" / "queries.jsonl", [{"_id": f"q{i}", "text": d["text"][:30]} for i, d in enumerate(docs[:12])])
+    run_encode(_opts(tiny_model_dir, corpus, root / "emb", rows_per_file=16))
+    model = DualEncoder.from_pretrained(tiny_model_dir)
+    return {"root": root, "docs": docs, "model": model, "model_dir": tiny_model_dir,
+            "doc_emb": model.encode_documents([_text(d) for d in docs])}
+
+
+@pytest.mark.parametrize("kind", ["exact", "faiss-hnsw"])
+def test_samtone_index_searches_like_the_oracle(encoded, kind, capsys):
+    from samtone_ray.cli import main
+    from samtone_ray.evaluation import exact_search
+    from samtone_ray.indexing import SearchIndex
+    from samtone_ray.model_uri import fingerprint
+
+    root, docs = encoded["root"], encoded["docs"]
+    assert main(["index", "--embeddings", str(root / "emb"), "--output", str(root / kind), "--kind", kind]) == 0
+    printed = capsys.readouterr().out
+    if kind != "exact":
+        assert "recall@10 vs exact search on 12 queries from" in printed
+    index = SearchIndex.load(root / kind)
+    index.check_model(fingerprint(encoded["model_dir"]))
+    assert index.kind == kind and sorted(index.ids) == sorted(d["_id"] for d in docs)
+    by_id = {d["_id"]: d for d in docs}
+    assert all(index.titles[i] == by_id[doc_id]["title"] and index.texts[i] == by_id[doc_id]["text"] for i, doc_id in enumerate(index.ids))
+    queries = encoded["model"].encode_queries(["kernel boot firmware", "apt install", "sound driver user"])
+    _, want = exact_search(queries, encoded["doc_emb"], 5)
+    _, got = index.search(queries, 5)
+    assert [[index.ids[r] for r in row] for row in got.tolist()] == [[docs[r]["_id"] for r in row] for row in want.tolist()]
+
+
+def test_samtone_serve_searches_the_encoded_index(encoded, tiny_model_dir, tmp_path):
+    """`samtone serve --index` (helper feature) on an index built by `samtone index`."""
+    pytest.importorskip("samtone_ray.serving")
+    import socket
+    import urllib.request
+
+    from samtone_ray.cli import main
+    from samtone_ray.evaluation import exact_search
+
+    root, docs = encoded["root"], encoded["docs"]
+    assert main(["index", "--embeddings", str(root / "emb"), "--output", str(root / "served"), "--kind", "faiss-ivf"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "samtone_ray.cli", "serve", "--model", str(tiny_model_dir), "--index", str(root / "served"),
+           "--port", str(port), "--set", "tracking.enabled=false"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tree: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            tree = _descendants(proc.pid)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        query = "kernel boot firmware"
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/search", data=json.dumps({"query": query, "top_k": 3}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as r:
+            body = json.loads(r.read())
+        _, want = exact_search(encoded["model"].encode_queries([query]), encoded["doc_emb"], 3)
+        assert [h["id"] for h in body["data"][0]["hits"]] == [docs[r]["_id"] for r in want[0].tolist()]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        _kill_all([proc.pid, *tree])
+        proc.wait()
