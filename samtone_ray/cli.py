@@ -136,6 +136,18 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_encode(args) -> int:
+    from samtone_ray.encoding import cli_encode
+
+    return cli_encode(args)
+
+
+def cmd_index(args) -> int:
+    from samtone_ray.indexing import cli_index
+
+    return cli_index(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="samtone", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -166,6 +178,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./.samtone/mlflow.db")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("encode", help="re-encode a corpus with a model on Ray Data (resumable, exactly once)")
+    _config_args(p)
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a local dir")
+    p.add_argument("--input", required=True, help="BEIR corpus.jsonl, JSON Lines or Parquet: a file or a folder (local, s3://, ...)")
+    p.add_argument("--output", required=True, type=Path, help="output folder (Parquet parts + manifest.json)")
+    p.add_argument("--tower", choices=["document", "query"], default="document")
+    p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
+    p.add_argument("--actors", default="1", help="embedding actors: N or MIN:MAX (autoscaling)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor")
+    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--id-field", default="_id")
+    p.add_argument("--text-fields", default="title,text", help="comma-separated fields joined into the text")
+    p.add_argument("--on-bad-record", choices=["error", "skip"], default="error",
+                   help="skip: write bad records to rejects.jsonl and go on")
+    p.add_argument("--rows-per-file", type=int, help="rows per output file (= per input shard; default 10000)")
+    p.add_argument("--file-mb", type=float, help="size output files by MiB instead of rows")
+    p.add_argument("--overwrite", action="store_true", help="replace an output written by another model or settings")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("index", help="build a search index (exact or faiss) from `samtone encode` output")
+    p.add_argument("--embeddings", required=True, type=Path, help="a `samtone encode` output folder")
+    p.add_argument("--output", required=True, type=Path, help="index folder (for `samtone serve --index`)")
+    p.add_argument("--kind", choices=["exact", "faiss-ivf", "faiss-hnsw"], default="exact")
+    p.add_argument("--queries", help="JSONL queries (`text`) for recall@10 vs exact; default: queries.jsonl beside the corpus")
+    p.add_argument("--sample", type=int, default=500, help="queries sampled for recall@10")
+    p.add_argument("--nlist", type=int, help="faiss-ivf: lists (default ~4 sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=32, help="faiss-ivf: lists probed per query")
+    p.add_argument("--hnsw-m", type=int, default=32, help="faiss-hnsw: links per node")
+    p.add_argument("--ef-search", type=int, default=128, help="faiss-hnsw: search breadth")
+    p.add_argument("--tracking-uri", help="for models:/ and runs:/ URIs in the manifest")
+    p.set_defaults(func=cmd_index)
     return parser
 
 

