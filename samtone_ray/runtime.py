@@ -59,6 +59,9 @@ def cpu_threads(n: int | None):
         torch.set_num_threads(old)
 
 
+TRAIN_POLL_INTERVAL_S = 0.5
+
+
 def connect_ray(num_cpus: int | None = None) -> None:
     """Join ``$RAY_ADDRESS`` when set, else start a local cluster bound to 127.0.0.1."""
     import ray
@@ -69,6 +72,9 @@ def connect_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every listener on loopback
+    # Ray Train's controller notices started and finished workers (and passes reports to Tune) once
+    # per poll, every 2 s by default: each trial waited several polls. Inherited by the cluster.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_INTERVAL_S))
     # One logical CPU more than the cores: Tune trial drivers hold a sliver of a CPU while their
     # workers train, and without the spare a 2-worker trial could never start on a 2-core box.
     ray.init(

@@ -402,3 +402,25 @@ def test_real_minilm_matches_sentence_transformers(tmp_path):
     torch.testing.assert_close(
         st_projected.encode_query(texts, convert_to_tensor=True), projected.encode_queries(texts), atol=1e-5, rtol=0
     )
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"tower_mode": "separate_shared_projection", "projection_dim": 0},
+        {"doc_max_length": -3},
+        {"projection_dim": -1},
+        {"query_max_length": 0},
+    ],
+)
+def test_config_and_towers_refuse_a_layout_by_the_same_rule(tokenizer, settings):
+    """One validator: the config's message is the towers' message with the dotted section."""
+    from samtone_ray.config import ConfigError, from_dict
+
+    with pytest.raises(ValueError) as towers_error:
+        DualEncoder(tiny_bert(tokenizer), tokenizer, **settings)
+    with pytest.raises(ConfigError) as config_error:
+        from_dict({"model": settings})
+    assert str(config_error.value) == str(towers_error.value).replace(
+        next(iter(settings)), f"model.{next(iter(settings))}", 1
+    ).replace("needs projection_dim", "needs model.projection_dim")
