@@ -46,7 +46,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from samtone_ray.settings import SameTower, validate_loss_config
 
@@ -159,11 +158,11 @@ def contrastive_loss(
             (default: all B) against all B candidates. With q, d, hard negatives and keys
             all-gathered, each worker passes its own row range; the mean of equal-size shard
             losses equals the full-batch loss.
-        anchor_chunk_size: bound memory: anchors are processed this many at a time, and each
-            chunk's logits are recomputed in backward rather than kept, so no logits tensor is
-            larger than [chunk, candidates] and only one chunk's is alive at a time. Same value and
-            gradients as unchunked (up to float summation order); costs one more forward of the
-            similarity matmul. None = all anchors at once.
+        anchor_chunk_size: bound memory: anchors are processed this many at a time, each chunk's
+            gradients computed in the same pass and its logits freed, so no logits tensor is larger
+            than [chunk, candidates] and only one chunk's is alive at a time. Same value and
+            gradients as unchunked (up to float summation order), no recomputation; no double
+            backward. None = all anchors at once.
     """
     validate_loss_config(same_tower, bidirectional, temperature, same_tower_weight, false_negative_margin)
     if q.ndim != 2 or q.shape != d.shape:
@@ -207,19 +206,19 @@ def contrastive_loss(
     # logsumexp over large B needs float32 range anyway. float64 inputs stay float64.
     compute_dtype = torch.promote_types(torch.promote_types(q.dtype, d.dtype), torch.float32)
     with torch.autocast(device_type=device.type, enabled=False):
-        qf, df = q.to(compute_dtype), d.to(compute_dtype)
-        # q -> d candidates: [documents (target d_i) | hard negatives | queries]; d -> q: [queries
-        # (target q_i) | documents]. Hard negatives are neither d->q anchors nor candidates.
-        qd_blocks = [df]
+        embeddings = [q.to(compute_dtype), d.to(compute_dtype)]
         if num_hard:
-            qd_blocks.append(hard_negatives.to(compute_dtype).reshape(batch * num_hard, dim))  # [B*K, D]
-        qd_cands = torch.cat(qd_blocks + ([qf] if query_side else []))  # [B + B*K (+ B), D]
-        dq_cands = torch.cat([qf] + ([df] if doc_side else []))  # [B (+ B), D]
-        qd_bias = _same_tower_bias(batch * (1 + num_hard), batch if query_side else 0, log_alpha, qd_cands)
-        dq_bias = _same_tower_bias(batch, batch if doc_side else 0, log_alpha, dq_cands)
+            # [B, K, D] -> [B*K, D]: every row's hard negatives are candidates for every anchor.
+            embeddings.append(hard_negatives.to(compute_dtype).reshape(batch * num_hard, dim))
+        qd_bias = _same_tower_bias(batch * (1 + num_hard), batch if query_side else 0, log_alpha, embeddings[0])
+        dq_bias = _same_tower_bias(batch, batch if doc_side else 0, log_alpha, embeddings[0])
 
-        def loss_sum(rows: torch.Tensor) -> torch.Tensor:
+        def loss_sum(rows: torch.Tensor, qf: torch.Tensor, df: torch.Tensor,
+                     hf: torch.Tensor | None = None) -> torch.Tensor:
             """Summed per-anchor losses of global anchor rows ``rows`` [n], both directions."""
+            # q -> d candidates: [documents (target d_i) | hard negatives | queries]; d -> q:
+            # [queries (target q_i) | documents]. Hard negatives are neither d->q anchors nor candidates.
+            qd_cands = torch.cat([df] + ([hf] if num_hard else []) + ([qf] if query_side else []))  # [M, D]
             # [n, B]: each anchor's own column, i.e. its positive (cross-tower) or itself (same-tower).
             own = rows[:, None] == torch.arange(batch, device=device)[None, :]
             related = pair_masks.related(rows)  # [n, B]
@@ -232,6 +231,7 @@ def contrastive_loss(
             total = _nll_sum(qf[rows], qd_cands, torch.cat(removed, 1), rows, temperature, qd_bias,
                              false_negative_margin)
             if bidirectional:
+                dq_cands = torch.cat([qf] + ([df] if doc_side else []))  # [B (+ B), D]
                 removed = torch.cat([cross_removed] + ([same_removed] if doc_side else []), 1)
                 total = total + _nll_sum(df[rows], dq_cands, removed, rows, temperature, dq_bias,
                                          false_negative_margin)
@@ -239,16 +239,44 @@ def contrastive_loss(
 
         end = anchor_offset + num_anchors
         if anchor_chunk_size is None or anchor_chunk_size >= num_anchors:
-            total = loss_sum(torch.arange(anchor_offset, end, device=device))
+            total = loss_sum(torch.arange(anchor_offset, end, device=device), *embeddings)
         else:
-            total = 0
-            for start in range(anchor_offset, end, anchor_chunk_size):
-                rows = torch.arange(start, min(start + anchor_chunk_size, end), device=device)  # [chunk]
-                # Backward recomputes this chunk's logits instead of keeping every chunk's softmax
-                # alive until then, so peak memory holds one [chunk, M] block, not [n, M].
-                total = total + checkpoint(loss_sum, rows, use_reentrant=False, preserve_rng_state=False)
+            chunks = [torch.arange(start, min(start + anchor_chunk_size, end), device=device)  # [chunk]
+                      for start in range(anchor_offset, end, anchor_chunk_size)]
+            if torch.is_grad_enabled() and any(e.requires_grad for e in embeddings):
+                total = _ChunkedAnchors.apply(loss_sum, chunks, *embeddings)
+            else:
+                total = sum(loss_sum(rows, *embeddings) for rows in chunks)
         loss = total / (num_anchors * (2 if bidirectional else 1))
     return loss
+
+
+class _ChunkedAnchors(torch.autograd.Function):
+    """``sum(loss_sum(rows, *embeddings) for rows in chunks)`` holding one chunk's graph at a time.
+
+    Each chunk runs forward AND backward right away (as in a gradient cache), adding its gradient
+    with respect to the embeddings into [B, D]-sized accumulators; its [chunk, M] logits are then
+    freed. Backward only scales the accumulated gradients: no recomputation, same arithmetic as
+    the unchunked loss.
+    """
+
+    @staticmethod
+    def forward(ctx, loss_sum, chunks: list[torch.Tensor], *embeddings: torch.Tensor) -> torch.Tensor:
+        total = embeddings[0].new_zeros(())
+        grads = [torch.zeros_like(e) for e in embeddings]
+        for rows in chunks:
+            with torch.enable_grad():
+                leaves = [e.detach().requires_grad_() for e in embeddings]
+                part = loss_sum(rows, *leaves)
+                for grad, chunk_grad in zip(grads, torch.autograd.grad(part, leaves)):
+                    grad += chunk_grad
+            total += part.detach()
+        ctx.save_for_backward(*grads)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return (None, None, *(grad_output * grad for grad in ctx.saved_tensors))
 
 
 def _same_tower_bias(num_cross: int, num_same: int, log_alpha: float, like: torch.Tensor) -> torch.Tensor | None:
