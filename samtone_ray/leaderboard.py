@@ -10,6 +10,7 @@ from typing import Any
 
 from samtone_ray.config import Config
 from samtone_ray.files import atomic_write_bytes, atomic_write_text
+from samtone_ray.search_layout import SearchLayout
 from samtone_ray.search_space import Space, overrides_of
 
 METRIC_COLUMNS = ("mrr@10", "ndcg@10", "recall@10", "recall@100", "p@1")
@@ -24,8 +25,6 @@ SETTING_COLUMNS = {
 
 def build_leaderboard(results, cfg: Config, space: Space) -> list[dict[str, Any]]:
     """Rows from a Tune ResultGrid, plus the grid combinations skipped before the search."""
-    from samtone_ray.tuning import RUN_ID_FILE
-
     # Searched keys beyond the standard columns get a column of their own, named by dotted key.
     extra = [k for k in (*space.grid_values, *space.sampled) if k not in SETTING_COLUMNS.values()]
     rows = []
@@ -33,16 +32,15 @@ def build_leaderboard(results, cfg: Config, space: Space) -> list[dict[str, Any]
         metrics = dict(result.metrics or {})
         trial_cfg = cfg.with_overrides(overrides_of(result.config or {})) if "skipped" not in metrics else None
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        trial_dir = Path(cfg.output_dir).resolve() / "trials" / str(trial_id)
+        trial = SearchLayout(Path(cfg.output_dir).resolve()).trial(str(trial_id))
         if result.error is not None:
             status = "error"
         elif "skipped" in metrics:
             status = "skipped"
-        elif (trial_dir / "model").exists():
+        elif trial.model.exists():
             status = "finished"
         else:
             status = "stopped"  # ASHA ended it before its last step
-        run_file = trial_dir / RUN_ID_FILE
         reason = {"reason": metrics["skipped"]} if status == "skipped" else {}
         rows.append(
             {
@@ -54,8 +52,8 @@ def build_leaderboard(results, cfg: Config, space: Space) -> list[dict[str, Any]
                 "pairs": metrics.get("pairs"),  # training pairs seen: ASHA compares trials at equal pairs
                 "status": status,
                 "seconds": float(metrics.get("time_total_s", math.nan)),
-                "run_id": run_file.read_text().strip() if run_file.exists() else None,
-                "model_dir": str(trial_dir / "model") if status == "finished" else None,
+                "run_id": trial.run_id(),
+                "model_dir": str(trial.model) if status == "finished" else None,
             }
             | reason
         )
@@ -112,16 +110,15 @@ def _fmt(value: Any) -> str:
 
 def write_leaderboard(rows: list[dict[str, Any]], out_dir: Path, metric: str) -> None:
     """``leaderboard.csv`` and ``leaderboard.png`` under ``out_dir``, each written atomically."""
-    from samtone_ray.tuning import LEADERBOARD_CSV, LEADERBOARD_PNG
-
     columns = _columns(rows, metric)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow(_flat_row(row, columns))
-    atomic_write_text(out_dir / LEADERBOARD_CSV, buffer.getvalue())
-    plot_leaderboard(rows, out_dir / LEADERBOARD_PNG, metric)
+    layout = SearchLayout(out_dir)
+    atomic_write_text(layout.leaderboard_csv, buffer.getvalue())
+    plot_leaderboard(rows, layout.leaderboard_png, metric)
 
 
 def plot_leaderboard(rows: list[dict[str, Any]], path: Path, metric: str) -> None:
