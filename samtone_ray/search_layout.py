@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from samtone_ray.per_query import PER_QUERY_FILE
+
 STATE_FILE = "search.json"
 TUNE_NAME = "tune"  # Tune's RunConfig name: its experiment folder under output_dir
 
@@ -29,7 +31,7 @@ class TrialLayout:
 
     @property
     def per_query(self) -> Path:
-        return self.dir / "per_query.parquet"  # per-query metrics of the trial's latest evaluation
+        return self.dir / PER_QUERY_FILE  # per-query metrics of the trial's latest evaluation
 
     @property
     def ray_storage(self) -> Path:

@@ -32,6 +32,7 @@ from samtone_ray.files import atomic_write_json
 from samtone_ray.losses import contrastive_loss
 from samtone_ray.data import load_data
 from samtone_ray.evaluation import evaluate_model
+from samtone_ray.per_query import PER_QUERY_FILE, write_per_query
 from samtone_ray.runtime import autocast, connect_ray, cpu_threads, device_name, resolve_precision
 from samtone_ray.towers import DualEncoder, TokenChunks
 
@@ -254,7 +255,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if do_eval and rank == 0 and eval_split is not None:
                 # The other workers wait at the report barrier: lend their cores to the eval.
                 with cpu_threads(None if cfg.scaling.use_gpu else os.cpu_count()):
-                    metrics |= evaluate_model(model, eval_split, cfg.train.eval_batch_size, cfg.train.precision)
+                    scores, per_query = evaluate_model(
+                        model, eval_split, cfg.train.eval_batch_size, cfg.train.precision, per_query=True
+                    )
+                metrics |= scores
+                # The latest evaluation's per-query values: confidence intervals and paired tests.
+                write_per_query(Path(loop_config["output_dir"]) / PER_QUERY_FILE, per_query, state.step)
                 if logger:
                     logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if "@" in k}, state.step)
             _report(metrics, state, model, optimizer, scheduler, rank, checkpoint=do_ckpt)

@@ -218,6 +218,7 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
     from ray import tune as rtune
 
     from samtone_ray import tracking
+    from samtone_ray.evaluation import bm25_run, retrieval_metrics
     from samtone_ray.evaluation import evaluate_model as evaluate
     from samtone_ray.leaderboard import build_leaderboard, write_leaderboard
     from samtone_ray.registry import PromotionError, promote_best
@@ -227,7 +228,7 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
     layout = SearchLayout(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(layout.state, state)
-    baseline = None
+    baseline = bm25 = None
     if zero_shot:
         print("evaluating the base model zero-shot ...", flush=True)
         baseline = evaluate(build_model(cfg), eval_split, cfg.train.eval_batch_size, cfg.train.precision)
@@ -235,6 +236,7 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
             tracking.RunLogger(uri, state["parent_run_id"]).log_metrics(
                 {f"zero_shot/{k}": v for k, v in baseline.items()}, step=0
             )
+        bm25 = retrieval_metrics(bm25_run(eval_split.corpus, eval_split.queries), eval_split.qrels)
 
     trainable = rtune.with_resources(
         rtune.with_parameters(
@@ -263,7 +265,8 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
     parent = tracking.RunLogger(uri, state["parent_run_id"]) if uri else None
     if parent:
         _close_trial_runs(uri, board)
-    write_leaderboard(board, out, cfg.search.metric)
+    references = {"zero-shot": baseline, "BM25": bm25} if baseline else {}
+    write_leaderboard(board, out, cfg.search.metric, {k: v[cfg.search.metric] for k, v in references.items()})
     best = _best(board, cfg)
     champion = None
     if best is not None and uri:
@@ -339,12 +342,15 @@ RUN_STATUS = {"finished": "FINISHED", "stopped": "KILLED", "error": "FAILED"}
 
 
 def _close_trial_runs(uri: str, board: list[dict[str, Any]]) -> None:
-    """Final MLflow status per trial as the leaderboard sees it: an ASHA stop interrupts the
-    trial's ``fit()`` mid-way, which looks like a failure from inside the trial."""
+    """Final MLflow status per trial as the leaderboard sees it (an ASHA stop interrupts the
+    trial's ``fit()`` mid-way, which looks like a failure from inside the trial), and the trial's
+    per-query metrics of its latest evaluation as an artifact."""
     from samtone_ray import tracking
 
     c = tracking.client(uri)
     for row in board:
+        if row.get("run_id") and row.get("per_query_file"):
+            c.log_artifact(row["run_id"], str(row["per_query_file"]))  # the latest evaluation's, per query
         if row.get("run_id") and row["status"] in RUN_STATUS:
             c.set_tag(row["run_id"], "samtone.status", row["status"])
             c.set_terminated(row["run_id"], status=RUN_STATUS[row["status"]])

@@ -16,6 +16,7 @@ import yaml
 from samtone_ray.config import ConfigError, from_dict
 from samtone_ray.data import bundled_sample_path, iter_jsonl, load_beir
 from samtone_ray.registry import beats
+from samtone_ray.per_query import read_per_query
 from samtone_ray.search_layout import SearchLayout
 from samtone_ray.search_space import overrides_of, parse_space
 
@@ -231,9 +232,18 @@ def test_search_runs_every_valid_trial_and_writes_the_leaderboard(search):
     for r in trials:
         assert 0.0 <= r["metrics"]["mrr@10"] <= 1.0
     csv = (outcome.output_dir / "leaderboard.csv").read_text().splitlines()
-    assert csv[0].startswith("trial,same_tower,bidirectional,batch_size,temperature,lr,mrr@10")
+    assert csv[0].startswith("trial,same_tower,bidirectional,batch_size,temperature,lr,same_tower_weight,"
+                             "false_negative_margin,mrr@10,ci_low,ci_high,diff_vs_ref,diff_low,diff_high,p_value,verdict")
     assert len(csv) == 1 + len(outcome.leaderboard)
     assert (outcome.output_dir / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
+    # Each trial's per-query values are its reported metric's, with an interval around it.
+    for r in trials:
+        values = read_per_query(SearchLayout(outcome.output_dir).trial(r["trial"]).per_query, "mrr@10")
+        assert len(values) == 20 and sum(values.values()) / 20 == pytest.approx(r["metrics"]["mrr@10"])
+        assert r["ci"].low <= r["metrics"]["mrr@10"] <= r["ci"].high
+    refs = [r for r in trials if r["verdict"] == "reference"]
+    assert len(refs) == 1 and refs[0]["settings"]["same_tower"] == "none"
+    assert all(r["vs_reference"] is not None for r in trials if r is not refs[0])
     # The best row really is the best finished trial by the metric.
     finished = [r for r in trials if r["status"] == "finished"]
     assert outcome.best["metrics"]["mrr@10"] == max(r["metrics"]["mrr@10"] for r in finished)
@@ -319,6 +329,7 @@ def test_mlflow_has_a_parent_run_with_a_child_per_trial(search):
         assert child.data.tags["samtone.status"] in ("finished", "stopped")
         assert child.info.status in ("FINISHED", "KILLED")
         assert c.get_metric_history(child.info.run_id, "eval/mrr_at_10")
+        assert "per_query.parquet" in {a.path for a in c.list_artifacts(child.info.run_id)}
     artifacts = {a.path for a in c.list_artifacts(outcome.parent_run_id)}
     assert {"leaderboard.csv", "leaderboard.png"} <= artifacts
 
@@ -368,7 +379,8 @@ def test_a_failed_trial_is_an_error_row_and_a_failed_run_and_the_search_goes_on(
     assert failed.info.status == "FAILED" and failed.data.tags["samtone.status"] == "error"
     # The searched key outside the standard columns has a leaderboard column of its own.
     header = (outcome.output_dir / "leaderboard.csv").read_text().splitlines()[0].split(",")
-    assert header[1:7] == ["same_tower", "bidirectional", "batch_size", "temperature", "lr", "train.fail_at_step"]
+    assert header[1:9] == ["same_tower", "bidirectional", "batch_size", "temperature", "lr", "same_tower_weight",
+                           "false_negative_margin", "train.fail_at_step"]
     assert c.get_run(rows[0]["run_id"]).info.status == "FINISHED"
 
 
