@@ -243,7 +243,7 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path, metric: str, refere
     ax.set_xticks(range(len(shown)))
     ax.set_xticklabels([_tick(r) for r in shown], rotation=30, ha="right", fontsize="small")
     ax.set_ylabel(f"{metric} (95% bootstrap CI over queries)")
-    ax.set_title(f"{metric} per trial: filled = finished, hollow = stopped early; orange = reference")
+    ax.set_title(f"{metric} by trial (hollow: stopped early, orange: reference)", fontsize="medium")
     if references:
         ax.legend(fontsize="small")
     fig.tight_layout()
