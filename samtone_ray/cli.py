@@ -85,10 +85,11 @@ def cmd_tune(args) -> int:
     from samtone_ray.config import from_dict
     from samtone_ray.evaluation import DEFAULT_TABLE_KEYS
     from samtone_ray.leaderboard import format_leaderboard
-    from samtone_ray.tuning import STATE_FILE, tune
+    from samtone_ray.search_layout import SearchLayout
+    from samtone_ray.tuning import tune
 
     if args.resume:
-        state = Path(args.resume) / STATE_FILE
+        state = SearchLayout(Path(args.resume)).state
         if not state.exists():
             print(f"error: nothing to resume: {state} does not exist", file=sys.stderr)
             return 2

@@ -153,6 +153,10 @@ class SearchConfig:
     grace_period: int = 1
     """ASHA: evaluations a trial always gets before it may be stopped."""
     max_concurrent_trials: int | Literal["auto"] = "auto"
+    reference: str = ""
+    """Trial the leaderboard tests every other against: a trial id, or dotted settings
+    (``loss.same_tower=none,train.batch_size=64``: the best trial matching them); empty = the
+    best ``loss.same_tower=none`` trial when there is one, else the best trial."""
     space: dict[str, Any] = field(
         default_factory=lambda: {"loss.same_tower": {"grid": ["none", "query", "doc", "both"]}}
     )
@@ -170,6 +174,8 @@ class RegistryConfig:
     alias: str = "champion"
     min_delta: float = 0.0
     """The alias moves only when the candidate beats the incumbent by more than this."""
+    require_significance: bool = False
+    """Also require the paired difference vs the incumbent (same queries) to have a 95% CI above 0."""
 
     def __post_init__(self) -> None:
         if not self.min_delta >= 0:  # also refuses NaN

@@ -99,26 +99,36 @@ def retrieval_metrics(
     run: Mapping[str, Mapping[str, float]],
     qrels: Qrels,
     k_values: Sequence[int] = DEFAULT_K_VALUES,
-) -> dict[str, float]:
+    *,
+    per_query: bool = False,
+):
     """Mean ``mrr@k``, ``ndcg@k``, ``recall@k``, ``p@k`` and ``map@k`` over the queries in qrels.
 
     Semantics (trec_eval-compatible, see the module docstring): ties broken by doc_id
     descending; relevant iff relevance >= 1; graded gain ``max(rel, 0)`` with a ``log2(i + 1)``
     discount; the mean runs over every qrels query, missing ones scoring 0.
+
+    ``per_query=True`` returns ``(means, {query_id: {metric: value}})`` instead: the values
+    whose means these are, for confidence intervals and paired tests over queries.
     """
     ks = _check_k_values(k_values)
     if len(qrels) == 0:
         raise ValueError("qrels is empty: there is no query to average over")
     max_k = ks[-1]
     totals = dict.fromkeys((f"{name}@{k}" for k in ks for name in METRIC_NAMES), 0.0)
+    rows: dict[str, dict[str, float]] = {}
     for qid, qrel in qrels.items():
         scored = run.get(qid, {})
         # (score, doc_id) descending is trec_eval's order; nlargest avoids sorting long runs.
         top = heapq.nlargest(max_k, scored.items(), key=lambda item: (item[1], item[0]))
         gains = [qrel.get(doc_id, 0) for doc_id, _ in top]
-        for key, value in _query_metrics(gains, qrel, ks).items():
+        values = _query_metrics(gains, qrel, ks)
+        if per_query:
+            rows[qid] = values
+        for key, value in values.items():
             totals[key] += value
-    return {key: value / len(qrels) for key, value in totals.items()}
+    means = {key: value / len(qrels) for key, value in totals.items()}
+    return (means, rows) if per_query else means
 
 
 @torch.no_grad()
@@ -221,8 +231,10 @@ def evaluate_encoder(
     *,
     query_chunk: int = 1024,
     doc_chunk: int = 65536,
-) -> dict[str, float]:
-    """Encode the qrels' queries and the whole corpus, search exactly, return ``retrieval_metrics``.
+    per_query: bool = False,
+):
+    """Encode the qrels' queries and the whole corpus, search exactly, return ``retrieval_metrics``
+    (with ``per_query=True``: its ``(means, per-query values)``).
 
     Retrieval depth is ``max(k_values)``. Every qrels query must have a text in ``queries``.
     Query embeddings are moved to the documents' device and dtype before searching.
@@ -235,7 +247,7 @@ def evaluate_encoder(
     run = search_run(
         query_ids, query_emb, doc_ids, doc_emb, k=ks[-1], query_chunk=query_chunk, doc_chunk=doc_chunk
     )
-    return retrieval_metrics(run, qrels, ks)
+    return retrieval_metrics(run, qrels, ks, per_query=per_query)
 
 
 def _check_eval_inputs(corpus: Mapping[str, str], queries: Mapping[str, str], qrels: Qrels) -> tuple[list[str], list[str]]:
@@ -312,15 +324,17 @@ def format_metrics_table(
 
 
 def evaluate_model(
-    model, split, batch_size: int, precision: str = "fp32", *, rank: int = 0, world: int = 1
-) -> dict[str, float]:
+    model, split, batch_size: int, precision: str = "fp32", *, rank: int = 0, world: int = 1, per_query: bool = False
+):
     """Exact-search retrieval metrics of ``model`` (a DualEncoder) on a BeirSplit.
 
     With ``world`` > 1 every rank of the initialised process group calls this together: the
     length-sorted encoding batches (the ones ``encode_*`` would form) are dealt round-robin over
     the ranks, each rank encodes its share, the embeddings are all-gathered and rank 0 searches
     and returns the metrics (other ranks return ``{}``). Every batch is the same tensor as in a
-    single-process evaluation, so the metrics do not depend on ``world``.
+    single-process evaluation, so the metrics do not depend on ``world``. ``per_query=True``
+    returns ``(means, {query_id: {metric: value}})`` as ``retrieval_metrics`` does (``({}, {})``
+    off rank 0).
 
     ``precision="bf16"`` encodes under bf16 autocast (about 2.4x faster on AMX CPUs and on GPUs);
     embeddings are normalised and searched in float32 either way.
@@ -338,9 +352,9 @@ def evaluate_model(
     finally:
         model.train(was_training)
     if rank != 0:
-        return {}
+        return ({}, {}) if per_query else {}
     run = search_run(query_ids, query_emb, doc_ids, doc_emb, k=ks[-1])
-    return retrieval_metrics(run, split.qrels, ks)
+    return retrieval_metrics(run, split.qrels, ks, per_query=per_query)
 
 
 def _encode_shared(model, texts: list[str], side: str, batch_size: int, rank: int, world: int) -> torch.Tensor:

@@ -30,15 +30,16 @@ def beats(candidate: float, incumbent: float | None, mode: str, min_delta: float
 
 
 def evaluate_registered(
-    uri: str, model_uri: str, eval_split, batch_size: int = 128, precision: str = "fp32"
-) -> dict[str, float]:
-    """Evaluate a registered model's DualEncoder with exact search, from its files (nothing unpickled)."""
+    uri: str, model_uri: str, eval_split, batch_size: int = 128, precision: str = "fp32", *, per_query: bool = False
+):
+    """Evaluate a registered model's DualEncoder with exact search, from its files (nothing unpickled);
+    ``per_query`` as in ``evaluate_model``."""
     from samtone_ray.evaluation import evaluate_model
     from samtone_ray.model_uri import resolve_model
     from samtone_ray.towers import DualEncoder
 
     model = DualEncoder.from_pretrained(resolve_model(model_uri, uri).path)
-    return evaluate_model(model, eval_split, batch_size, precision)
+    return evaluate_model(model, eval_split, batch_size, precision, per_query=per_query)
 
 
 def champion_version(client, name: str, alias: str) -> tuple[bool, str | None]:
@@ -64,9 +65,11 @@ def promote_best(cfg: Config, uri: str, best: dict[str, Any], eval_split) -> dic
     """Register ``best`` (a leaderboard row) as a new version; move the alias if it wins.
 
     Returns the decision: version, candidate and incumbent metric values (both re-evaluated here),
-    promoted or not. Raises PromotionError, with the alias untouched, when it cannot decide.
+    the paired test of candidate minus incumbent on the same queries, promoted or not. Raises
+    PromotionError, with the alias untouched, when it cannot decide.
     """
     from samtone_ray import tracking
+    from samtone_ray.statistics import align, paired_test
 
     name, alias, metric = cfg.registry.model_name, cfg.registry.alias, cfg.search.metric
     c = tracking.client(uri)
@@ -88,17 +91,27 @@ def promote_best(cfg: Config, uri: str, best: dict[str, Any], eval_split) -> dic
             },
         )
 
-        def score(v: str) -> float:
-            return evaluate_registered(uri, f"models:/{name}/{v}", eval_split, cfg.train.eval_batch_size, cfg.train.precision)[metric]
+        def score(v: str) -> tuple[float, dict[str, float]]:
+            means, rows = evaluate_registered(uri, f"models:/{name}/{v}", eval_split, cfg.train.eval_batch_size,
+                                              cfg.train.precision, per_query=True)
+            return means[metric], {q: values[metric] for q, values in rows.items()}
 
-        candidate = score(version.version)
+        candidate, candidate_rows = score(version.version)
         c.set_model_version_tag(name, version.version, tracking.metric_key(metric), f"{candidate:.6f}")
-        incumbent = score(incumbent_version) if incumbent_version else None
+        incumbent, incumbent_rows = score(incumbent_version) if incumbent_version else (None, None)
+        paired = paired_test(*align(candidate_rows, incumbent_rows)) if incumbent_version else None
     except Exception as exc:
         raise PromotionError(f"champion decision aborted ({type(exc).__name__}: {exc}); {held}") from exc
     margin = cfg.registry.min_delta
     promoted = beats(candidate, incumbent, cfg.search.mode, margin)
     by = f" by more than {margin:g}" if margin else ""
+    if paired is not None and cfg.registry.require_significance:
+        # registry.require_significance: the paired 95% interval must lie on the better side of 0.
+        promoted = promoted and (paired.low > 0 if cfg.search.mode == "max" else paired.high < 0)
+        by += " with a paired 95% CI excluding 0"
+    if paired is not None:
+        print(f"candidate - incumbent {metric}: {paired.diff:+.4f} [{paired.low:+.4f}, {paired.high:+.4f}] "
+              f"over {paired.queries} queries, p={paired.p_value:.3g}")
     if promoted:
         c.set_registered_model_alias(name, alias, version.version)
         print(
@@ -116,4 +129,5 @@ def promote_best(cfg: Config, uri: str, best: dict[str, Any], eval_split) -> dic
         "candidate_metric": candidate,
         "incumbent_metric": incumbent,
         "incumbent_version": int(incumbent_version) if incumbent_version else None,
-    }
+    } | ({"paired_diff": paired.diff, "paired_low": paired.low, "paired_high": paired.high, "p_value": paired.p_value}
+         if paired else {})

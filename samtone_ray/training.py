@@ -32,6 +32,7 @@ from samtone_ray.files import atomic_write_json
 from samtone_ray.losses import contrastive_loss
 from samtone_ray.data import load_data
 from samtone_ray.evaluation import evaluate_model
+from samtone_ray.per_query import PER_QUERY_FILE, write_per_query
 from samtone_ray.runtime import (
     autocast,
     check_ray_cluster,
@@ -270,9 +271,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if do_eval and eval_split is not None:
                 # Each rank encodes its share of the corpus and queries; rank 0 searches.
                 with cpu_threads(eval_threads):
-                    metrics |= evaluate_model(
-                        model, eval_split, cfg.train.eval_batch_size, cfg.train.precision, rank=rank, world=world
+                    scores, per_query = evaluate_model(
+                        model, eval_split, cfg.train.eval_batch_size, cfg.train.precision,
+                        rank=rank, world=world, per_query=True,
                     )
+                metrics |= scores
+                if rank == 0:
+                    # The latest evaluation's per-query values: confidence intervals and paired tests.
+                    write_per_query(Path(loop_config["output_dir"]) / PER_QUERY_FILE, per_query, state.step)
                 if logger:
                     logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if "@" in k}, state.step)
             _report(metrics, state, model, optimizer, scheduler, rank, rngs=rngs)

@@ -19,14 +19,11 @@ from typing import Any
 from samtone_ray.config import CombinationError, Config, ConfigError, from_dict
 from samtone_ray.evaluation import DEFAULT_K_VALUES, METRIC_NAMES
 from samtone_ray.files import atomic_write_json, atomic_write_text
+from samtone_ray.search_layout import TUNE_NAME, SearchLayout
 from samtone_ray.search_space import Space, overrides_of, parse_space
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "search.json"
-LEADERBOARD_CSV = "leaderboard.csv"
-LEADERBOARD_PNG = "leaderboard.png"
-RUN_ID_FILE = "mlflow_run_id"
 
 
 def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -> None:
@@ -49,14 +46,12 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -
         log.warning("trial %s skipped: %s", trial_id, reason)
         tune.report({search["metric"]: -math.inf if search["mode"] == "max" else math.inf, "skipped": reason})
         return
-    trial_dir = Path(search["dir"]) / "trials" / trial_id
-    run_id = None
+    trial = SearchLayout(Path(search["dir"])).trial(trial_id)
     uri = search.get("tracking_uri")
-    run_file = trial_dir / RUN_ID_FILE
-    if uri and run_file.exists():
+    run_id = trial.run_id()
+    if uri and run_id:
         # A trial restarted by `tune --resume` continues its run, as Ray Train continues its
         # checkpoint, so a trial is one MLflow run however often it was interrupted.
-        run_id = run_file.read_text().strip()
         tracking.client(uri).update_run(run_id, status="RUNNING")
     elif uri:
         run_id = tracking.start_run(
@@ -67,13 +62,13 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -
             parent_run_id=search["parent_run_id"],
             tags={"samtone.kind": "trial", "samtone.trial_id": trial_id},
         )
-        atomic_write_text(run_file, run_id)
+        atomic_write_text(trial.run_id_file, run_id)
     trainer = build_trainer(
         cfg,
         pairs_ref=refs["pairs"],
         eval_ref=refs["eval"],
-        output_dir=trial_dir,
-        storage_path=trial_dir / "ray",
+        output_dir=trial.dir,
+        storage_path=trial.ray_storage,
         name="train",
         run_id=run_id,
         tracking_uri=uri,
@@ -184,7 +179,7 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
     space = parse_space(cfg.search.space, cfg)  # fail before anything starts; logs skipped combinations
     _check_reports(cfg, space)
     out = Path(cfg.output_dir).resolve()
-    state_path = out / STATE_FILE
+    state_path = SearchLayout(out).state
     if resume:
         if not state_path.exists():
             raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
@@ -223,16 +218,17 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
     from ray import tune as rtune
 
     from samtone_ray import tracking
+    from samtone_ray.evaluation import bm25_run, retrieval_metrics
     from samtone_ray.evaluation import evaluate_model as evaluate
     from samtone_ray.leaderboard import build_leaderboard, write_leaderboard
     from samtone_ray.registry import PromotionError, promote_best
     from samtone_ray.training import build_model
 
     pairs, eval_split = data
-    state_path = out / STATE_FILE
+    layout = SearchLayout(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(state_path, state)
-    baseline = None
+    atomic_write_json(layout.state, state)
+    baseline = bm25 = None
     if zero_shot:
         print("evaluating the base model zero-shot ...", flush=True)
         baseline = evaluate(build_model(cfg), eval_split, cfg.train.eval_batch_size, cfg.train.precision)
@@ -240,6 +236,7 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
             tracking.RunLogger(uri, state["parent_run_id"]).log_metrics(
                 {f"zero_shot/{k}": v for k, v in baseline.items()}, step=0
             )
+        bm25 = retrieval_metrics(bm25_run(eval_split.corpus, eval_split.queries), eval_split.qrels)
 
     trainable = rtune.with_resources(
         rtune.with_parameters(
@@ -252,7 +249,7 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
         # The trial function only drives a TorchTrainer, whose workers hold the real resources.
         {"CPU": 0.01},
     )
-    tune_dir = out / "tune"
+    tune_dir = layout.tune_dir
     started = time.time()
     if resume and rtune.Tuner.can_restore(str(tune_dir)):
         tuner = rtune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True, resume_unfinished=True)
@@ -261,14 +258,15 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
             trainable,
             param_space=space.tune_space(cfg.search.algorithm),
             tune_config=_tune_config(cfg, space),
-            run_config=rtune.RunConfig(name="tune", storage_path=str(out), verbose=1),
+            run_config=rtune.RunConfig(name=TUNE_NAME, storage_path=str(out), verbose=1),
         )
     results = tuner.fit()
     board = build_leaderboard(results, cfg, space)
     parent = tracking.RunLogger(uri, state["parent_run_id"]) if uri else None
     if parent:
         _close_trial_runs(uri, board)
-    write_leaderboard(board, out, cfg.search.metric)
+    references = {"zero-shot": baseline, "BM25": bm25} if baseline else {}
+    write_leaderboard(board, out, cfg.search.metric, {k: v[cfg.search.metric] for k, v in references.items()})
     best = _best(board, cfg)
     champion = None
     if best is not None and uri:
@@ -281,8 +279,8 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
             print(f"error: {exc}", file=sys.stderr)
             champion = {"promoted": False, "version": None, "error": str(exc)}
     if parent:
-        parent.log_artifact(out / LEADERBOARD_CSV)
-        parent.log_artifact(out / LEADERBOARD_PNG)
+        parent.log_artifact(layout.leaderboard_csv)
+        parent.log_artifact(layout.leaderboard_png)
         summary = {"search_seconds": time.time() - started, "trials": len(board)}
         if best is not None:
             summary[f"best_{cfg.search.metric}"] = best["metrics"][cfg.search.metric]
@@ -344,12 +342,15 @@ RUN_STATUS = {"finished": "FINISHED", "stopped": "KILLED", "error": "FAILED"}
 
 
 def _close_trial_runs(uri: str, board: list[dict[str, Any]]) -> None:
-    """Final MLflow status per trial as the leaderboard sees it: an ASHA stop interrupts the
-    trial's ``fit()`` mid-way, which looks like a failure from inside the trial."""
+    """Final MLflow status per trial as the leaderboard sees it (an ASHA stop interrupts the
+    trial's ``fit()`` mid-way, which looks like a failure from inside the trial), and the trial's
+    per-query metrics of its latest evaluation as an artifact."""
     from samtone_ray import tracking
 
     c = tracking.client(uri)
     for row in board:
+        if row.get("run_id") and row.get("per_query_file"):
+            c.log_artifact(row["run_id"], str(row["per_query_file"]))  # the latest evaluation's, per query
         if row.get("run_id") and row["status"] in RUN_STATUS:
             c.set_tag(row["run_id"], "samtone.status", row["status"])
             c.set_terminated(row["run_id"], status=RUN_STATUS[row["status"]])

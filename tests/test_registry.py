@@ -152,3 +152,25 @@ def test_min_delta_must_be_a_non_negative_number():
     for bad in (-0.01, float("nan")):
         with pytest.raises(ConfigError, match="registry.min_delta"):
             _cfg(min_delta=bad)
+
+
+def test_require_significance_promotes_only_on_a_paired_ci_above_zero(registry, models, split):
+    import numpy as np
+    from scipy import stats
+
+    uri, logged, _ = registry
+    (worse, worse_score), (better, better_score) = models
+    incumbent = promote_best(_cfg(), uri, logged(worse, 0.0), split)["version"]
+    decision = promote_best(_cfg(require_significance=True), uri, logged(better, 0.0), split)
+    # Oracle: per-query values of the two saved directories, differences bootstrapped by scipy.
+    rows = [evaluate_model(DualEncoder.from_pretrained(p), split, 16, "fp32", per_query=True)[1] for p in (better, worse)]
+    d = np.array([rows[0][q]["mrr@10"] - rows[1][q]["mrr@10"] for q in sorted(rows[0])])
+    ci = stats.bootstrap((d,), np.mean, method="percentile", n_resamples=10000, random_state=0).confidence_interval
+    assert decision["paired_diff"] == pytest.approx(d.mean()) == pytest.approx(better_score - worse_score)
+    assert decision["paired_low"] == pytest.approx(ci.low, abs=0.01)
+    assert decision["promoted"] == (decision["paired_low"] > 0)
+    if abs(ci.low) > 0.01:  # away from the boundary the oracle decides too
+        assert decision["promoted"] == (ci.low > 0)
+    if not decision["promoted"]:  # beats() alone would have moved it: the CI held it back
+        assert _alias(uri)[0] == str(incumbent)
+        assert promote_best(_cfg(), uri, logged(better, 0.0), split)["promoted"]

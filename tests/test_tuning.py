@@ -16,6 +16,8 @@ import yaml
 from samtone_ray.config import ConfigError, from_dict
 from samtone_ray.data import bundled_sample_path, iter_jsonl, load_beir
 from samtone_ray.registry import beats
+from samtone_ray.per_query import read_per_query
+from samtone_ray.search_layout import SearchLayout
 from samtone_ray.search_space import overrides_of, parse_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,10 +140,22 @@ def test_cli_rejects_a_bad_space_before_starting_ray(tmp_path):
     assert not (tmp_path / ".samtone").exists()  # nothing started, nothing written
 
 
+def test_the_leaderboard_and_the_search_share_a_layout_module_not_each_other():
+    import ast
+
+    import samtone_ray.leaderboard as leaderboard
+
+    tree = ast.parse(Path(leaderboard.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "samtone_ray.tuning" not in imported and "samtone_ray.search_layout" in imported
+
+
 def test_champion_rule_is_strict_and_mode_aware():
     assert beats(0.5, None, "max")
     assert beats(0.51, 0.5, "max") and not beats(0.5, 0.5, "max") and not beats(0.49, 0.5, "max")
     assert beats(0.4, 0.5, "min") and not beats(0.6, 0.5, "min")
+    assert not beats(0.52, 0.5, "max", min_delta=0.02) and beats(0.53, 0.5, "max", min_delta=0.02)
+    assert not beats(0.48, 0.5, "min", min_delta=0.02) and beats(0.47, 0.5, "min", min_delta=0.02)
 
 
 # ----------------------------------------------------------------- a tiny real search
@@ -218,9 +232,18 @@ def test_search_runs_every_valid_trial_and_writes_the_leaderboard(search):
     for r in trials:
         assert 0.0 <= r["metrics"]["mrr@10"] <= 1.0
     csv = (outcome.output_dir / "leaderboard.csv").read_text().splitlines()
-    assert csv[0].startswith("trial,same_tower,bidirectional,batch_size,temperature,lr,mrr@10")
+    assert csv[0].startswith("trial,same_tower,bidirectional,batch_size,temperature,lr,same_tower_weight,"
+                             "false_negative_margin,mrr@10,ci_low,ci_high,diff_vs_ref,diff_low,diff_high,p_value,verdict")
     assert len(csv) == 1 + len(outcome.leaderboard)
     assert (outcome.output_dir / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
+    # Each trial's per-query values are its reported metric's, with an interval around it.
+    for r in trials:
+        values = read_per_query(SearchLayout(outcome.output_dir).trial(r["trial"]).per_query, "mrr@10")
+        assert len(values) == 20 and sum(values.values()) / 20 == pytest.approx(r["metrics"]["mrr@10"])
+        assert r["ci"].low <= r["metrics"]["mrr@10"] <= r["ci"].high
+    refs = [r for r in trials if r["verdict"] == "reference"]
+    assert len(refs) == 1 and refs[0]["settings"]["same_tower"] == "none"
+    assert all(r["vs_reference"] is not None for r in trials if r is not refs[0])
     # The best row really is the best finished trial by the metric.
     finished = [r for r in trials if r["status"] == "finished"]
     assert outcome.best["metrics"]["mrr@10"] == max(r["metrics"]["mrr@10"] for r in finished)
@@ -231,7 +254,8 @@ def test_asha_compares_trials_at_equal_training_pairs(search):
     trials = [r for r in outcome.leaderboard if r["trial"] != "-"]
     first_milestone = 16  # grace 1 x lcm(2 steps x 4 pairs, 2 steps x 8 pairs)
     for row in trials:
-        reports = [json.loads(line) for line in (outcome.output_dir / "tune" / row["trial"] / "result.json").read_text().splitlines()]
+        results = SearchLayout(outcome.output_dir).tune_results(row["trial"])
+        reports = [json.loads(line) for line in results.read_text().splitlines()]
         batch = row["settings"]["batch_size"]
         assert all(r["pairs"] == r["step"] * batch for r in reports)  # ASHA's clock is in every report
         # Each trial reports exactly at the milestone, so ASHA's first rung holds equal-data values.
@@ -264,6 +288,21 @@ def test_a_skipped_draw_reports_the_metric_and_is_a_skipped_row(ray_cluster, tin
     assert outcome.best is None and outcome.champion is None
 
 
+def test_a_search_failing_after_its_parent_run_started_marks_it_failed(ray_cluster, tiny_model_dir, tiny_beir, tmp_path):
+    from mlflow import MlflowClient
+
+    from samtone_ray.tuning import tune
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _search_cfg(tiny_model_dir, tiny_beir, tmp_path / "out", uri, search={"space": {"loss.same_tower": "none"}})
+    cfg = cfg.with_overrides({"model.name_or_path": str(tmp_path / "no-such-model")})
+    with pytest.raises(Exception, match="no-such-model"):
+        tune(cfg, zero_shot=True)  # the zero-shot reference fails once the parent run exists
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_experiment_by_name("tests").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
 def test_stopped_trials_release_their_workers(search, ray_cluster):
     total = ray_cluster.cluster_resources()["CPU"]
     # Ray Train's PlacementGroupCleaner frees a stopped trial's workers once it sees the trial's
@@ -290,6 +329,7 @@ def test_mlflow_has_a_parent_run_with_a_child_per_trial(search):
         assert child.data.tags["samtone.status"] in ("finished", "stopped")
         assert child.info.status in ("FINISHED", "KILLED")
         assert c.get_metric_history(child.info.run_id, "eval/mrr_at_10")
+        assert "per_query.parquet" in {a.path for a in c.list_artifacts(child.info.run_id)}
     artifacts = {a.path for a in c.list_artifacts(outcome.parent_run_id)}
     assert {"leaderboard.csv", "leaderboard.png"} <= artifacts
 
@@ -306,27 +346,6 @@ def test_best_model_is_registered_as_champion(search):
     mlflow.set_tracking_uri(uri)
     emb = mlflow.pyfunc.load_model("models:/tiny@champion").predict(["debian package"])
     assert emb.shape == (1, 32)
-
-
-def test_champion_moves_only_for_a_better_model(search, tiny_beir):
-    from samtone_ray.registry import evaluate_registered, promote_best
-
-    outcome, cfg, uri = search
-    split = load_beir(tiny_beir, "dev")
-    incumbent = evaluate_registered(uri, "models:/tiny@champion", split, precision=cfg.train.precision)["mrr@10"]
-    first = outcome.champion["version"]
-    worse = dict(outcome.best, metrics={"mrr@10": incumbent - 0.1})
-    kept = promote_best(cfg, uri, worse, split)
-    assert not kept["promoted"] and kept["incumbent_version"] == first
-    assert kept["incumbent_metric"] == pytest.approx(incumbent)
-    assert kept["version"] == first + 1  # registered all the same, without the alias
-    better = dict(outcome.best, metrics={"mrr@10": incumbent + 0.1})
-    moved = promote_best(cfg, uri, better, split)
-    assert moved["promoted"] and moved["incumbent_version"] == first
-
-    from mlflow import MlflowClient
-
-    assert int(MlflowClient(uri, registry_uri=uri).get_model_version_by_alias("tiny", "champion").version) == moved["version"]
 
 
 def test_models_command_lists_versions_and_aliases(search, capsys):
@@ -360,7 +379,8 @@ def test_a_failed_trial_is_an_error_row_and_a_failed_run_and_the_search_goes_on(
     assert failed.info.status == "FAILED" and failed.data.tags["samtone.status"] == "error"
     # The searched key outside the standard columns has a leaderboard column of its own.
     header = (outcome.output_dir / "leaderboard.csv").read_text().splitlines()[0].split(",")
-    assert header[1:7] == ["same_tower", "bidirectional", "batch_size", "temperature", "lr", "train.fail_at_step"]
+    assert header[1:9] == ["same_tower", "bidirectional", "batch_size", "temperature", "lr", "same_tower_weight",
+                           "false_negative_margin", "train.fail_at_step"]
     assert c.get_run(rows[0]["run_id"]).info.status == "FINISHED"
 
 
