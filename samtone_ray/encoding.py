@@ -462,6 +462,7 @@ def run_encode(opts: EncodeOptions) -> EncodeResult:
                 timings[stage] += float(row[f"t_{stage}"])
             metrics.update(done, plan.rows, encoded / max(time.perf_counter() - t_run, 1e-9))
 
+    _remove_stale_temps(output)  # a worker killed mid-write leaves one even when Ray retried it
     rejected += _dedupe_across_shards(output, plan, opts)
     rejects = _merge_rejects(output, plan)
     rows = sum(_committed_rows(p) for p in part_files(output))

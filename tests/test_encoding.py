@@ -118,9 +118,9 @@ def test_parquet_folder_on_the_query_tower(ray_cluster, tmp_path, separate_model
 
 
 BAD = [
-    # (line content, reason fragment); each goes at line 4 of a 6-line file
+    # (line content, reason fragment); each goes at line 5 of a 6-line file, in the second shard
     ('{"title": "", "text": "no id here"}', "no field '_id'"),
-    ('{"_id": "d1", "title": "", "text": "second d1"}', "duplicate id 'd1' (first at"),
+    ('{"_id": "d3", "title": "", "text": "second d3"}', "duplicate id 'd3' (first at"),
     ('{"_id": "e", "title": "", "text": "  "}', "empty text"),
     ('{"_id": "m", "text": "unterminated', "invalid JSON"),
     (b'{"_id": "u", "text": "caf\xe9"}', "not valid UTF-8"),
@@ -129,7 +129,7 @@ BAD = [
 
 def _bad_corpus(path: Path, bad) -> Path:
     good = [json.dumps(d).encode() for d in _docs(5)]
-    lines = good[:3] + [bad if isinstance(bad, bytes) else bad.encode()] + good[3:]
+    lines = good[:4] + [bad if isinstance(bad, bytes) else bad.encode()] + good[4:]
     path.write_bytes(b"\n".join(lines) + b"\n")
     return path
 
@@ -139,8 +139,8 @@ def test_bad_record_errors_with_file_and_line_then_skip_keeps_committed(ray_clus
     corpus = _bad_corpus(tmp_path / "corpus.jsonl", bad)
     out = tmp_path / "out"
     with pytest.raises(EncodeError) as info:
-        run_encode(_opts(tiny_model_dir, corpus, out, rows_per_file=3))  # shard 1 = lines 1-3 is good
-    assert f"{corpus}:4: " in str(info.value) and reason in str(info.value)
+        run_encode(_opts(tiny_model_dir, corpus, out, rows_per_file=3))  # lines 1-3 (shard 0) are good
+    assert f"{corpus}:5: " in str(info.value) and reason in str(info.value)
     first = out / "part-00000-00000.parquet"
     assert not (out / "part-00000-00001.parquet").exists()
     before = (first.stat().st_ino, first.stat().st_mtime_ns) if first.exists() else None
@@ -150,7 +150,7 @@ def test_bad_record_errors_with_file_and_line_then_skip_keeps_committed(ray_clus
     if before is not None:  # committed before the error: neither lost nor rewritten
         assert (first.stat().st_ino, first.stat().st_mtime_ns) == before
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
-    assert len(rejects) == 1 and rejects[0]["where"] == f"{corpus}:4" and reason in rejects[0]["reason"]
+    assert len(rejects) == 1 and rejects[0]["where"] == f"{corpus}:5" and reason in rejects[0]["reason"]
     ids, _ = _read_output(out)
     assert sorted(ids) == sorted(d["_id"] for d in _docs(5))
 
@@ -254,7 +254,7 @@ def test_sigkill_then_rerun_holds_every_id_exactly_once(tmp_path, tiny_model_dir
                     os.kill(proc.pid, signal.SIGKILL)
                     killed_at = committed
                     break
-                actors = [p for p in tree if "EmbedWriter" in _cmdline(p)]
+                actors = [p for p in tree if "EmbedWriter" in _cmdline(p)]  # Ray titles the actor after its class
                 if actors:
                     os.kill(actors[0], signal.SIGKILL)
                     killed_at = committed
