@@ -365,3 +365,21 @@ def test_samtone_serve_searches_the_encoded_index(encoded, tiny_model_dir, tmp_p
             pass
         _kill_all([proc.pid, *tree])
         proc.wait()
+
+
+def test_cli_prints_figures_and_logs_an_mlflow_run(ray_cluster, tmp_path, tiny_model_dir, capsys):
+    from samtone_ray import tracking
+    from samtone_ray.cli import main
+
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", _docs(6))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["encode", "--model", str(tiny_model_dir), "--input", str(corpus), "--output", str(tmp_path / "out"),
+            "--precision", "fp32", "--set", f"tracking.uri={uri}"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "encoded 6 rows in" in out and "rows/s" in out and "embed" in out
+    c = tracking.client(uri)
+    (run,) = c.search_runs([tracking.experiment_id(uri, "samtone")])
+    assert run.data.metrics["rows"] == 6 and run.data.params["model"] == str(tiny_model_dir)
+    assert main(argv[:-2] + ["--set", "tracking.enabled=false", "--batch-size", "0"]) == 2  # a clear error, no traceback
+    assert "batch_size must be >= 1" in capsys.readouterr().err
