@@ -241,7 +241,8 @@ def test_sigkill_then_rerun_holds_every_id_exactly_once(tmp_path, tiny_model_dir
     out = tmp_path / "out"
     cmd = _encode_cmd(tiny_model_dir, corpus, out)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log_path = tmp_path / "first-run.log"  # a file, not a pipe: a full pipe would stall the driver
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
     tree: list[int] = []
     killed_at = None
     try:
@@ -262,7 +263,7 @@ def test_sigkill_then_rerun_holds_every_id_exactly_once(tmp_path, tiny_model_dir
             time.sleep(0.05)
         assert killed_at is not None and killed_at < 60, f"no kill while shards were pending ({proc.poll()=})"
         proc.wait(timeout=240)  # the driver is gone, or the run finishes despite the dead actor
-        log = proc.stdout.read().decode(errors="replace")
+        log = log_path.read_text(errors="replace")
     finally:
         _kill_all([proc.pid, *tree])  # whatever of that Ray cluster outlived its driver
         proc.wait()
@@ -338,7 +339,8 @@ def test_samtone_serve_searches_the_encoded_index(encoded, tiny_model_dir, tmp_p
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "samtone_ray.cli", "serve", "--model", str(tiny_model_dir), "--index", str(root / "served"),
            "--port", str(port), "--set", "tracking.enabled=false"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path,
+                            stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT)
     tree: list[int] = []
     try:
         deadline = time.monotonic() + 240
