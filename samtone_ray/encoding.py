@@ -523,7 +523,8 @@ def _dedupe_across_shards(output: Path, plan: Plan, opts: EncodeOptions) -> int:
         keep = pa.array([i not in drop for i in table.column("id").to_pylist()])
         meta = table.schema.metadata[SCHEMA_KEY].decode()
         kept = table.filter(keep)
-        emb = np.asarray(kept.column("embedding").combine_chunks().values).reshape(kept.num_rows, -1)
+        column = kept.column("embedding").combine_chunks()
+        emb = np.asarray(column.values, dtype=np.float32).reshape(kept.num_rows, column.type.list_size)
         atomic_write_bytes(path, embeddings_parquet(kept.column("id").to_pylist(), emb, meta))
         removed += len(ids)
     return removed
