@@ -57,7 +57,12 @@ from samtone_ray.encoding import EncodeOptions, run_encode  # noqa: E402
 from samtone_ray.runtime import autocast, connect_ray, device_name, resolve_precision  # noqa: E402
 from samtone_ray.towers import DualEncoder, resolve_model_path  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian" / "corpus.jsonl"
+# ../shared/data/debian beside the checkout (main), or beside the worktrees' parent.
+_REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = next(
+    (p for p in (_REPO.parent / "shared", _REPO.parents[1] / "shared") if (p / "data/debian/corpus.jsonl").is_file()),
+    _REPO.parent / "shared",
+) / "data" / "debian" / "corpus.jsonl"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "encode_throughput.json"
 MODEL = "all-MiniLM-L6-v2"
 
