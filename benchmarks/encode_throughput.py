@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         stages = {k: statistics.median(x["timings"][k] for x in runs) for k in runs[0]["timings"]}
         summary[name] = {"docs_per_s": med, "stage_s": stages, "rounds": runs}
     st_rate = summary["sentence-transformers"]["docs_per_s"]
-    print(f"\n{'system':<30} {'docs/s':>8} {'vs ST':>6}  stage seconds (summed over workers)")
+    print(f"\n{'system':<30} {'docs/s':>8} {'vs ST':>6}  seconds: setup, pipeline (wall); read..write (summed over workers)")
     for name, s in summary.items():
         stages = ", ".join(f"{k} {v:.1f}" for k, v in s["stage_s"].items())
         print(f"{name:<30} {s['docs_per_s']:8.1f} {s['docs_per_s'] / st_rate:5.2f}x  {stages}")
