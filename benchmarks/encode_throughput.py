@@ -57,7 +57,12 @@ from samtone_ray.encoding import EncodeOptions, run_encode  # noqa: E402
 from samtone_ray.runtime import autocast, connect_ray, device_name, resolve_precision  # noqa: E402
 from samtone_ray.towers import DualEncoder, resolve_model_path  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian" / "corpus.jsonl"
+# ../shared/data/debian beside the checkout (main), or beside the worktrees' parent.
+_REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = next(
+    (p for p in (_REPO.parent / "shared", _REPO.parents[1] / "shared") if (p / "data/debian/corpus.jsonl").is_file()),
+    _REPO.parent / "shared",
+) / "data" / "debian" / "corpus.jsonl"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "encode_throughput.json"
 MODEL = "all-MiniLM-L6-v2"
 
@@ -158,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         stages = {k: statistics.median(x["timings"][k] for x in runs) for k in runs[0]["timings"]}
         summary[name] = {"docs_per_s": med, "stage_s": stages, "rounds": runs}
     st_rate = summary["sentence-transformers"]["docs_per_s"]
-    print(f"\n{'system':<30} {'docs/s':>8} {'vs ST':>6}  stage seconds (summed over workers)")
+    print(f"\n{'system':<30} {'docs/s':>8} {'vs ST':>6}  seconds: setup, pipeline (wall); read..write (summed over workers)")
     for name, s in summary.items():
         stages = ", ".join(f"{k} {v:.1f}" for k, v in s["stage_s"].items())
         print(f"{name:<30} {s['docs_per_s']:8.1f} {s['docs_per_s'] / st_rate:5.2f}x  {stages}")

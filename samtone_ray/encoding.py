@@ -404,7 +404,8 @@ def run_encode(opts: EncodeOptions) -> EncodeResult:
         print(f"resuming: {len(plan.shards) - len(pending)} of {len(plan.shards)} shards ({done} rows) already committed")
 
     schema_meta = json.dumps({k: identity[k] for k in ("model", "tower", "dim", "max_length", "normalized")})
-    timings = {"read": 0.0, "tokenize": 0.0, "embed": 0.0, "write": 0.0}
+    # Wall seconds of the driver's own phases, and worker seconds (summed) per pipeline stage.
+    timings = {"setup": time.perf_counter() - start, "read": 0.0, "tokenize": 0.0, "embed": 0.0, "write": 0.0}
     encoded, rejected, precision = 0, 0, None
     if pending:
         connect_ray()
@@ -458,10 +459,12 @@ def run_encode(opts: EncodeOptions) -> EncodeResult:
             if bad:
                 metrics.rejected.inc(bad, metrics.tags)
             precision = str(row["precision"])
-            for stage in timings:
+            for stage in ("read", "tokenize", "embed", "write"):
                 timings[stage] += float(row[f"t_{stage}"])
             metrics.update(done, plan.rows, encoded / max(time.perf_counter() - t_run, 1e-9))
 
+    timings["pipeline"] = time.perf_counter() - start - timings["setup"]
+    _remove_stale_temps(output)  # a worker killed mid-write leaves one even when Ray retried it
     rejected += _dedupe_across_shards(output, plan, opts)
     rejects = _merge_rejects(output, plan)
     rows = sum(_committed_rows(p) for p in part_files(output))
@@ -522,7 +525,8 @@ def _dedupe_across_shards(output: Path, plan: Plan, opts: EncodeOptions) -> int:
         keep = pa.array([i not in drop for i in table.column("id").to_pylist()])
         meta = table.schema.metadata[SCHEMA_KEY].decode()
         kept = table.filter(keep)
-        emb = np.asarray(kept.column("embedding").combine_chunks().values).reshape(kept.num_rows, -1)
+        column = kept.column("embedding").combine_chunks()
+        emb = np.asarray(column.values, dtype=np.float32).reshape(kept.num_rows, column.type.list_size)
         atomic_write_bytes(path, embeddings_parquet(kept.column("id").to_pylist(), emb, meta))
         removed += len(ids)
     return removed
@@ -600,7 +604,8 @@ def cli_encode(args) -> int:
         f"output {result.output}: {result.rows} rows, {result.rejected} rejected"
     )
     if result.rows_encoded:
-        print("stage seconds (summed over workers): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+        print("seconds: setup (model, input plan) and pipeline are wall time; read, tokenize, embed and write "
+              "are summed over workers: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
     if cfg.tracking.enabled and result.rows_encoded:
         print(f"mlflow run: {_log_mlflow(cfg, result)}")
     return 0

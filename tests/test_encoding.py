@@ -118,9 +118,9 @@ def test_parquet_folder_on_the_query_tower(ray_cluster, tmp_path, separate_model
 
 
 BAD = [
-    # (line content, reason fragment); each goes at line 4 of a 6-line file
+    # (line content, reason fragment); each goes at line 5 of a 6-line file, in the second shard
     ('{"title": "", "text": "no id here"}', "no field '_id'"),
-    ('{"_id": "d1", "title": "", "text": "second d1"}', "duplicate id 'd1' (first at"),
+    ('{"_id": "d3", "title": "", "text": "second d3"}', "duplicate id 'd3' (first at"),
     ('{"_id": "e", "title": "", "text": "  "}', "empty text"),
     ('{"_id": "m", "text": "unterminated', "invalid JSON"),
     (b'{"_id": "u", "text": "caf\xe9"}', "not valid UTF-8"),
@@ -129,7 +129,7 @@ BAD = [
 
 def _bad_corpus(path: Path, bad) -> Path:
     good = [json.dumps(d).encode() for d in _docs(5)]
-    lines = good[:3] + [bad if isinstance(bad, bytes) else bad.encode()] + good[3:]
+    lines = good[:4] + [bad if isinstance(bad, bytes) else bad.encode()] + good[4:]
     path.write_bytes(b"\n".join(lines) + b"\n")
     return path
 
@@ -139,8 +139,8 @@ def test_bad_record_errors_with_file_and_line_then_skip_keeps_committed(ray_clus
     corpus = _bad_corpus(tmp_path / "corpus.jsonl", bad)
     out = tmp_path / "out"
     with pytest.raises(EncodeError) as info:
-        run_encode(_opts(tiny_model_dir, corpus, out, rows_per_file=3))  # shard 1 = lines 1-3 is good
-    assert f"{corpus}:4: " in str(info.value) and reason in str(info.value)
+        run_encode(_opts(tiny_model_dir, corpus, out, rows_per_file=3))  # lines 1-3 (shard 0) are good
+    assert f"{corpus}:5: " in str(info.value) and reason in str(info.value)
     first = out / "part-00000-00000.parquet"
     assert not (out / "part-00000-00001.parquet").exists()
     before = (first.stat().st_ino, first.stat().st_mtime_ns) if first.exists() else None
@@ -150,7 +150,7 @@ def test_bad_record_errors_with_file_and_line_then_skip_keeps_committed(ray_clus
     if before is not None:  # committed before the error: neither lost nor rewritten
         assert (first.stat().st_ino, first.stat().st_mtime_ns) == before
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
-    assert len(rejects) == 1 and rejects[0]["where"] == f"{corpus}:4" and reason in rejects[0]["reason"]
+    assert len(rejects) == 1 and rejects[0]["where"] == f"{corpus}:5" and reason in rejects[0]["reason"]
     ids, _ = _read_output(out)
     assert sorted(ids) == sorted(d["_id"] for d in _docs(5))
 
@@ -241,7 +241,8 @@ def test_sigkill_then_rerun_holds_every_id_exactly_once(tmp_path, tiny_model_dir
     out = tmp_path / "out"
     cmd = _encode_cmd(tiny_model_dir, corpus, out)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log_path = tmp_path / "first-run.log"  # a file, not a pipe: a full pipe would stall the driver
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
     tree: list[int] = []
     killed_at = None
     try:
@@ -254,7 +255,7 @@ def test_sigkill_then_rerun_holds_every_id_exactly_once(tmp_path, tiny_model_dir
                     os.kill(proc.pid, signal.SIGKILL)
                     killed_at = committed
                     break
-                actors = [p for p in tree if "EmbedWriter" in _cmdline(p)]
+                actors = [p for p in tree if "EmbedWriter" in _cmdline(p)]  # Ray titles the actor after its class
                 if actors:
                     os.kill(actors[0], signal.SIGKILL)
                     killed_at = committed
@@ -262,7 +263,7 @@ def test_sigkill_then_rerun_holds_every_id_exactly_once(tmp_path, tiny_model_dir
             time.sleep(0.05)
         assert killed_at is not None and killed_at < 60, f"no kill while shards were pending ({proc.poll()=})"
         proc.wait(timeout=240)  # the driver is gone, or the run finishes despite the dead actor
-        log = proc.stdout.read().decode(errors="replace")
+        log = log_path.read_text(errors="replace")
     finally:
         _kill_all([proc.pid, *tree])  # whatever of that Ray cluster outlived its driver
         proc.wait()
@@ -338,7 +339,8 @@ def test_samtone_serve_searches_the_encoded_index(encoded, tiny_model_dir, tmp_p
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "samtone_ray.cli", "serve", "--model", str(tiny_model_dir), "--index", str(root / "served"),
            "--port", str(port), "--set", "tracking.enabled=false"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path,
+                            stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT)
     tree: list[int] = []
     try:
         deadline = time.monotonic() + 240
@@ -365,3 +367,21 @@ def test_samtone_serve_searches_the_encoded_index(encoded, tiny_model_dir, tmp_p
             pass
         _kill_all([proc.pid, *tree])
         proc.wait()
+
+
+def test_cli_prints_figures_and_logs_an_mlflow_run(ray_cluster, tmp_path, tiny_model_dir, capsys):
+    from samtone_ray import tracking
+    from samtone_ray.cli import main
+
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", _docs(6))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["encode", "--model", str(tiny_model_dir), "--input", str(corpus), "--output", str(tmp_path / "out"),
+            "--precision", "fp32", "--set", f"tracking.uri={uri}"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "encoded 6 rows in" in out and "rows/s" in out and "embed" in out
+    c = tracking.client(uri)
+    (run,) = c.search_runs([tracking.experiment_id(uri, "samtone")])
+    assert run.data.metrics["rows"] == 6 and run.data.params["model"] == str(tiny_model_dir)
+    assert main(argv[:-2] + ["--set", "tracking.enabled=false", "--batch-size", "0"]) == 2  # a clear error, no traceback
+    assert "batch_size must be >= 1" in capsys.readouterr().err
