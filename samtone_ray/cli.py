@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./.samtone/mlflow.db")
     p.set_defaults(func=cmd_models)
+
+    from samtone_ray.analysis_report import add_parser as add_analyze_parser
+
+    add_analyze_parser(sub)
     return parser
 
 

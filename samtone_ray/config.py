@@ -150,6 +150,8 @@ class SearchConfig:
     grace_period: int = 1
     """ASHA: evaluations a trial always gets before it may be stopped."""
     max_concurrent_trials: int | Literal["auto"] = "auto"
+    analyze: bool = False
+    """At the end, run ``samtone analyze`` on the best trial and its reference (``<output_dir>/analysis``)."""
     space: dict[str, Any] = field(
         default_factory=lambda: {"loss.same_tower": {"grid": ["none", "query", "doc", "both"]}}
     )

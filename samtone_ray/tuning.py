@@ -184,6 +184,9 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
     champion = None
     if best is not None and uri:
         champion = promote_best(cfg, uri, best, eval_split)
+    if cfg.search.analyze:
+        from samtone_ray.analysis_report import analyze_search
+        analyze_search(cfg, board, best, eval_split, out / "analysis", uri, state["parent_run_id"])
     if parent:
         parent.log_artifact(out / LEADERBOARD_CSV)
         parent.log_artifact(out / LEADERBOARD_PNG)
