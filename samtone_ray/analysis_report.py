@@ -95,13 +95,18 @@ def draw_sample(split, settings: AnalysisSettings) -> Sample:
     required = {did for qid in query_ids for did in judged[qid]}
     doc_ids = analysis.bound_corpus(list(split.corpus), required, settings.max_docs, rng)
     row = {did: i for i, did in enumerate(doc_ids)}
-    rows = list(range(len(doc_ids)))
+    relevant = [[row[did] for did in judged[qid]] for qid in query_ids]
+    # The t-SNE shows the pictured queries' own positives (so aligned towers show as pairs side by
+    # side), then random documents up to the same count.
+    tsne_docs = list(dict.fromkeys(docs[0] for docs in relevant[: settings.tsne_per_tower]))
+    chosen = set(tsne_docs)
+    tsne_docs += [int(i) for i in rng.permutation(len(doc_ids)) if int(i) not in chosen][: settings.tsne_per_tower - len(tsne_docs)]
     return Sample(
         query_ids=query_ids,
         doc_ids=doc_ids,
-        relevant=[[row[did] for did in judged[qid]] for qid in query_ids],
-        pair_docs=[rows[i] for i in rng.permutation(len(rows))[: settings.pair_sample]],
-        tsne_docs=[rows[i] for i in rng.permutation(len(rows))[: settings.tsne_per_tower]],
+        relevant=relevant,
+        pair_docs=[int(i) for i in rng.permutation(len(doc_ids))[: settings.pair_sample]],
+        tsne_docs=tsne_docs,
         corpus_documents=len(split.corpus),
     )
 
