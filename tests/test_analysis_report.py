@@ -132,12 +132,17 @@ def test_analyze_cli_two_models_matches_naive_loops_and_logs_to_mlflow(tiny_mode
     assert logged == {f"analysis/{n}" for n in ("analysis.json", "tsne.png", "similarities.png", "top1_gap.png")}
 
 
-def test_analyze_cli_rejects_mismatched_labels_and_unknown_models(tiny_beir, tmp_path):
-    base = [sys.executable, "-m", "samtone_ray.cli", "analyze", "--data", str(tiny_beir), "--no-tracking", "--out", str(tmp_path)]
-    proc = subprocess.run(base + ["--model", "all-MiniLM-L6-v2", "--label", "a", "--label", "b"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "2 --label for 1 --model" in proc.stderr
-    proc = subprocess.run(base + ["--model", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "missing" in proc.stderr
+def test_analyze_cli_rejects_mismatched_labels_and_unknown_models(tiny_beir, tmp_path, capsys):
+    from samtone_ray.cli import main
+
+    base = ["analyze", "--data", str(tiny_beir), "--no-tracking", "--out", str(tmp_path)]
+    assert main(base + ["--model", "all-MiniLM-L6-v2", "--label", "a", "--label", "b"]) == 2
+    assert "2 --label for 1 --model" in capsys.readouterr().err
+    assert main(base + ["--model", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(base + ["--model", "all-MiniLM-L6-v2", "--pair-sample", "1"]) == 2
+    assert "pair_sample must be >= 2" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written on bad input
 
 
 def test_draw_sample_bounds_the_corpus_but_keeps_every_relevant_document(tiny_beir):
@@ -184,3 +189,29 @@ def test_analyze_search_hook_compares_best_with_reference_or_zero_shot(tiny_mode
     assert (tmp_path / "b" / "tsne.png").read_bytes()[:8] == PNG_MAGIC
     assert analyze_search(cfg, [], None, split, tmp_path / "c") is None
     assert not np.isnan(a["uniformity"]["both"])
+
+
+def test_tune_with_search_analyze_writes_the_analysis_and_its_run(ray_cluster, tiny_model_dir, tiny_beir, tmp_path):
+    from mlflow import MlflowClient
+
+    from samtone_ray.config import from_dict
+    from samtone_ray.tuning import tune
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = from_dict({
+        "output_dir": str(tmp_path / "out"),
+        "model": {"name_or_path": str(tiny_model_dir), "query_max_length": 16, "doc_max_length": 32},
+        "data": {"train": str(tiny_beir), "train_split": "dev", "eval": str(tiny_beir)},
+        "train": {"batch_size": 4, "max_steps": 2, "eval_every": 0},
+        "scaling": {"num_workers": 1},
+        "tracking": {"uri": uri, "experiment": "tests"},
+        "search": {"scheduler": "none", "analyze": True, "space": {"loss.same_tower": {"grid": ["query"]}}},
+    })
+    outcome = tune(cfg)
+    payload = json.loads((outcome.output_dir / "analysis" / "analysis.json").read_text())
+    # One finished trial and no in-batch one: it is compared with the zero-shot base model.
+    assert list(payload["models"]) == [f"best {outcome.best['trial']} (same_tower=query)", f"zero-shot {tiny_model_dir}"]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id], "tags.`samtone.kind` = 'analyze'")
+    assert run.data.tags["samtone.search_run_id"] == outcome.parent_run_id and run.info.status == "FINISHED"
+    assert "mlflow.parentRunId" not in run.data.tags  # the search's children stay one per trial
