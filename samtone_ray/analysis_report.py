@@ -87,10 +87,12 @@ class Sample:
 
 def draw_sample(split, settings: AnalysisSettings) -> Sample:
     """The fixed-seed sample of ``split`` (a BeirSplit) that ``settings`` asks for."""
+    from samtone_ray.data import DataError
+
     rng = np.random.default_rng(settings.seed)
     judged = analysis.positives(split.qrels)
     if not judged:
-        raise ValueError("the split has no query with a relevant document (qrels relevance > 0)")
+        raise DataError("the split has no query with a relevant document (qrels relevance > 0)")
     query_ids = analysis.sample_ids(list(judged), settings.max_queries, rng)
     required = {did for qid in query_ids for did in judged[qid]}
     doc_ids = analysis.bound_corpus(list(split.corpus), required, settings.max_docs, rng)
