@@ -237,6 +237,7 @@ def _overlay(ax, values_by_label: dict[str, np.ndarray], legend: dict[str, str] 
     for i, (label, values) in enumerate(values_by_label.items()):
         ax.hist(values, bins=edges, density=True, histtype="step", linewidth=1.5, color=f"C{i}",
                 label=(legend or {}).get(label, label))
+    ax.set_ylabel("density")
     ax.legend(fontsize="x-small")
 
 
