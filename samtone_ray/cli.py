@@ -212,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ef-search", type=int, default=128, help="faiss-hnsw: search breadth")
     p.add_argument("--tracking-uri", help="for models:/ and runs:/ URIs in the manifest")
     p.set_defaults(func=cmd_index)
+
+    from samtone_ray.analysis_report import add_parser as add_analyze_parser
+
+    add_analyze_parser(sub)
     return parser
 
 

@@ -157,6 +157,8 @@ class SearchConfig:
     """Trial the leaderboard tests every other against: a trial id, or dotted settings
     (``loss.same_tower=none,train.batch_size=64``: the best trial matching them); empty = the
     best ``loss.same_tower=none`` trial when there is one, else the best trial."""
+    analyze: bool = False
+    """At the end, run ``samtone analyze`` on the best trial and its reference (``<output_dir>/analysis``)."""
     space: dict[str, Any] = field(
         default_factory=lambda: {"loss.same_tower": {"grid": ["none", "query", "doc", "both"]}}
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -17,7 +18,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     The temp file is removed if anything fails, so no stray ``.tmp`` files pile up."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    # os.open (not mkstemp, which makes 0600 files) so the file gets the usual umask-based mode.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

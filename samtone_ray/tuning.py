@@ -278,6 +278,10 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
             log.error("%s", exc)
             print(f"error: {exc}", file=sys.stderr)
             champion = {"promoted": False, "version": None, "error": str(exc)}
+    if cfg.search.analyze:
+        from samtone_ray.analysis_report import analyze_search
+
+        analyze_search(cfg, board, best, eval_split, out / "analysis", uri, state["parent_run_id"])
     if parent:
         parent.log_artifact(layout.leaderboard_csv)
         parent.log_artifact(layout.leaderboard_png)
