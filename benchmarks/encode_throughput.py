@@ -55,7 +55,8 @@ import torch  # noqa: E402
 
 from samtone_ray.encoding import EncodeOptions, run_encode  # noqa: E402
 from samtone_ray.runtime import autocast, connect_ray, device_name, resolve_precision  # noqa: E402
-from samtone_ray.towers import DualEncoder, resolve_model_path  # noqa: E402
+from samtone_ray.model_files import resolve_model_path  # noqa: E402
+from samtone_ray.towers import DualEncoder  # noqa: E402
 
 # ../shared/data/debian beside the checkout (main), or beside the worktrees' parent.
 _REPO = Path(__file__).resolve().parents[1]

@@ -190,7 +190,7 @@ def tokenize_shards(
     on_bad_record: str,
 ) -> dict[str, np.ndarray]:
     """Read, check and tokenise each shard of ``batch`` (CPU task)."""
-    from samtone_ray.towers import tokenize_chunks
+    from samtone_ray.tokenization import tokenize_chunks
 
     out: dict[str, list] = {"key": [], "payload": [], "error": [], "rejects": [], "t_read": [], "t_tokenize": []}
     for spec in batch["shard"]:
