@@ -102,6 +102,10 @@ class TrainConfig:
     """Checkpoint every N steps (0 = only at the end)."""
     chunk_size: int = 32
     """Texts encoded per forward chunk, sorted by length so each chunk pads only to its own longest."""
+    micro_batch_size: int = 0
+    """Gradient cache (0 = off): encode the batch without a graph, then re-encode it with grad in
+    micro-batches of at most this many texts (whole chunks: >= chunk_size), so activation memory
+    no longer grows with batch_size. Same loss and gradients as without (gradcache.py)."""
     eval_batch_size: int = 128
     log_every: int = 10
     """Log loss, learning rate and throughput to MLflow every N steps."""
@@ -111,10 +115,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("batch_size", "epochs", "chunk_size", "eval_batch_size", "log_every"):
             _positive(f"train.{key}", getattr(self, key))
-        for key in ("max_steps", "eval_every", "checkpoint_every", "fail_at_step"):
+        for key in ("max_steps", "eval_every", "checkpoint_every", "fail_at_step", "micro_batch_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         _positive("train.lr", self.lr)
+        if self.micro_batch_size and self.micro_batch_size < self.chunk_size:
+            raise ConfigError(
+                f"train.micro_batch_size must be 0 (off) or >= train.chunk_size={self.chunk_size} (a chunk "
+                f"is the smallest forward), got {self.micro_batch_size}"
+            )
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

@@ -11,6 +11,7 @@ Ray Train worker function; ``build_trainer`` / ``train`` are the driver side.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -32,6 +33,7 @@ from samtone_ray.files import atomic_write_json
 from samtone_ray.losses import contrastive_loss
 from samtone_ray.data import load_data
 from samtone_ray.evaluation import evaluate_model
+from samtone_ray.gradcache import grad_cache_step
 from samtone_ray.runtime import autocast, connect_ray, cpu_threads, device_name, resolve_precision
 from samtone_ray.towers import DualEncoder, TokenChunks
 
@@ -87,12 +89,27 @@ def train_step(
         q, d, n = model(
             _to_device(shard.queries, device), _to_device(shard.documents, device), _to_device(shard.negatives, device)
         )
+    return shard_loss(q, d, n, loss_cfg, keys=keys, rank=rank)
+
+
+def shard_loss(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    n: torch.Tensor | None,
+    loss_cfg: LossConfig,
+    *,
+    keys: dict[str, torch.Tensor] | None,
+    rank: int,
+) -> torch.Tensor:
+    """The loss of this worker's anchors against the global batch, from its local embeddings
+    ``q`` [b, D], ``d`` [b, D], ``n`` [b*K, D] or None. Shared by ``train_step`` and the gradient
+    cache (gradcache.py) so both compute the same loss."""
     local = q.shape[0]
     q_all, d_all = gather_with_grad(q.float()), gather_with_grad(d.float())  # [B, D]
     hard = None
     if n is not None:
         hard = gather_with_grad(n.float().view(local, -1, n.shape[-1]))  # [B, K, D]
-    keys = {k: v.to(device) for k, v in keys.items()} if keys else {}
+    keys = {k: v.to(q.device) for k, v in keys.items()} if keys else {}
     return contrastive_loss(
         q_all,
         d_all,
@@ -229,11 +246,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         step = state.step
         if step + 1 < schedule.total_steps:
             pending = pool.submit(prepare, step + 1)
-        loss = train_step(
-            ddp, shard, cfg.loss, keys=batch_keys(keys, indices), rank=rank, precision=cfg.train.precision
-        )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step_keys = batch_keys(keys, indices)
+        if cfg.train.micro_batch_size:
+            loss = grad_cache_step(
+                ddp,
+                shard,
+                functools.partial(shard_loss, loss_cfg=cfg.loss, keys=step_keys, rank=rank),
+                micro_batch_size=cfg.train.micro_batch_size,
+                precision=cfg.train.precision,
+            )
+        else:
+            loss = train_step(ddp, shard, cfg.loss, keys=step_keys, rank=rank, precision=cfg.train.precision)
+            loss.backward()
         optimizer.step()
         scheduler.step()
         state.step += 1
