@@ -5,7 +5,8 @@ carries over. The child builds the model, the AdamW optimizer and the tokenised 
 the peak counter and runs one full step (forward, loss, backward, ``optimizer.step``):
 
 * CPU: the peak resident set size of the step (``VmHWM`` after writing 5 to
-  ``/proc/self/clear_refs``, which resets it), minus the resident size just before the step;
+  ``/proc/self/clear_refs``, which resets it), minus the resident size just before the step
+  (glibc's mmap threshold is pinned at 128 KiB so freed activations leave the RSS);
 * CUDA: ``torch.cuda.max_memory_allocated`` during the step, minus the allocated memory before it.
 
 Modes: ``plain`` = ``training.train_step`` + backward (every chunk's activations live until
@@ -166,7 +167,10 @@ def measure(args: argparse.Namespace, batch_size: int, mode: str) -> dict:
            "--device", args.device, "--data", args.data, "--chunk-size", str(args.chunk_size),
            "--micro-batch-size", str(args.micro_batch_size), "--precision", args.precision,
            "--query-max-length", str(args.query_max_length), "--doc-max-length", str(args.doc_max_length)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.point_timeout)
+    # glibc's mmap threshold adapts upwards as big blocks are freed, after which freed activations
+    # stay in the heap and count in the RSS; a fixed threshold returns them, for both modes alike.
+    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": str(1 << 17), "MALLOC_TRIM_THRESHOLD_": str(1 << 17)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.point_timeout, env=env)
     if proc.returncode != 0:
         oom = "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
         return {"batch_size": batch_size, "mode": mode, "failed": "out of memory" if oom else proc.stderr[-2000:]}

@@ -115,3 +115,15 @@ def make_shard(
         n = tokenize_chunks(tokenizer, flat, doc_max_length, chunk_size)
     tokens = sum(int(c["attention_mask"].sum()) for part in (q, d, n) if part is not None for c in part.chunks)
     return Shard(q, d, n, tokens)
+
+
+def pin_memory(shard: Shard) -> Shard:
+    """The shard with its token tensors in page-locked host memory, so that the encoders'
+    ``non_blocking`` copies to the GPU run asynchronously instead of stalling the host."""
+
+    def pin(part: TokenChunks | None) -> TokenChunks | None:
+        if part is None:
+            return None
+        return TokenChunks([{k: v.pin_memory() for k, v in c.items()} for c in part.chunks], part.order)
+
+    return Shard(pin(shard.queries), pin(shard.documents), pin(shard.negatives), shard.num_tokens)

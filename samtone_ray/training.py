@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from samtone_ray.batching import PairKeys, Schedule, Shard, batch_digest, make_shard
+from samtone_ray.batching import PairKeys, Schedule, Shard, batch_digest, make_shard, pin_memory
 from samtone_ray.config import Config, LossConfig, from_dict
 from samtone_ray.files import atomic_write_json
 from samtone_ray.losses import contrastive_loss
@@ -195,7 +195,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         model.load_state_dict(saved["model"])
         state = _State(step=saved["step"], history=saved["history"])
     ddp = ray.train.torch.prepare_model(model)  # moves to the device; wraps in DDP when world > 1
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=cfg.scaling.use_gpu
+    )  # fused: one kernel for all parameters on CUDA instead of several per tensor
     scheduler = linear_schedule(optimizer, schedule.total_steps, cfg.train.warmup_ratio)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
@@ -224,7 +226,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     def prepare(step: int) -> tuple[np.ndarray, Shard]:
         indices = schedule.batch(step)
         mine = indices[rank * per_worker : (rank + 1) * per_worker]
-        return indices, make_shard(
+        shard = make_shard(
             pairs,
             mine,
             tokenizer,
@@ -233,6 +235,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             num_negatives=cfg.data.num_hard_negatives,
             chunk_size=cfg.train.chunk_size,
         )
+        return indices, pin_memory(shard) if cfg.scaling.use_gpu else shard
 
     # Tokenise the next batch on a thread while this one trains (the fast tokenizer drops the GIL).
     pool = ThreadPoolExecutor(max_workers=1)
