@@ -170,7 +170,10 @@ def measure(args: argparse.Namespace, batch_size: int, mode: str) -> dict:
     # glibc's mmap threshold adapts upwards as big blocks are freed, after which freed activations
     # stay in the heap and count in the RSS; a fixed threshold returns them, for both modes alike.
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": str(1 << 17), "MALLOC_TRIM_THRESHOLD_": str(1 << 17)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.point_timeout, env=env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.point_timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"batch_size": batch_size, "mode": mode, "failed": f"timeout after {args.point_timeout} s"}
     if proc.returncode != 0:
         oom = "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
         return {"batch_size": batch_size, "mode": mode, "failed": "out of memory" if oom else proc.stderr[-2000:]}
@@ -190,7 +193,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--doc-max-length", type=int, default=128)
     p.add_argument("--data", default=None, help="BEIR folder or Parquet (default: the Debian set, else the sample)")
     p.add_argument("--find-max", action="store_true",
-                   help="with the cache only: double the batch from the largest --batch-sizes until a step fails")
+                   help="with the cache only: double the batch beyond the largest --batch-sizes until a step fails")
     p.add_argument("--max-batch", type=int, default=65536, help="--find-max stops here")
     p.add_argument("--point-timeout", type=float, default=900)
     p.add_argument("--memory-limit-mib", type=float, default=float("inf"),
@@ -213,45 +216,51 @@ def main(argv: list[str] | None = None) -> int:
     if args.point:
         print(json.dumps(run_point(args)))
         return 0
+    from samtone_ray.files import atomic_write_json
+
+    points: list[dict] = []
+    largest = None
+
+    def record(point: dict) -> None:
+        # Rewritten after every point: a run cut short still leaves what it measured.
+        points.append(point)
+        _print_point(point)
+        payload = {
+            "benchmark": "batch_memory",
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "config": {k: v for k, v in vars(args).items() if k not in ("point", "mode", "model_path", "out")}
+            | {"loss": "SamToNe both, bidirectional, duplicate masking (config defaults)",
+               "metric": "CUDA max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (VmHWM)"},
+            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+            "points": points,
+            "largest_cached_batch": largest,
+        }
+        atomic_write_json(args.out, payload)
+
     with tempfile.TemporaryDirectory() as tmp:
         args.model_path = str(tiny_model(Path(tmp) / "tiny")) if args.model == "tiny" else args.model
         sizes = [int(s) for s in args.batch_sizes.split(",")]
-        points = []
         for b in sizes:
             for mode in args.modes.split(","):
                 predicted = _predicted_mib(points, mode, b)
                 if predicted > args.memory_limit_mib:
                     # A shared machine: do not let one point take every other job's memory.
-                    point = {"batch_size": b, "mode": mode, "skipped": f"predicted {predicted:.0f} MiB "
-                             f"(linear in the batch from the last two points) > --memory-limit-mib"}
+                    record({"batch_size": b, "mode": mode, "skipped": f"predicted {predicted:.0f} MiB "
+                            f"(linear in the batch from the last two points) > --memory-limit-mib"})
                 else:
-                    point = measure(args, b, mode)
-                points.append(point)
-                _print_point(point)
-        largest = None
+                    record(measure(args, b, mode))
+        cached = [p["batch_size"] for p in points if p["mode"] == "cache" and "peak_mib" in p]
+        largest = max(cached, default=None)
         if args.find_max:
-            b = sizes[-1]
+            b = sizes[-1] * 2
             while b <= args.max_batch:
                 point = measure(args, b, "cache")
-                points.append(point)
-                _print_point(point)
+                if "failed" not in point:
+                    largest = b
+                record(point)
                 if "failed" in point:
                     break
-                largest = b
                 b *= 2
-    payload = {
-        "benchmark": "batch_memory",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": {k: v for k, v in vars(args).items() if k not in ("point", "mode", "model_path", "out")}
-        | {"loss": "SamToNe both, bidirectional, duplicate masking (config defaults)",
-           "metric": "CUDA max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (VmHWM) of the step"},
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
-        "points": points,
-        "largest_cached_batch": largest,
-    }
-    from samtone_ray.files import atomic_write_json
-
-    atomic_write_json(args.out, payload)
     print(f"wrote {args.out}")
     return 0
 
@@ -269,7 +278,7 @@ def _print_point(p: dict) -> None:
         print(f"batch {p['batch_size']:>6} {p['mode']:<5} skipped: {p['skipped']}", flush=True)
         return
     if "failed" in p:
-        print(f"batch {p['batch_size']:>6} {p['mode']:<5} FAILED: {p['failed'][:200]}", flush=True)
+        print(f"batch {p['batch_size']:>6} {p['mode']:<5} FAILED: {p['failed'].strip().splitlines()[-1]}", flush=True)
         return
     print(
         f"batch {p['batch_size']:>6} {p['mode']:<5} step peak +{p['step_peak_over_before_mib']:9.1f} MiB "

