@@ -13,6 +13,6 @@ mkdir -p "$(dirname "$exclude")" .gpu
 grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >>"$exclude"
 PYTHONPATH=$root $PY benchmarks/gpu/kit.py files .gpu
 if [[ "${1:-}" != "--no-wheels" ]]; then
-  bash "$root/../shared/device/kit.sh"
+  bash "$root/../shared/device/kit.sh" bm25s==0.3.16  # evaluation.py imports bm25s
 fi
 du -sh .gpu .whl 2>/dev/null || true

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import ray
 
 from samtone_ray.config import from_dict
 from samtone_ray.files import atomic_write_json
@@ -42,7 +45,14 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         t0 = time.perf_counter()
-        outcome = train(cfg)
+        # Joined here rather than in train(): without the dashboard, whose extra packages the
+        # GPU image may lack (it only serves ASHA's worker release, unused by one run).
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
+                 num_cpus=max(2, min(16, os.cpu_count() or 2)))
+        try:
+            outcome = train(cfg)
+        finally:
+            ray.shutdown()
         seconds = time.perf_counter() - t0
         report = {
             "backend": "nccl" if gpu else "gloo",
