@@ -58,7 +58,7 @@ class Schedule:
         """Pair indices of global batch ``step`` (0-based), shape [batch_size]."""
         epoch, index = self.position(step)
         start = index * self.batch_size
-        return self.epoch_order(epoch)[start : start + self.batch_size]
+        return self.epoch_order(epoch)[start : start + self.batch_size].copy()  # callers may write it
 
 
 def batch_digest(indices: np.ndarray) -> str:

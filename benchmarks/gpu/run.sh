@@ -46,10 +46,12 @@ if [[ $dry -eq 1 ]]; then
   model=$OUT/minilm-arch
   data=$root/samtone_ray/sample/debian
   slack=6  # a shared 2-core CPU, not a GPU
+  ray_lock=(flock /tmp/samtone-ray.lock)  # the dev machine's rule for anything that starts Ray
   dev=cpu prec=fp32 b_train=16 micro=16 steps=1 rounds=1 docs=64 sizes=16,32 maxb=64 ray_b=8 ray_steps=2
 else
   PY=python3
   slack=1
+  ray_lock=()
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/site:$root
@@ -64,7 +66,7 @@ export SAMTONE_TOKENIZER_DIR=$root/.gpu/minilm-arch  # the tiny test BERTs' toke
 rm -rf "$model" && cp -r "$root/.gpu/minilm-arch" "$model" && $PY benchmarks/gpu/kit.py weights "$model" || exit 1
 
 stage cuda_tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
-stage ray_train 120 $PY benchmarks/gpu/ray_train_check.py --model "$model" --out "$OUT/ray_train.json" \
+stage ray_train 120 "${ray_lock[@]}" $PY benchmarks/gpu/ray_train_check.py --model "$model" --out "$OUT/ray_train.json" \
   --batch-size $ray_b --micro-batch-size $((ray_b < 256 ? ray_b : 256)) --steps $ray_steps $([[ $dry -eq 1 ]] && echo --dry-run)
 stage train_throughput 120 $PY benchmarks/train_throughput.py --device $dev --precision $prec --model "$model" \
   --data "$data" --batch-size $b_train --micro-batch-size $micro --steps $steps --rounds $rounds --warmup 1 \
