@@ -47,7 +47,7 @@ if [[ $dry -eq 1 ]]; then
   data=$root/samtone_ray/sample/debian
   slack=6  # a shared 2-core CPU, not a GPU
   ray_lock=(flock /tmp/samtone-ray.lock)  # the dev machine's rule for anything that starts Ray
-  dev=cpu prec=fp32 b_train=16 micro=16 steps=1 rounds=1 docs=64 sizes=16,32 maxb=64 ray_b=8 ray_steps=2
+  dev=cpu prec=fp32 b_train=32 micro=32 steps=1 rounds=1 docs=64 sizes=16,32 maxb=64 ray_b=8 ray_steps=2
 else
   PY=python3
   slack=1
@@ -75,7 +75,7 @@ stage encode_throughput 60 $PY benchmarks/encode_throughput.py --device $dev --p
   --data "$data" --docs $docs --batch-size 512 --max-length 128 --rounds 3 --out "$OUT/encode_throughput.json"
 stage batch_memory 180 $PY benchmarks/batch_memory.py --device $dev --precision $prec --model "$model" --data "$data" \
   --batch-sizes $sizes --micro-batch-size $micro --chunk-size $((micro < 64 ? micro : 64)) --find-max --max-batch $maxb \
-  --point-timeout 90 --out "$OUT/batch_memory.json"
+  --point-timeout $((90 * slack)) --out "$OUT/batch_memory.json"
 
 echo "total ${SECONDS}s; stages: $(tr -d '\n' <"$OUT/stages.jsonl")"
 exit $status
