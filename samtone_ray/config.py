@@ -73,8 +73,12 @@ class LossConfig:
     """alpha >= 0 multiplies each same-tower term of a softmax denominator (1 = SamToNe, 0 = plain in-batch)."""
     false_negative_margin: float | None = None
     """Drop each negative whose cosine to the anchor exceeds the positive's plus this margin (null = off)."""
+    anchor_chunk_size: int = 0
+    """Anchors per loss chunk (0 = all at once): bounds the logits to [chunk, candidates] for big batches."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.anchor_chunk_size, bool) or self.anchor_chunk_size < 0:
+            raise ConfigError(f"loss.anchor_chunk_size must be an int >= 0 (0 = off), got {self.anchor_chunk_size!r}")
         with _as(ConfigError):
             settings.check_temperature(self.temperature, prefix="loss.")
         with _as(CombinationError):
@@ -105,6 +109,10 @@ class TrainConfig:
     """Process-group timeout: how long a worker waits in a collective for the others."""
     chunk_size: int = 32
     """Texts encoded per forward chunk, sorted by length so each chunk pads only to its own longest."""
+    micro_batch_size: int = 0
+    """Gradient cache (0 = off): encode the batch without a graph, then re-encode it with grad in
+    micro-batches of at most this many texts (whole chunks: >= chunk_size), so activation memory
+    no longer grows with batch_size. Same loss and gradients as without (gradcache.py)."""
     eval_batch_size: int = 128
     log_every: int = 10
     """Log loss, learning rate and throughput to MLflow every N steps."""
@@ -114,10 +122,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("batch_size", "epochs", "chunk_size", "eval_batch_size", "log_every", "collective_timeout_s"):
             _positive(f"train.{key}", getattr(self, key))
-        for key in ("max_steps", "eval_every", "checkpoint_every", "fail_at_step"):
+        for key in ("max_steps", "eval_every", "checkpoint_every", "fail_at_step", "micro_batch_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         _positive("train.lr", self.lr)
+        if self.micro_batch_size and self.micro_batch_size < self.chunk_size:
+            raise ConfigError(
+                f"train.micro_batch_size must be 0 (off) or >= train.chunk_size={self.chunk_size} (a chunk "
+                f"is the smallest forward), got {self.micro_batch_size}"
+            )
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

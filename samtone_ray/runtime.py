@@ -20,7 +20,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        # Pre-Ampere GPUs emulate bf16 (slower than fp32): only native support counts.
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     return "bf16" if _cpu_has_amx() else "fp32"
 
 

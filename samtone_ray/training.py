@@ -11,6 +11,7 @@ Ray Train worker function; ``build_trainer`` / ``train`` are the driver side.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -26,12 +27,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from samtone_ray.batching import PairKeys, Schedule, Shard, batch_digest, make_shard
+from samtone_ray.batching import (
+    PairKeys,
+    Schedule,
+    Shard,
+    batch_digest,
+    make_shard,
+    pin_memory,
+)
 from samtone_ray.config import Config, LossConfig, from_dict
-from samtone_ray.files import atomic_write_json
-from samtone_ray.losses import contrastive_loss
 from samtone_ray.data import load_data
 from samtone_ray.evaluation import evaluate_model
+from samtone_ray.files import atomic_write_json
+from samtone_ray.gradcache import grad_cache_step
+from samtone_ray.losses import contrastive_loss
 from samtone_ray.per_query import PER_QUERY_FILE, write_per_query
 from samtone_ray.runtime import (
     autocast,
@@ -96,12 +105,27 @@ def train_step(
         q, d, n = model(
             _to_device(shard.queries, device), _to_device(shard.documents, device), _to_device(shard.negatives, device)
         )
+    return shard_loss(q, d, n, loss_cfg, keys=keys, rank=rank)
+
+
+def shard_loss(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    n: torch.Tensor | None,
+    loss_cfg: LossConfig,
+    *,
+    keys: dict[str, torch.Tensor] | None,
+    rank: int,
+) -> torch.Tensor:
+    """The loss of this worker's anchors against the global batch, from its local embeddings
+    ``q`` [b, D], ``d`` [b, D], ``n`` [b*K, D] or None. Shared by ``train_step`` and the gradient
+    cache (gradcache.py) so both compute the same loss."""
     local = q.shape[0]
     q_all, d_all = gather_with_grad(q.float()), gather_with_grad(d.float())  # [B, D]
     hard = None
     if n is not None:
         hard = gather_with_grad(n.float().view(local, -1, n.shape[-1]))  # [B, K, D]
-    keys = {k: v.to(device) for k, v in keys.items()} if keys else {}
+    keys = {k: v.to(q.device) for k, v in keys.items()} if keys else {}
     return contrastive_loss(
         q_all,
         d_all,
@@ -110,6 +134,7 @@ def train_step(
         temperature=loss_cfg.temperature,
         same_tower_weight=loss_cfg.same_tower_weight,
         false_negative_margin=loss_cfg.false_negative_margin,
+        anchor_chunk_size=loss_cfg.anchor_chunk_size or None,
         hard_negatives=hard,
         query_keys=keys.get("query"),
         doc_keys=keys.get("doc"),
@@ -191,7 +216,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         model.load_state_dict(saved["model"])
         state = _State(step=saved["step"], history=saved["history"])
     ddp = ray.train.torch.prepare_model(model)  # moves to the device; wraps in DDP when world > 1
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=cfg.scaling.use_gpu
+    )  # fused: one kernel for all parameters on CUDA instead of several per tensor
     scheduler = linear_schedule(optimizer, schedule.total_steps, cfg.train.warmup_ratio)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
@@ -222,7 +249,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     def prepare(step: int) -> tuple[np.ndarray, Shard]:
         indices = schedule.batch(step)
         mine = indices[rank * per_worker : (rank + 1) * per_worker]
-        return indices, make_shard(
+        shard = make_shard(
             pairs,
             mine,
             tokenizer,
@@ -231,6 +258,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             num_negatives=cfg.data.num_hard_negatives,
             chunk_size=cfg.train.chunk_size,
         )
+        return indices, pin_memory(shard) if cfg.scaling.use_gpu else shard
 
     # Tokenise the next batch on a thread while this one trains (the fast tokenizer drops the GIL).
     pool = ThreadPoolExecutor(max_workers=1)
@@ -244,11 +272,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         step = state.step
         if step + 1 < schedule.total_steps:
             pending = pool.submit(prepare, step + 1)
-        loss = train_step(
-            ddp, shard, cfg.loss, keys=batch_keys(keys, indices), rank=rank, precision=cfg.train.precision
-        )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step_keys = batch_keys(keys, indices)
+        if cfg.train.micro_batch_size:
+            loss = grad_cache_step(
+                ddp,
+                shard,
+                functools.partial(shard_loss, loss_cfg=cfg.loss, keys=step_keys, rank=rank),
+                micro_batch_size=cfg.train.micro_batch_size,
+                precision=cfg.train.precision,
+            )
+        else:
+            loss = train_step(ddp, shard, cfg.loss, keys=step_keys, rank=rank, precision=cfg.train.precision)
+            loss.backward()
         optimizer.step()
         scheduler.step()
         state.step += 1

@@ -168,6 +168,35 @@ def runs(ray_cluster, tiny_model_dir, small_data, tmp_path_factory):
     return out, uri, pairs
 
 
+def test_train_step_with_a_chunked_loss_matches_the_dense_loss(tiny_model_dir, small_data, tmp_path, monkeypatch):
+    """loss.anchor_chunk_size reaches the loss: same value and parameter gradients, in chunks of 3."""
+    from samtone_ray import training
+
+    seen = []
+    real = training.contrastive_loss
+    monkeypatch.setattr(
+        training, "contrastive_loss", lambda *a, **k: seen.append(k["anchor_chunk_size"]) or real(*a, **k)
+    )
+    pairs = small_data[0]
+    indices = np.arange(8)
+    results = []
+    for chunk in (0, 3):
+        cfg = _cfg(tiny_model_dir, tmp_path, **{"loss.anchor_chunk_size": chunk})
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        shard = make_shard(pairs, indices, model.tokenizer, query_max_length=16, doc_max_length=32, num_negatives=0,
+                           chunk_size=8)
+        loss = train_step(model, shard, cfg.loss, keys=batch_keys(PairKeys.build(pairs, 0), indices), rank=0)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (dense, dense_grads), (chunked, chunked_grads) = results
+    assert seen == [None, 3]
+    assert chunked == pytest.approx(dense, rel=1e-6)
+    assert dense_grads.keys() == chunked_grads.keys() and len(dense_grads) > 10
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def _weights(outcome):
     return load_file(str(next(Path(outcome.model_dir).rglob("model.safetensors"))))
 

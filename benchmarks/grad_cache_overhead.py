@@ -1,0 +1,70 @@
+"""Gradient-cache overhead in CPU time: ``grad_cache_step`` vs ``train_step`` + backward.
+
+Process CPU time (``time.process_time``, one torch thread) rather than wall time, so that other
+jobs on a shared machine do not enter the ratio. Alternating order per repetition, same batches
+for both, dropout on, no optimizer step (it is the same for both). Prints the medians and the
+ratio cache / plain; the cache's floor is one extra forward without a graph.
+
+Usage::
+
+    python benchmarks/grad_cache_overhead.py --model all-MiniLM-L6-v2 --batch-size 256 --reps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from samtone_ray.batching import make_shard  # noqa: E402
+from samtone_ray.config import from_dict  # noqa: E402
+from samtone_ray.data import bundled_sample_path, load_training_pairs  # noqa: E402
+from samtone_ray.gradcache import grad_cache_step  # noqa: E402
+from samtone_ray.training import build_model, shard_loss, train_step  # noqa: E402
+
+DEFAULT_DATA = Path("/work/shared/data/debian")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="all-MiniLM-L6-v2")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--micro-batch-size", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=32)
+    p.add_argument("--reps", type=int, default=4)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    cfg = from_dict({"model": {"name_or_path": args.model}, "scaling": {"num_workers": 1}})
+    pairs = load_training_pairs(DEFAULT_DATA if DEFAULT_DATA.is_dir() else bundled_sample_path(), "train")
+    model = build_model(cfg).train()
+    loss_fn = functools.partial(shard_loss, loss_cfg=cfg.loss, keys=None, rank=0)
+    seconds: dict[str, list[float]] = {"plain": [], "cache": []}
+    for rep in range(args.reps):
+        indices = np.arange(rep * args.batch_size, (rep + 1) * args.batch_size) % len(pairs)
+        shard = make_shard(pairs, indices, model.tokenizer, query_max_length=cfg.model.query_max_length,
+                           doc_max_length=cfg.model.doc_max_length, num_negatives=0, chunk_size=args.chunk_size)
+        for name in ("plain", "cache") if rep % 2 else ("cache", "plain"):
+            model.zero_grad(set_to_none=True)
+            t0 = time.process_time()
+            if name == "plain":
+                train_step(model, shard, cfg.loss, keys=None, rank=0).backward()
+            else:
+                grad_cache_step(model, shard, loss_fn, micro_batch_size=args.micro_batch_size)
+            seconds[name].append(time.process_time() - t0)
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    print(f"CPU seconds per step, batch {args.batch_size}, {args.model}: " + str({k: [round(x, 2) for x in v] for k, v in seconds.items()}))
+    print(f"median plain {med['plain']:.2f} s, cache {med['cache']:.2f} s; ratio cache / plain: {med['cache'] / med['plain']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
