@@ -173,7 +173,7 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
     """
     from samtone_ray import tracking
     from samtone_ray.data import load_data
-    from samtone_ray.runtime import connect_ray
+    from samtone_ray.runtime import check_ray_cluster, connect_ray
 
     cfg = cfg.with_output_dir()
     space = parse_space(cfg.search.space, cfg)  # fail before anything starts; logs skipped combinations
@@ -197,6 +197,7 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
     if eval_split is None:
         raise ConfigError("a search ranks trials by evaluating them: it needs eval data (data.eval)")
     uri = tracking.tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else None
+    check_ray_cluster(uri, str(out))  # a multi-node cluster cannot share SQLite or a node-local output_dir
     if uri and not state["parent_run_id"]:
         state["parent_run_id"] = tracking.start_run(
             uri, cfg.tracking.experiment, f"{cfg.name}-search", _search_params(cfg, space), tags={"samtone.kind": "search"}
