@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_DIR = Path(".samtone")
+SUBMISSION_ID_ENV = "SAMTONE_SUBMISSION_ID"
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "samtone-ray"]
 
 
@@ -66,6 +67,8 @@ def start_run(
 
     c = client(uri)
     all_tags = dict(tags or {})
+    if os.environ.get(SUBMISSION_ID_ENV):  # set by `samtone submit` for the job's runs
+        all_tags["samtone.submission_id"] = os.environ[SUBMISSION_ID_ENV]
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(experiment_id(uri, experiment), run_name=run_name, tags=all_tags)

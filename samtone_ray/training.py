@@ -30,6 +30,7 @@ from samtone_ray.batching import PairKeys, Schedule, Shard, batch_digest, make_s
 from samtone_ray.config import Config, LossConfig, from_dict
 from samtone_ray.files import atomic_write_json
 from samtone_ray.losses import contrastive_loss
+from samtone_ray.metrics import TrainMetrics
 from samtone_ray.data import load_data
 from samtone_ray.evaluation import evaluate_model
 from samtone_ray.runtime import autocast, connect_ray, cpu_threads, device_name, resolve_precision
@@ -164,6 +165,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     pairs = ray.get(loop_config["pairs"])
     eval_split = ray.get(loop_config["eval"]) if rank == 0 and loop_config.get("eval") is not None else None
     logger = _rank0_logger(loop_config, rank)
+    meter = TrainMetrics(loop_config.get("run_id") or cfg.name, rank)
 
     torch.manual_seed(cfg.train.seed)  # identical initialisation of any new layer on every rank
     model = build_model(cfg)
@@ -242,6 +244,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
         global_loss, tokens = _all_reduce_mean_and_sum(loss.detach(), shard.num_tokens, world)
         window.add(time.perf_counter() - t0, waited, global_loss, tokens, cfg.train.batch_size)
+        meter.step(step=state.step, seconds=time.perf_counter() - t0, waited=waited, loss=global_loss,
+                   pairs=cfg.train.batch_size, tokens=tokens)
         done = state.step == schedule.total_steps
         if logger and (state.step % cfg.train.log_every == 0 or done):
             logger.log_metrics(window.metrics() | {"lr": scheduler.get_last_lr()[0]}, state.step)
@@ -254,6 +258,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 # The other workers wait at the report barrier: lend their cores to the eval.
                 with cpu_threads(None if cfg.scaling.use_gpu else os.cpu_count()):
                     metrics |= evaluate_model(model, eval_split, cfg.train.eval_batch_size, cfg.train.precision)
+                meter.evaluation(metrics)
                 if logger:
                     logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if "@" in k}, state.step)
             _report(metrics, state, model, optimizer, scheduler, rank, checkpoint=do_ckpt)

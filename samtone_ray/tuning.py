@@ -113,6 +113,7 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
 
     from samtone_ray import tracking
     from samtone_ray.leaderboard import build_leaderboard, write_leaderboard
+    from samtone_ray.metrics import search_callback
     from samtone_ray.registry import promote_best
     from samtone_ray.data import load_data
     from samtone_ray.evaluation import evaluate_model as evaluate
@@ -172,7 +173,10 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
             trainable,
             param_space=space.tune_space(cfg.search.algorithm),
             tune_config=_tune_config(cfg),
-            run_config=rtune.RunConfig(name="tune", storage_path=str(out), verbose=1),
+            run_config=rtune.RunConfig(
+                name="tune", storage_path=str(out), verbose=1,
+                callbacks=[search_callback(cfg.name, cfg.search.metric, cfg.search.mode, out / "trials")],
+            ),
         )
     results = tuner.fit()
     board = build_leaderboard(results, cfg, space)
