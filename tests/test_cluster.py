@@ -172,3 +172,150 @@ def test_follow_exits_non_zero_when_the_job_fails(head, tiny_model_dir, tiny_bei
     sid = submission_id(proc.stdout)
     assert job_status(head, sid) == "FAILED"
     assert str(missing) in proc.stdout  # the job's error, tailed
+
+
+# ------------------------------------------------------------------------------- dashboards
+
+DASHBOARDS = REPO / "dashboards"
+
+
+def has_gpu() -> bool:
+    smi = shutil.which("nvidia-smi")
+    return bool(smi) and subprocess.run([smi, "-L"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def prometheus(head, tmp_path_factory):
+    """A real Prometheus scraping the head every second through Ray's service-discovery file."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("Prometheus is not installed (Debian/Ubuntu: apt-get install -y prometheus; .ci/run does it)")
+    import requests
+
+    work = tmp_path_factory.mktemp("prometheus")
+    (work / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: ray\n"
+        f"    file_sd_configs: [{{files: ['{head.service_discovery_file}'], refresh_interval: 1s}}]\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=open(work / "prometheus.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            targets = requests.get(f"{url}/api/v1/targets", timeout=2).json()["data"]["activeTargets"]
+            if any(t["health"] == "up" for t in targets):
+                break
+        except (requests.RequestException, KeyError, ValueError):
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"Prometheus did not scrape the head: {(work / 'prometheus.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def panels_without_data(prom_url: str, dashboard: Path, start: float) -> tuple[list[str], list[str], int]:
+    """Runs every target of every panel over [start, now] as Grafana would; returns the panels
+    (with the expression) that returned no data, the GPU panels skipped, and the count checked."""
+    import requests
+
+    missing, skipped, checked = [], [], 0
+    gpu = has_gpu()
+    for p in json.loads(dashboard.read_text())["panels"]:
+        if p.get("samtoneNeedsGpu") and not gpu:
+            skipped.append(p["title"])
+            continue
+        for target in p["targets"]:
+            expr = target["expr"].replace("$__rate_interval", "15s")
+            r = requests.get(f"{prom_url}/api/v1/query_range", timeout=30,
+                             params={"query": expr, "start": start, "end": time.time(), "step": "1s"})
+            body = r.json()
+            assert body["status"] == "success", f"{dashboard.name} / {p['title']}: {expr}: {body.get('error')}"
+            checked += 1
+            if not any(series["values"] for series in body["data"]["result"]):
+                missing.append(f"{dashboard.name} / {p['title']}: {expr}")
+    return missing, skipped, checked
+
+
+def test_training_and_search_dashboards_have_data_in_prometheus(head, prometheus, tiny_model_dir, tiny_beir, tmp_path):
+    start = time.time()
+    proc = samtone(
+        "submit", "tune", "--address", head.address, "--follow",
+        *train_settings(tiny_model_dir, tiny_beir, tmp_path, name="dashboards", **{
+            "train.max_steps": 120, "train.eval_every": 30, "train.log_every": 20,
+            "search.space": '{"loss.same_tower": {"grid": [none, both]}}',
+        }),
+        "--", "--no-baseline",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    time.sleep(3)  # the last export and scrape
+    missing, skipped, checked = [], [], 0
+    for name in ("samtone-training.json", "samtone-search.json"):
+        m, s, c = panels_without_data(prometheus, DASHBOARDS / name, start)
+        missing += m
+        skipped += s
+        checked += c
+    print(f"\n{checked} dashboard expressions returned data; GPU panels skipped without a GPU: {skipped}")
+    assert not missing, "no data for:\n" + "\n".join(missing)
+    assert checked >= 12
+
+
+def test_encoding_dashboard_has_data_in_prometheus(head, prometheus, tiny_model_dir, tiny_beir, tmp_path):
+    if "encode" not in samtone("--help").stdout:
+        pytest.skip("`samtone encode` is not part of this checkout yet")
+    start = time.time()
+    proc = samtone("submit", "encode", "--address", head.address, "--follow", "--",
+                   "--model", str(tiny_model_dir), "--input", str(tiny_beir / "corpus.jsonl"),
+                   "--output", str(tmp_path / "embeddings"), "--precision", "fp32")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    time.sleep(3)
+    missing, _, checked = panels_without_data(prometheus, DASHBOARDS / "samtone-encoding.json", start)
+    assert not missing, "no data for:\n" + "\n".join(missing)
+    assert checked >= 4
+
+
+def test_serving_dashboard_has_data_in_prometheus(head, prometheus, tiny_model_dir, tmp_path):
+    if "serve" not in samtone("--help").stdout:
+        pytest.skip("`samtone serve` is not part of this checkout yet")
+    import requests
+
+    start = time.time()
+    port = free_port()
+    env = dict(os.environ) | {"PYTHONPATH": str(REPO), "RAY_ADDRESS": head.gcs_address, "RAY_AUTH_MODE": "disabled"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "samtone_ray.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+         "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=REPO, env=env, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        for i in range(40):  # 20 s of traffic, a refused request among it
+            r = requests.post(f"{url}/v1/embeddings", json={"input": [f"text {i}", "another text"], "encoding_format": "float"})
+            assert r.status_code == 200, r.text
+            requests.post(f"{url}/v1/embeddings", json={"input": []})
+            time.sleep(0.5)
+        time.sleep(3)
+        missing, _, checked = panels_without_data(prometheus, DASHBOARDS / "samtone-serving.json", start)
+        assert not missing, "no data for:\n" + "\n".join(missing)
+        assert checked >= 8
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
