@@ -75,6 +75,7 @@ def train_settings(tiny_model_dir, tiny_beir, tmp_path, **extra) -> list[str]:
         "data.train": str(tiny_beir),
         "data.eval": str(tiny_beir),
         "train.batch_size": 8,
+        "train.epochs": 100,  # max_steps decides
         "train.max_steps": 12,
         "train.eval_every": 6,
         "train.precision": "fp32",
@@ -251,7 +252,8 @@ def test_training_and_search_dashboards_have_data_in_prometheus(head, prometheus
     proc = samtone(
         "submit", "tune", "--address", head.address, "--follow",
         *train_settings(tiny_model_dir, tiny_beir, tmp_path, name="dashboards", **{
-            "train.max_steps": 120, "train.eval_every": 30, "train.log_every": 20,
+            # Long enough (tens of seconds) for several 1 s scrapes of every trial's counters.
+            "train.max_steps": 300, "train.eval_every": 100, "train.log_every": 50,
             "search.space": '{"loss.same_tower": {"grid": [none, both]}}',
         }),
         "--", "--no-baseline",
