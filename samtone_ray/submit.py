@@ -10,6 +10,7 @@ submit of the same job attaches to it instead of starting it twice.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import hashlib
 import json
 import logging
@@ -108,11 +109,17 @@ def check_paths(cfg: Config, working_dir: Path, *, nodes: int) -> list[str]:
             continue
         if key == "model.name_or_path" and not Path(value).exists():
             continue  # an alias such as all-MiniLM-L6-v2, resolved on the cluster
-        if not _inside(Path(value), working_dir):
+        # The job resolves it against its copy of the working directory, which lacks EXCLUDES.
+        target = (working_dir / value).resolve()
+        if not _inside(target, working_dir):
             raise SubmitError(
                 f"{key}={value} is a relative path outside the working directory {working_dir}: the cluster cannot "
                 "see it. Use a path on storage every node mounts (absolute, or s3://...), or move it under the working directory."
             )
+        rel = target.relative_to(working_dir)
+        for pattern in EXCLUDES:
+            if rel.as_posix().startswith(pattern + "/") or any(fnmatch.fnmatch(part, pattern) for part in rel.parts):
+                raise SubmitError(f"{key}={value} lies under {pattern}, which is not uploaded to the cluster")
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if cfg.tracking.enabled:
         if not uri:

@@ -48,6 +48,7 @@ def test_the_submission_id_follows_the_config_not_the_spelling():
         (["data.train=../elsewhere"], "data.train=../elsewhere is a relative path outside the working directory"),
         (["data.eval=../../x"], "data.eval=../../x"),
         (["tracking.uri=sqlite:///rel/mlflow.db"], "is relative"),
+        (["data.train=.samtone/data"], "lies under .samtone, which is not uploaded"),
     ],
 )
 def test_paths_the_cluster_cannot_see_are_refused(overrides, message):
