@@ -256,6 +256,48 @@ def wait(jobs, submission_id: str, *, follow: bool, poll_s: float = 1.0, out=sys
         time.sleep(poll_s)
 
 
+# Ray's stop request goes to the job's supervisor actor, which a PENDING job does not have yet:
+# the request is dropped and the job stays PENDING until it starts or times out
+# (ray-project/ray#58353, open in Ray 2.60). So a pending job is stopped from inside the cluster
+# by a tiny job of its own (no resources, nothing uploaded, so it starts even when the cluster is
+# full): it marks the job STOPPED, then removes the supervisor actor so it never starts.
+# Uses Ray's job-manager internals: Ray is pinned, and tests/test_cluster.py runs it for real.
+_STOP_PENDING = """
+import asyncio, sys, ray
+from ray.dashboard.modules.job.common import JOB_ACTOR_NAME_TEMPLATE, SUPERVISOR_ACTOR_RAY_NAMESPACE, JobInfoStorageClient
+from ray.job_submission import JobStatus
+sid = sys.argv[1]
+ray.init(logging_level="ERROR")
+store = JobInfoStorageClient(ray._private.worker.global_worker.gcs_client)
+if asyncio.run(store.get_status(sid)) == JobStatus.PENDING:
+    asyncio.run(store.put_status(sid, JobStatus.STOPPED, message="stopped while pending (samtone jobs --stop)"))
+    try:
+        ray.kill(ray.get_actor(JOB_ACTOR_NAME_TEMPLATE.format(job_id=sid), namespace=SUPERVISOR_ACTOR_RAY_NAMESPACE), no_restart=True)
+    except ValueError:
+        pass  # no supervisor actor (yet): nothing will start the job now that it is STOPPED
+"""
+
+
+def stop(jobs, submission_id: str, *, timeout_s: float, grace_s: float = 5.0) -> str:
+    """Stop a job and wait until it has ended; returns its final (or last seen) state."""
+    jobs.stop_job(submission_id)
+    deadline = time.monotonic() + timeout_s
+    pending_since = time.monotonic()
+    helper = None
+    while True:
+        status = str(jobs.get_job_status(submission_id).value)
+        if status in TERMINAL or time.monotonic() > deadline:
+            return status
+        if status == "PENDING" and helper is None and time.monotonic() - pending_since > grace_s:
+            helper = jobs.submit_job(
+                entrypoint="python -c " + shlex.quote(_STOP_PENDING) + " " + shlex.quote(submission_id),
+                submission_id=f"{submission_id}-stop-{int(time.time())}",
+                entrypoint_num_cpus=0,
+                metadata={"samtone.kind": "stop", "samtone.target": submission_id},
+            )
+        time.sleep(0.5)
+
+
 def describe(info) -> str:
     meta = info.metadata or {}
     start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.start_time / 1000)) if info.start_time else "-"
@@ -310,13 +352,8 @@ def cmd_jobs(args) -> int:
             print(describe(info))
         return 0
     if args.stop:
-        stopped = jobs.stop_job(args.id)
-        deadline = time.monotonic() + args.timeout
-        status = str(jobs.get_job_status(args.id).value)
-        while status not in TERMINAL and time.monotonic() < deadline:
-            time.sleep(0.5)
-            status = str(jobs.get_job_status(args.id).value)
-        print(f"{args.id}: {status}" + ("" if stopped else " (it had already ended)"))
+        status = stop(jobs, args.id, timeout_s=args.timeout)
+        print(f"{args.id}: {status}")
         return 0 if status in TERMINAL else 1
     if args.logs:
         print(jobs.get_job_logs(args.id), end="")
