@@ -335,7 +335,8 @@ def cmd_submit(args) -> int:
     if args.no_wait:
         return 0
     status = wait(jobs, sid, follow=args.follow)
-    print(f"{sid}: {status}", flush=True)
+    if args.follow:  # without --follow, wait() has printed every state change, the last included
+        print(f"{sid}: {status}", flush=True)
     return exit_code(status)
 
 
