@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from samtone_ray.data import bundled_sample_path, read_qrels
+from samtone_ray.submit import available_commands
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cluster_head import free_port, start_head  # noqa: E402
@@ -272,7 +273,7 @@ def test_training_and_search_dashboards_have_data_in_prometheus(head, prometheus
 
 
 def test_encoding_dashboard_has_data_in_prometheus(head, prometheus, tiny_model_dir, tiny_beir, tmp_path):
-    if "encode" not in samtone("--help").stdout:
+    if "encode" not in available_commands():
         pytest.skip("`samtone encode` is not part of this checkout yet")
     start = time.time()
     proc = samtone("submit", "encode", "--address", head.address, "--follow", "--",
@@ -286,7 +287,7 @@ def test_encoding_dashboard_has_data_in_prometheus(head, prometheus, tiny_model_
 
 
 def test_serving_dashboard_has_data_in_prometheus(head, prometheus, tiny_model_dir, tmp_path):
-    if "serve" not in samtone("--help").stdout:
+    if "serve" not in available_commands():
         pytest.skip("`samtone serve` is not part of this checkout yet")
     import requests
 
@@ -319,5 +320,6 @@ def test_serving_dashboard_has_data_in_prometheus(head, prometheus, tiny_model_d
         assert not missing, "no data for:\n" + "\n".join(missing)
         assert checked >= 8
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=60)
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=60)
