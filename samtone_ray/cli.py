@@ -216,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     from samtone_ray.analysis_report import add_parser as add_analyze_parser
 
     add_analyze_parser(sub)
+
+    from samtone_ray.submit import add_parsers as add_submit_parsers
+
+    add_submit_parsers(sub, _config_args)
     return parser
 
 
@@ -223,7 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     from samtone_ray.config import ConfigError
     from samtone_ray.data import DataError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `samtone submit KIND ... -- ARGS`: everything after `--` goes to the submitted command as is.
+    passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = build_parser().parse_args(argv[: len(argv) - len(passthrough) - 1] if "--" in argv else argv)
+    if passthrough and not hasattr(args, "job_args"):
+        build_parser().error(f"unrecognized arguments: -- {' '.join(passthrough)}")
+    if hasattr(args, "job_args"):
+        args.job_args = passthrough
     # Our own messages at INFO; libraries (tensorboardX, bm25s, ...) only when they warn.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("samtone_ray").setLevel(logging.DEBUG if args.verbose else logging.INFO)

@@ -25,6 +25,7 @@ LOG_ATTEMPTS = 3
 LOG_RETRY_PAUSE_S = 0.5
 
 T = TypeVar("T")
+SUBMISSION_ID_ENV = "SAMTONE_SUBMISSION_ID"
 
 
 def tracking_uri(configured: str = "") -> str:
@@ -79,6 +80,8 @@ def start_run(
 
     c = client(uri)
     all_tags = dict(tags or {})
+    if os.environ.get(SUBMISSION_ID_ENV):  # set by `samtone submit` for the job's runs
+        all_tags["samtone.submission_id"] = os.environ[SUBMISSION_ID_ENV]
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(experiment_id(uri, experiment), run_name=run_name, tags=all_tags)

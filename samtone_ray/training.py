@@ -41,6 +41,7 @@ from samtone_ray.evaluation import evaluate_model
 from samtone_ray.files import atomic_write_json
 from samtone_ray.gradcache import grad_cache_step
 from samtone_ray.losses import contrastive_loss
+from samtone_ray.metrics import TrainMetrics
 from samtone_ray.per_query import PER_QUERY_FILE, write_per_query
 from samtone_ray.runtime import (
     autocast,
@@ -202,6 +203,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     eval_split = ray.get(loop_config["eval"]) if loop_config.get("eval") is not None else None
     eval_threads = None if cfg.scaling.use_gpu else max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
     logger = _rank0_logger(loop_config, rank)
+    meter = TrainMetrics(loop_config.get("run_id") or cfg.name, rank)
 
     torch.manual_seed(cfg.train.seed)  # identical initialisation of any new layer on every rank
     model = build_model(cfg)
@@ -293,6 +295,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
         global_loss, tokens = _all_reduce_mean_and_sum(loss.detach(), shard.num_tokens, world)
         window.add(time.perf_counter() - t0, waited, global_loss, tokens, cfg.train.batch_size)
+        meter.step(step=state.step, seconds=time.perf_counter() - t0, waited=waited, loss=global_loss,
+                   pairs=cfg.train.batch_size, tokens=tokens)
         done = state.step == schedule.total_steps
         if logger and (state.step % cfg.train.log_every == 0 or done):
             logger.log_metrics(window.metrics() | {"lr": scheduler.get_last_lr()[0]}, state.step)
@@ -313,6 +317,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     )
                 metrics |= scores
                 if rank == 0:
+                    meter.evaluation(metrics)
                     # The latest evaluation's per-query values: confidence intervals and paired tests.
                     write_per_query(Path(loop_config["output_dir"]) / PER_QUERY_FILE, per_query, state.step)
                 if logger:

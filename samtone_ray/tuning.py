@@ -222,6 +222,7 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
     from samtone_ray.evaluation import bm25_run, retrieval_metrics
     from samtone_ray.evaluation import evaluate_model as evaluate
     from samtone_ray.leaderboard import build_leaderboard, write_leaderboard
+    from samtone_ray.metrics import search_callback
     from samtone_ray.registry import PromotionError, promote_best
     from samtone_ray.training import build_model
 
@@ -259,7 +260,10 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
             trainable,
             param_space=space.tune_space(cfg.search.algorithm),
             tune_config=_tune_config(cfg, space),
-            run_config=rtune.RunConfig(name=TUNE_NAME, storage_path=str(out), verbose=1),
+            run_config=rtune.RunConfig(
+                name=TUNE_NAME, storage_path=str(out), verbose=1,
+                callbacks=[search_callback(cfg.name, cfg.search.metric, cfg.search.mode, layout)],
+            ),
         )
     results = tuner.fit()
     board = build_leaderboard(results, cfg, space)

@@ -1,0 +1,192 @@
+"""Cluster definitions, validated by their owners' schemas: cluster.yaml by Ray's cluster-launcher
+schema, deploy/kuberay/ by the vendored KubeRay CRDs (closed, so a misspelt field fails), and the
+RayService's Serve config by Ray Serve's own ServeDeploySchema. No cluster needed."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+KUBERAY = ROOT / "deploy" / "kuberay"
+CRDS = KUBERAY / "crds"
+RAY_SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
+
+
+# ------------------------------------------------------------------------- cluster.yaml
+
+
+@pytest.fixture(scope="module")
+def cluster_config():
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_passes_rays_own_validation(cluster_config):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(cluster_config)))  # what `ray up` runs
+    # The same schema without Ray's private helpers (they may move between releases).
+    jsonschema.validate(cluster_config, json.loads(RAY_SCHEMA.read_text()))
+
+
+def test_rays_schema_rejects_a_misspelt_key(cluster_config):
+    bad = copy.deepcopy(cluster_config)
+    bad["setup_comands"] = bad.pop("setup_commands")
+    with pytest.raises(jsonschema.ValidationError, match="setup_comands"):
+        jsonschema.validate(bad, json.loads(RAY_SCHEMA.read_text()))
+
+
+def test_cluster_yaml_pins_what_a_cluster_needs(cluster_config):
+    image = cluster_config["docker"]["image"]
+    assert image.startswith(f"rayproject/ray:{ray.__version__}-") and image.endswith("-gpu"), image
+    for name, node in cluster_config["available_node_types"].items():
+        assert {"CPU", "GPU"} <= set(node["resources"]), f"{name}: resources must be explicit"
+    assert any(n["resources"]["GPU"] > 0 for n in cluster_config["available_node_types"].values())
+    head = " ".join(cluster_config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "--metrics-export-port=8080" in head
+    assert "--metrics-export-port=8080" in " ".join(cluster_config["worker_start_ray_commands"])
+    assert "mlflow server" in " ".join(cluster_config["head_setup_commands"])
+    # Shared storage for output_dir (Train/Tune storage_path) on every node, inside the container.
+    assert "/mnt/shared:/mnt/shared" in " ".join(cluster_config["docker"]["run_options"])
+    assert any("mount" in c and "/mnt/shared" in c for c in cluster_config["initialization_commands"])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_cluster_job_configs_keep_their_state_on_shared_storage(path):
+    from samtone_ray.config import load_config
+
+    cfg = load_config(path)
+    if not cfg.scaling.use_gpu:
+        pytest.skip(f"{path.name} is a local (CPU) config")
+    for value in (cfg.output_dir, cfg.data.train, cfg.data.eval):
+        assert value.startswith("/mnt/shared/"), f"{path.name}: {value} is not on the cluster's shared storage"
+
+
+# ------------------------------------------------------------------------- KubeRay
+
+
+def close(schema):
+    """The schema with every object that lists its properties closed to others (recursively).
+
+    CRDs accept unknown fields (the API server prunes them silently): a typo would vanish on apply.
+    Objects marked x-kubernetes-preserve-unknown-fields, and maps (additionalProperties), stay open.
+    """
+    if isinstance(schema, dict):
+        schema = {k: close(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema and not schema.get(
+            "x-kubernetes-preserve-unknown-fields"
+        ):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [close(v) for v in schema]
+    return schema
+
+
+def crd_validators() -> dict[str, jsonschema.Draft7Validator]:
+    out = {}
+    for path in sorted(CRDS.glob("ray.io_*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        for version in crd["spec"]["versions"]:
+            if version.get("storage"):
+                kind = f"{crd['spec']['group']}/{version['name']}/{crd['spec']['names']['kind']}"
+                out[kind] = jsonschema.Draft7Validator(close(version["schema"]["openAPIV3Schema"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def validators():
+    return crd_validators()
+
+
+MANIFESTS = sorted(KUBERAY.glob("*.yaml"))
+
+
+def test_the_vendored_crds_are_kuberays_and_named_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    version = re.search(r"KubeRay (v\d+\.\d+\.\d+)", readme)
+    assert version, "the README must name the KubeRay release the CRDs come from"
+    notice = (CRDS / "README.md").read_text()
+    assert version.group(1) in notice and (CRDS / "LICENSE").read_text().lstrip().startswith("Apache License")
+    kinds = {yaml.safe_load(p.read_text())["spec"]["names"]["kind"] for p in CRDS.glob("ray.io_*.yaml")}
+    assert kinds == {"RayJob", "RayService", "RayCluster"}
+
+
+def test_there_is_a_manifest_per_workload():
+    kinds = sorted(
+        (yaml.safe_load(p.read_text())["kind"], p.name) for p in MANIFESTS
+    )
+    assert [k for k, _ in kinds].count("RayJob") == 3 and [k for k, _ in kinds].count("RayService") == 1
+    entrypoints = " ".join(yaml.safe_load(p.read_text())["spec"].get("entrypoint", "") for p in MANIFESTS)
+    for command in ("samtone train", "samtone tune", "samtone encode"):
+        assert command in entrypoints
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_validates_strictly_against_the_crd(path, validators):
+    doc = yaml.safe_load(path.read_text())
+    kind = f"{doc['apiVersion']}/{doc['kind']}"
+    assert kind in validators, f"{path.name}: no vendored CRD for {kind}"
+    errors = sorted(validators[kind].iter_errors(doc), key=lambda e: list(e.path))
+    assert not errors, f"{path.name}: " + "; ".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_runs_gpu_workers_with_the_projects_ray(path):
+    doc = yaml.safe_load(path.read_text())
+    spec = doc["spec"].get("rayClusterSpec") or doc["spec"]["rayClusterConfig"]
+    assert spec["rayVersion"] == ray.__version__
+    groups = spec["workerGroupSpecs"]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            res = container["resources"]
+            assert res["requests"].get("nvidia.com/gpu") == res["limits"].get("nvidia.com/gpu"), path.name
+            assert int(res["limits"]["nvidia.com/gpu"]) >= 1, path.name
+    if doc["kind"] == "RayJob":
+        assert doc["spec"]["shutdownAfterJobFinishes"] is True
+        assert doc["spec"]["activeDeadlineSeconds"] > 0
+
+
+def test_the_dockerfile_builds_on_the_projects_ray_image():
+    first = next(line for line in (KUBERAY / "Dockerfile").read_text().splitlines() if line.startswith("FROM"))
+    assert first.split()[1].startswith(f"rayproject/ray:{ray.__version__}-") and first.endswith("-gpu")
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda d: d["spec"].update(shutdownAfterJobFinish=True), id="misspelt-spec-field"),
+        pytest.param(lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(replica=2), id="misspelt-group-field"),
+        pytest.param(
+            lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].update(
+                imagePullPolicies="Always"
+            ),
+            id="misspelt-container-field",
+        ),
+        pytest.param(lambda d: d["spec"].update(activeDeadlineSeconds="6h"), id="wrong-type"),
+    ],
+)
+def test_the_strict_check_catches_mistakes(mutate, validators):
+    doc = yaml.safe_load((KUBERAY / "rayjob-train.yaml").read_text())
+    mutate(doc)
+    assert list(validators["ray.io/v1/RayJob"].iter_errors(doc))
+
+
+def test_rayservice_serve_config_is_a_valid_serve_deploy_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = yaml.safe_load((KUBERAY / "rayservice-serve.yaml").read_text())
+    serve = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"])) if hasattr(
+        ServeDeploySchema, "model_validate"
+    ) else ServeDeploySchema.parse_obj(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    (app,) = serve.applications
+    assert app.import_path == "samtone_ray.serving:build_app" and app.args["model"] == "models:/samtone@champion"
+    (deployment,) = app.deployments
+    assert deployment.ray_actor_options.num_gpus == 1
