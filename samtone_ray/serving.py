@@ -434,15 +434,23 @@ def cmd_serve(args, cfg) -> int:
     if args.print_config:
         print(yaml.safe_dump(serve_config(app_args, options, args.host, args.port), sort_keys=False), end="")
         return 0
-    if not model.startswith(("models:/", "runs:/")):
-        from samtone_ray.model_uri import resolve_model
+    from samtone_ray.indexing import IndexError_
+    from samtone_ray.model_uri import ModelURIError, resolve_model
 
-        resolve_model(model)  # a wrong local path fails here, not inside a replica
+    try:  # a wrong URI or index fails here, with its reason, not inside a replica
+        resolve_model(model, tracking_uri)
+        if args.index:
+            IndexSource(args.index)
+    except (ModelURIError, IndexError_) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return run_blocking(app_args, options, args.host, args.port)
 
 
 def run_blocking(app_args: dict[str, Any], options: dict[str, Any], host: str, port: int) -> int:
     """Start the app, wait for /readyz, print the URL, block until Ctrl-C, then shut down."""
+    import json
+    import urllib.error
     import urllib.request
 
     from samtone_ray.runtime import connect_ray
@@ -457,12 +465,16 @@ def run_blocking(app_args: dict[str, Any], options: dict[str, Any], host: str, p
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(app_args, options), name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://{host}:{port}"
-        deadline = time.monotonic() + 1800
-        while time.monotonic() < deadline:
+        while True:  # the model loads (and the index is encoded) in the replica, in the background
             try:
                 with urllib.request.urlopen(f"{url}/readyz", timeout=5) as r:
                     if r.status == 200:
                         break
+            except urllib.error.HTTPError as exc:
+                error = json.loads(exc.read() or b"{}").get("error") or {}
+                if error.get("code") == "model_load_failed":
+                    print(f"error: {error['message']}", file=sys.stderr, flush=True)
+                    return 2
             except OSError:
                 pass
             time.sleep(0.5)

@@ -137,7 +137,7 @@ def test_ready_only_after_load_and_warm_up(server):
 
 def test_openai_client_default_base64_float_and_lists(server, registry):
     model = _model(registry, "1")
-    texts = ["how do I mount a disk", "static ip on debian", "a much longer text " * 40]
+    texts = ["how do I mount a disk", "static ip on debian", "x " * 240]  # the last: 240 tokens, 480 chars
     client = _client(server)
     default = client.embeddings.create(model="tiny", input=texts[0])  # the client asks for base64
     flt = client.embeddings.create(model="tiny", input=texts, encoding_format="float")
@@ -298,3 +298,31 @@ def test_alias_hot_swap_under_load(server, registry):
     client = _client(server)
     q = client.embeddings.create(model="tiny", input=texts, extra_body={"input_type": "query"})
     np.testing.assert_allclose([d.embedding for d in q.data], _model(registry, "2").encode_queries(texts).numpy(), atol=1e-5)
+
+
+def test_cli_serves_prints_the_url_and_stops_cleanly_on_ctrl_c(tiny_model_dir, tmp_path):
+    """`samtone serve` in its own process (its own local Ray): ready URL on stdout, SIGINT -> exit 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "samtone_ray.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    try:
+        deadline = time.monotonic() + 240
+        line = ""
+        while time.monotonic() < deadline and f"127.0.0.1:{port}" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "samtone serve exited early"
+        assert line.startswith("serving ") and f"http://127.0.0.1:{port}" in line
+        status, body, _ = _post(f"http://127.0.0.1:{port}/v1/embeddings", {"model": tiny_model_dir.name, "input": "hi"})
+        assert status == 200 and len(body["data"][0]["embedding"]) == 32
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -67,3 +67,11 @@ def test_batch_cost_counts_texts_and_padded_tokens():
     assert _batch_cost(items(*[128] * 9, scale=1 / 16)) == 72  # over: Ray leaves the 9th for the next batch
     assert _batch_cost(items(3, 128, scale=1 / 16)) == 16  # padding to the longest counts
     assert _batch_cost(items(*[500] * 5, scale=0.0)) == 5  # tokens off: texts only
+
+
+def test_serve_refuses_a_missing_model_before_starting_ray(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "samtone_ray.cli", "serve", "--model", str(tmp_path / "nope")],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert r.returncode == 2 and "nor an existing local directory" in r.stderr, r.stderr
