@@ -32,7 +32,8 @@ class Served:
 
     @property
     def name(self) -> str:
-        return self.resolved.name or self.resolved.path.name
+        """The ``model`` clients send: the registered name, else the last part of the URI as given."""
+        return self.resolved.name or Path(self.resolved.uri.rstrip("/")).name
 
     @property
     def version(self) -> str | None:
