@@ -7,10 +7,12 @@ whole object is the atomic swap; requests keep the object they started with.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,6 +31,13 @@ class Served:
     model: DualEncoder
     resolved: ResolvedModel
     index: SearchIndex | None = None
+    # A fast tokenizer is not thread-safe (padding/truncation are state of the Rust object): the
+    # event loop counts tokens with this copy while the batch thread encodes with the model's own.
+    counter: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.counter is None:
+            object.__setattr__(self, "counter", copy.deepcopy(self.model.tokenizer))
 
     @property
     def name(self) -> str:
@@ -44,7 +53,7 @@ class Served:
 
     def token_counts(self, texts: list[str], input_type: str) -> list[int]:
         """Tokens each text is embedded with: truncated at the tower's max length, special tokens included."""
-        ids = self.model.tokenizer(
+        ids = self.counter(
             texts, truncation=True, max_length=self.max_length(input_type), return_attention_mask=False, return_token_type_ids=False
         )["input_ids"]
         return [len(row) for row in ids]
@@ -69,7 +78,7 @@ def load_model(uri: str, tracking_uri: str | None, device: str = "cpu", precisio
 def with_index(served: Served, source: IndexSource | None, precision: str, batch_size: int) -> Served:
     if source is None:
         return served
-    return Served(served.model, served.resolved, source.index_for(served, precision, batch_size))
+    return Served(served.model, served.resolved, source.index_for(served, precision, batch_size), served.counter)
 
 
 class IndexSource:

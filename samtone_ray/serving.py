@@ -195,23 +195,26 @@ class Embedder:
                 self.metrics.serving(new, "search")
                 self.metrics.index_docs.set(len(self.searcher.index), tags={"model_version": str(new.version)})
                 return
-            self.embedder = new
-            self.metrics.serving(new, "embeddings")
-            await self._swap_search(new)
+            # The corpus is encoded before the new model takes any request (its tokenizer is not
+            # thread-safe); the old pair serves both routes meanwhile.
+            if not await self._swap_search(new):
+                self.embedder = new  # no index for it yet: /search stays on the old pair
+                self.metrics.serving(new, "embeddings")
 
-    async def _swap_search(self, new: Served) -> None:
-        """Give /search the new model once its index exists; until then it keeps the old pair."""
+    async def _swap_search(self, new: Served) -> bool:
+        """Give /search (and /v1/embeddings) the new model once its index exists; until then
+        /search keeps the old pair. True when swapped."""
         try:
             paired = await asyncio.to_thread(with_index, new, self.index_source, self.cfg.precision, self.cfg.index_batch_size)
         except ValueError as exc:
             log.warning("/search stays on %s: %s", self.searcher.resolved.label, exc)
-            return
-        if self.embedder is new:
-            self.embedder = paired
-        self.searcher = paired
+            return False
+        self.embedder = self.searcher = paired
+        self.metrics.serving(paired, "embeddings")
         self.metrics.serving(paired, "search")
         self.metrics.swaps.inc(tags={"role": "search"})
         self.metrics.index_docs.set(len(paired.index), tags={"model_version": str(paired.version)})
+        return True
 
     def _ready(self, searching: bool = False) -> Served:
         served = self.searcher if searching else self.embedder
