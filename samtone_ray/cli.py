@@ -149,6 +149,13 @@ def cmd_index(args) -> int:
     return cli_index(args)
 
 
+def cmd_serve(args) -> int:
+    from samtone_ray.config import load_config
+    from samtone_ray.serving import cmd_serve as serve
+
+    return serve(args, load_config(args.config, args.overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="samtone", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -174,6 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="OUTPUT_DIR", help="resume an interrupted search from its output_dir")
     p.add_argument("--no-baseline", action="store_true", help="skip the zero-shot reference evaluation")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("serve", help="serve a model on Ray Serve: OpenAI-compatible /v1/embeddings and /search")
+    _config_args(p)
+    p.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a model dir "
+                   "(default: models:/<registry.model_name>@<registry.alias>)")
+    p.add_argument("--index", type=Path, help="a BEIR folder (its corpus is encoded at start) or a samtone index folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=1)
+    scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas")
+    p.add_argument("--gpu", action="store_true", help="one GPU per replica")
+    p.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica (torch threads follow)")
+    p.add_argument("--print-config", action="store_true", help="print the `serve deploy` YAML and exit")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list registered model versions, metrics and aliases")
     p.add_argument("name", nargs="?")

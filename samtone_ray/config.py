@@ -198,6 +198,42 @@ class RegistryConfig:
 
 
 @dataclass
+class ServeConfig:
+    """``samtone serve``: batching, request limits and champion polling (see README "Serving")."""
+
+    max_batch_size: int = 64
+    """Texts per forward batch (each input of a request enters the batch on its own)."""
+    max_batch_tokens: int = 8192
+    """Padded tokens per forward batch as well (texts x longest); 0 = count texts only."""
+    batch_wait_timeout_s: float = 0.005
+    max_ongoing_requests: int = 256
+    """Requests per replica; must be >= max_batch_size, or batches of one-text requests never fill."""
+    max_pending_texts: int = 4096
+    """Texts admitted but not yet embedded, per replica; beyond it: 429 with Retry-After."""
+    max_inputs: int = 256
+    max_input_chars: int = 20000
+    max_body_bytes: int = 4_000_000
+    max_top_k: int = 100
+    poll_interval_s: float = 30.0
+    """Re-resolve a models:/NAME@ALIAS URI this often (0 = only on reconfigure)."""
+    index_batch_size: int = 128
+    precision: Precision = "fp32"
+
+    def __post_init__(self) -> None:
+        for key in ("max_batch_size", "max_ongoing_requests", "max_pending_texts",
+                    "max_inputs", "max_input_chars", "max_body_bytes", "max_top_k", "index_batch_size"):
+            _positive(f"serve.{key}", getattr(self, key))
+        for key in ("max_batch_tokens", "batch_wait_timeout_s", "poll_interval_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"serve.{key} must be >= 0, got {getattr(self, key)}")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ConfigError(
+                f"serve.max_ongoing_requests={self.max_ongoing_requests} must be >= serve.max_batch_size="
+                f"{self.max_batch_size}, or batches of one-text requests never fill"
+            )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -207,6 +243,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     output_dir: str = ""
     """Where models, checkpoints and leaderboards go; empty = ``.samtone/runs/<name>-<timestamp>``."""
     name: str = "samtone"
