@@ -119,11 +119,12 @@ def parse_actors(text: str) -> tuple[int, int]:
         parts = [int(p) for p in text.split(":")]
     except ValueError:
         raise ValueError(f"--actors must be N or MIN:MAX; got {text!r}") from None
-    if len(parts) == 1:
-        return parts[0], parts[0]
-    if len(parts) == 2:
-        return parts[0], parts[1]
-    raise ValueError(f"--actors must be N or MIN:MAX; got {text!r}")
+    if len(parts) not in (1, 2):
+        raise ValueError(f"--actors must be N or MIN:MAX; got {text!r}")
+    low, high = parts[0], parts[-1]
+    if not 0 < low <= high:
+        raise ValueError(f"--actors needs 0 < MIN <= MAX; got {text!r}")
+    return low, high
 
 
 def part_name(key: str) -> str:

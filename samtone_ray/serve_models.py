@@ -94,7 +94,7 @@ class IndexSource:
         self.path = Path(path)
         if (self.path / "corpus.jsonl").is_file():
             self.kind = "beir"
-        elif (self.path / INDEX_FILE).is_file() or any(self.path.glob(f"*/{INDEX_FILE}")):
+        elif (self.path / INDEX_FILE).is_file() or _index_folders(self.path):
             self.kind = "index"
         else:
             raise IndexError_(f"--index {self.path}: neither a BEIR folder (corpus.jsonl) nor a samtone index folder ({INDEX_FILE})")
@@ -113,7 +113,7 @@ class IndexSource:
             with autocast(served.model.device, precision):
                 emb = served.model.encode_documents(joined, batch_size=batch_size)
             return SearchIndex(ids, emb, titles, texts, model=served.resolved.as_dict())
-        candidates = [self.path] if (self.path / INDEX_FILE).is_file() else sorted(p.parent for p in self.path.glob(f"*/{INDEX_FILE}"))
+        candidates = [self.path] if (self.path / INDEX_FILE).is_file() else _index_folders(self.path)
         for folder in candidates:
             if _index_fingerprint(folder) == fp:
                 index = SearchIndex.load(folder)
@@ -146,3 +146,9 @@ def read_corpus(path: Path) -> tuple[list[str], list[str], list[str]]:
     if not ids:
         raise DataError(f"{path}: no documents")
     return ids, titles, texts
+
+
+def _index_folders(root: Path) -> list[Path]:
+    """Index folders directly under ``root``, skipping hidden ones: ``atomic_write_dir`` stages a
+    new index in ``.NAME.tmp-*`` beside its target, and a half-written one must never be served."""
+    return sorted(p.parent for p in root.glob(f"*/{INDEX_FILE}") if not p.parent.name.startswith("."))

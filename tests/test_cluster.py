@@ -291,12 +291,20 @@ def test_serving_dashboard_has_data_in_prometheus(head, prometheus, tiny_model_d
         pytest.skip("`samtone serve` is not part of this checkout yet")
     import requests
 
+    from samtone_ray import tracking
+
+    # A registered model, so the "model version served" panel has a version to show.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(uri)
+    c.create_registered_model("tiny")
+    c.create_model_version("tiny", source=str(tiny_model_dir))
+    c.set_registered_model_alias("tiny", "champion", "1")
     start = time.time()
     port = free_port()
     env = dict(os.environ) | {"PYTHONPATH": str(REPO), "RAY_ADDRESS": head.gcs_address, "RAY_AUTH_MODE": "disabled"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "samtone_ray.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
-         "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        [sys.executable, "-m", "samtone_ray.cli", "serve", "--model", "models:/tiny@champion", "--port", str(port),
+         "--set", f"tracking.uri={uri}"],
         cwd=REPO, env=env, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
@@ -311,9 +319,11 @@ def test_serving_dashboard_has_data_in_prometheus(head, prometheus, tiny_model_d
             assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
             time.sleep(1)
         for i in range(40):  # 20 s of traffic, a refused request among it
-            r = requests.post(f"{url}/v1/embeddings", json={"input": [f"text {i}", "another text"], "encoding_format": "float"})
+            r = requests.post(f"{url}/v1/embeddings",
+                              json={"model": "tiny", "input": [f"text {i}", "another text"], "encoding_format": "float"})
             assert r.status_code == 200, r.text
-            requests.post(f"{url}/v1/embeddings", json={"input": []})
+            refused = requests.post(f"{url}/v1/embeddings", json={"model": "tiny", "input": []})
+            assert refused.status_code == 422, refused.text
             time.sleep(0.5)
         time.sleep(3)
         missing, _, checked = panels_without_data(prometheus, DASHBOARDS / "samtone-serving.json", start)

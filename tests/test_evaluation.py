@@ -232,7 +232,10 @@ def test_evaluate_encoder_matches_brute_force_oracle():
 
     corpus = {f"d{i}": " ".join(word() for _ in range(rng.randint(1, 4))) for i in range(40)}
     queries = {f"q{i}": word() for i in range(15)}
-    qrels = {f"q{i}": {f"d{rng.randrange(40)}": rng.randint(1, 2), f"d{rng.randrange(40)}": 0} for i in range(12)}
+    qrels = {}
+    for i in range(12):
+        relevant, unjudged = rng.sample(range(40), 2)  # distinct: both judgements must survive
+        qrels[f"q{i}"] = {f"d{relevant}": rng.randint(1, 2), f"d{unjudged}": 0}
 
     seen_queries: list[str] = []
 
