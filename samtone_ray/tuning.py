@@ -24,6 +24,7 @@ from samtone_ray.search_space import Space, overrides_of, parse_space
 
 log = logging.getLogger(__name__)
 
+END_ONLY_CHECKPOINTS = 2**62  # a checkpoint_every no run reaches: only the final step checkpoints
 
 
 def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -> None:
@@ -46,6 +47,13 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -
         log.warning("trial %s skipped: %s", trial_id, reason)
         tune.report({search["metric"]: -math.inf if search["mode"] == "max" else math.inf, "skipped": reason})
         return
+    if cfg.search.scheduler != "none" and cfg.train.checkpoint_every == 0:
+        # Ray 2.60: a trial that reported a checkpoint and is then stopped early by the scheduler
+        # keeps its placement group, so its workers' CPUs stay reserved until the cluster stops
+        # (tests/test_tuning.py::test_stopped_trials_release_their_workers fails with per-evaluation
+        # checkpoints). Under an early-stopping scheduler the default is therefore a checkpoint at
+        # the trial's end only; a trial cut off by a crash restarts from its first step.
+        cfg = cfg.with_overrides({"train.checkpoint_every": END_ONLY_CHECKPOINTS})
     trial = SearchLayout(Path(search["dir"])).trial(trial_id)
     uri = search.get("tracking_uri")
     run_id = trial.run_id()

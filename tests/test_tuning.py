@@ -344,6 +344,7 @@ def test_best_model_is_registered_as_champion(search):
     assert int(champion.version) == outcome.champion["version"] and outcome.champion["promoted"]
     assert champion.run_id == outcome.best["run_id"]
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # other tests point the process-wide registry at their own stores
     emb = mlflow.pyfunc.load_model("models:/tiny@champion").predict(["debian package"])
     assert emb.shape == (1, 32)
 
