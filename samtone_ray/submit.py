@@ -101,15 +101,6 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def available_commands() -> set[str]:
-    """The subcommands of this checkout's ``samtone`` (what the uploaded copy can run)."""
-    import argparse
-
-    from samtone_ray.cli import build_parser
-
-    return next(set(a.choices) for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-
-
 def check_paths(cfg: Config, working_dir: Path, *, nodes: int) -> list[str]:
     """Paths the cluster cannot see are errors; paths it may not keep are warnings (returned)."""
     warnings = []
@@ -171,8 +162,6 @@ def build_submission(
     """Everything sent to the job server, validated; pure apart from reading git."""
     if kind not in KINDS:
         raise SubmitError(f"unknown job kind {kind!r}; expected one of {', '.join(KINDS)}")
-    if kind not in available_commands():
-        raise SubmitError(f"`samtone {kind}` is not part of this checkout, so the cluster could not run it either")
     working_dir = working_dir.resolve()
     if not working_dir.is_dir():
         raise SubmitError(f"working directory {working_dir} does not exist")

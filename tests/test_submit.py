@@ -98,12 +98,3 @@ def test_bad_config_fails_before_any_connection(capsys):
     # No address anywhere and a bad value: the config error comes first, exit code 2.
     assert main(["submit", "train", "--set", "train.batch_size=0", "--address", "http://127.0.0.1:9"]) == 2
     assert "train.batch_size" in capsys.readouterr().err
-
-
-def test_a_command_this_checkout_lacks_is_refused_before_sending():
-    from samtone_ray.submit import available_commands
-
-    if "encode" in available_commands():
-        pytest.skip("this checkout has `samtone encode`")
-    with pytest.raises(SubmitError, match="samtone encode` is not part of this checkout"):
-        _build(kind="encode")
