@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from samtone_ray.config import CombinationError, Config, ConfigError, load_config, parse_overrides
+from shipped import SAMTONE_JOB_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,9 +20,7 @@ def test_defaults_are_the_dataclass_defaults():
     assert cfg.train.batch_size == 64 and cfg.loss.same_tower == "both" and cfg.scaling.num_workers == 2
 
 
-@pytest.mark.parametrize(
-    "path", sorted(p for p in (ROOT / "jobs").glob("*.yaml") if p.name != "serve.yaml"), ids=lambda p: p.name
-)  # serve.yaml is a `serve deploy` config, validated in test_serving_config.py
+@pytest.mark.parametrize("path", SAMTONE_JOB_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_job_config_validates(path):
     cfg = load_config(path)
     if cfg.search.space:

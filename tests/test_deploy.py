@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from shipped import SAMTONE_JOB_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "deploy" / "kuberay"
@@ -58,7 +59,7 @@ def test_cluster_yaml_pins_what_a_cluster_needs(cluster_config):
     assert any("mount" in c and "/mnt/shared" in c for c in cluster_config["initialization_commands"])
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SAMTONE_JOB_CONFIGS, ids=lambda p: p.name)
 def test_cluster_job_configs_keep_their_state_on_shared_storage(path):
     from samtone_ray.config import load_config
 
