@@ -17,6 +17,19 @@ from samtone_ray.env import apply_defaults
 apply_defaults()  # before anything imports ray, mlflow or transformers
 
 
+def _count_range(option: str, *, single: bool):
+    """An argparse type for replica/actor counts, so a bad value is a usage error naming the flag."""
+    from samtone_ray.settings import parse_count_range
+
+    def parse(text: str) -> tuple[int, int]:
+        try:
+            return parse_count_range(text, option, single=single)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{option} ")) from None
+
+    return parse
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML config (default: the embedded defaults)")
     p.add_argument(
@@ -191,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, default=1)
-    scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas")
+    scale.add_argument(
+        "--autoscale", metavar="MIN:MAX", type=_count_range("--autoscale", single=False), help="autoscale between MIN and MAX replicas"
+    )
     p.add_argument("--gpu", action="store_true", help="one GPU per replica")
     p.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica (torch threads follow)")
     p.add_argument("--print-config", action="store_true", help="print the `serve deploy` YAML and exit")
@@ -209,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, type=Path, help="output folder (Parquet parts + manifest.json)")
     p.add_argument("--tower", choices=["document", "query"], default="document")
     p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
-    p.add_argument("--actors", default="1", help="embedding actors: N or MIN:MAX (autoscaling)")
+    p.add_argument(
+        "--actors", default=(1, 1), type=_count_range("--actors", single=True), help="embedding actors: N or MIN:MAX (autoscaling)"
+    )
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor")
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")

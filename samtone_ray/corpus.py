@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from samtone_ray.data import DataError
+from samtone_ray.data import DataError, join_text
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -190,12 +190,6 @@ def _plan_parquet(fs, path: str, display: str, rows_per_shard: int, digest) -> I
 
 
 # ----------------------------------------------------------------------------- records
-
-
-def join_text(fields: dict[str, str], text_fields: tuple[str, ...]) -> str:
-    """The encoded text: the non-empty text fields in order, joined by one space (for BEIR's
-    ``title``, ``text`` this is ``title + " " + text``, as evaluation builds it)."""
-    return " ".join(fields[name] for name in text_fields if fields.get(name))
 
 
 def read_shard(

@@ -94,13 +94,20 @@ def _field(record: dict, name: str, path: Path, lineno: int, required: bool = Tr
     return value
 
 
-def _iter_texts(path: Path, kind: str, keep: set[str] | None) -> Iterator[tuple[int, str, str]]:
-    """Stream ``(line, id, text)`` from a BEIR corpus or queries file, checking every line.
+def join_text(fields: dict[str, str], text_fields: tuple[str, ...] = ("title", "text")) -> str:
+    """The encoded text of a record: its non-empty text fields in order, joined by one space. For
+    BEIR's ``title``, ``text`` this is ``title + " " + text`` (just ``text`` without a title), the
+    convention training, evaluation, serving and re-encoding all share."""
+    return " ".join(fields[name] for name in text_fields if fields.get(name))
 
-    ``kind`` is ``"corpus"`` (text = ``title + " " + text`` when the title is non-empty, the BEIR
-    convention) or ``"queries"``. Every record is validated, including those not kept, so a
-    broken file fails the same way whatever the caller asks for. Duplicate ids are an error
-    because a second text for one id would silently change the relevance judgements.
+
+def _iter_records(path: Path, kind: str, keep: set[str] | None) -> Iterator[tuple[str, str, str]]:
+    """Stream ``(id, title, text)`` from a BEIR corpus or queries file, checking every line.
+
+    ``kind`` is ``"corpus"`` or ``"queries"`` (whose title is always empty). Every record is
+    validated, including those not kept, so a broken file fails the same way whatever the caller
+    asks for. Duplicate ids are an error because a second text for one id would silently change
+    the relevance judgements.
     """
     first_line: dict[str, int] = {}
     for lineno, record in iter_jsonl(path):
@@ -109,13 +116,23 @@ def _iter_texts(path: Path, kind: str, keep: set[str] | None) -> Iterator[tuple[
         if doc_id in first_line:
             raise DataError(f"{path}:{lineno}: duplicate _id {doc_id!r} (first at line {first_line[doc_id]})")
         first_line[doc_id] = lineno
-        if keep is not None and doc_id not in keep:
-            continue
-        if kind == "corpus":
-            title = _field(record, "title", path, lineno, required=False)
-            if title:
-                text = f"{title} {text}"
-        yield lineno, doc_id, text
+        title = _field(record, "title", path, lineno, required=False) if kind == "corpus" else ""
+        if keep is None or doc_id in keep:
+            yield doc_id, title, text
+
+
+def _read_texts(path: Path, kind: str, keep: set[str] | None) -> dict[str, str]:
+    return {doc_id: join_text({"title": title, "text": text}) for doc_id, title, text in _iter_records(path, kind, keep)}
+
+
+def read_corpus(path: str | Path) -> tuple[list[str], list[str], list[str]]:
+    """ids, titles and texts of a BEIR ``corpus.jsonl`` (titles may be empty), checked line by line."""
+    path = _require_file(Path(path))
+    rows = list(_iter_records(path, "corpus", keep=None))
+    if not rows:
+        raise DataError(f"{path}: no documents")
+    ids, titles, texts = (list(col) for col in zip(*rows))
+    return ids, titles, texts
 
 
 @dataclass(frozen=True)
@@ -222,8 +239,8 @@ def load_beir(path: PathLike, split: str) -> BeirSplit:
         qrels.setdefault(row.query_id, {})[row.doc_id] = row.score
 
     queries_path, corpus_path = root / "queries.jsonl", root / "corpus.jsonl"
-    queries = {qid: text for _, qid, text in _iter_texts(queries_path, "queries", keep=set(qrels))}
-    corpus = {did: text for _, did, text in _iter_texts(corpus_path, "corpus", keep=None)}
+    queries = _read_texts(queries_path, "queries", keep=set(qrels))
+    corpus = _read_texts(corpus_path, "corpus", keep=None)
     _check_known(rows, qrels_path, queries, corpus, (queries_path, corpus_path))
     return BeirSplit(corpus=corpus, queries=queries, qrels=qrels)
 
@@ -310,8 +327,8 @@ def _pairs_from_beir(root: Path, split: str) -> TrainingPairs:
     if not rows:
         raise DataError(f"{qrels_path}: split {split!r} has no positive pairs (no row with score > 0)")
     queries_path, corpus_path = root / "queries.jsonl", root / "corpus.jsonl"
-    queries = {qid: t for _, qid, t in _iter_texts(queries_path, "queries", keep={r.query_id for r in rows})}
-    corpus = {did: t for _, did, t in _iter_texts(corpus_path, "corpus", keep={r.doc_id for r in rows})}
+    queries = _read_texts(queries_path, "queries", keep={r.query_id for r in rows})
+    corpus = _read_texts(corpus_path, "corpus", keep={r.doc_id for r in rows})
     _check_known(rows, qrels_path, queries, corpus, (queries_path, corpus_path))
     return TrainingPairs(
         queries=[queries[r.query_id] for r in rows],

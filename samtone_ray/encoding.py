@@ -40,8 +40,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from samtone_ray.corpus import Plan, Reject, Shard, join_text, plan_shards, read_shard
-from samtone_ray.data import DataError
+from samtone_ray.corpus import Plan, Reject, Shard, plan_shards, read_shard
+from samtone_ray.data import DataError, join_text
 from samtone_ray.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -111,20 +111,6 @@ class EncodeResult:
     @property
     def rows_per_s(self) -> float:
         return self.rows_encoded / self.wall_s if self.wall_s > 0 else 0.0
-
-
-def parse_actors(text: str) -> tuple[int, int]:
-    """``"N"`` -> (N, N); ``"MIN:MAX"`` -> (MIN, MAX)."""
-    try:
-        parts = [int(p) for p in text.split(":")]
-    except ValueError:
-        raise ValueError(f"--actors must be N or MIN:MAX; got {text!r}") from None
-    if len(parts) not in (1, 2):
-        raise ValueError(f"--actors must be N or MIN:MAX; got {text!r}")
-    low, high = parts[0], parts[-1]
-    if not 0 < low <= high:
-        raise ValueError(f"--actors needs 0 < MIN <= MAX; got {text!r}")
-    return low, high
 
 
 def part_name(key: str) -> str:
@@ -278,11 +264,23 @@ class EmbedWriter:
         atomic_write_bytes(self.output / part_name(key), embeddings_parquet(ids, emb, self.schema_meta))
 
 
+def embedding_array(emb: np.ndarray) -> pa.FixedSizeListArray:
+    """An ``[n, dim]`` matrix as the ``embedding`` column (fixed_size_list<float32>[dim])."""
+    flat = pa.array(np.ascontiguousarray(emb, dtype=np.float32).reshape(-1), pa.float32())
+    return pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.FixedSizeListArray) -> np.ndarray:
+    """The ``embedding`` column back as a float32 ``[n, dim]`` matrix."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    values = column.values.to_numpy(zero_copy_only=False)
+    return np.asarray(values, dtype=np.float32).reshape(len(column), column.type.list_size)
+
+
 def embeddings_parquet(ids: list[str], emb: np.ndarray, schema_meta: str) -> bytes:
     """A Parquet file of ``id`` and ``embedding`` (fixed_size_list<float32>[dim]) as bytes."""
-    dim = emb.shape[1]
-    flat = pa.array(np.ascontiguousarray(emb, dtype=np.float32).reshape(-1), pa.float32())
-    table = pa.table({"id": pa.array(ids, pa.string()), "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
+    table = pa.table({"id": pa.array(ids, pa.string()), "embedding": embedding_array(emb)})
     table = table.replace_schema_metadata({SCHEMA_KEY: schema_meta.encode()})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -526,8 +524,7 @@ def _dedupe_across_shards(output: Path, plan: Plan, opts: EncodeOptions) -> int:
         keep = pa.array([i not in drop for i in table.column("id").to_pylist()])
         meta = table.schema.metadata[SCHEMA_KEY].decode()
         kept = table.filter(keep)
-        column = kept.column("embedding").combine_chunks()
-        emb = np.asarray(column.values, dtype=np.float32).reshape(kept.num_rows, column.type.list_size)
+        emb = embedding_matrix(kept.column("embedding"))
         atomic_write_bytes(path, embeddings_parquet(kept.column("id").to_pylist(), emb, meta))
         removed += len(ids)
     return removed
@@ -583,7 +580,7 @@ def cli_encode(args) -> int:
             output=args.output,
             tower=args.tower,
             batch_size=args.batch_size,
-            actors=parse_actors(args.actors),
+            actors=args.actors,
             cpus_per_actor=args.cpus_per_actor,
             gpu=args.gpu,
             precision=args.precision,

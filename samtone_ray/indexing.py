@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from samtone_ray.encoding import embedding_array, embedding_matrix
 from samtone_ray.evaluation import exact_search
 from samtone_ray.files import atomic_write_dir
 
@@ -104,14 +105,12 @@ class SearchIndex:
 
     def save(self, directory: str | Path) -> Path:
         def write(tmp: Path) -> None:
-            dim = self.dim
-            flat = pa.array(self.embeddings.to(torch.float32).contiguous().numpy().reshape(-1), pa.float32())
             table = pa.table(
                 {
                     "id": pa.array(self.ids, pa.string()),
                     "title": pa.array(self.titles, pa.string()),
                     "text": pa.array(self.texts, pa.string()),
-                    "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+                    "embedding": embedding_array(self.embeddings.to(torch.float32).numpy()),
                 }
             )
             pq.write_table(table, tmp / DOCS_FILE)
@@ -120,7 +119,7 @@ class SearchIndex:
 
                 faiss.write_index(self.ann, str(tmp / FAISS_FILE))
             meta = {
-                "format_version": FORMAT_VERSION, "kind": self.kind, "dim": dim, "count": len(self),
+                "format_version": FORMAT_VERSION, "kind": self.kind, "dim": self.dim, "count": len(self),
                 "model": self.model, "params": self.params,
             }
             (tmp / INDEX_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -140,9 +139,7 @@ class SearchIndex:
         if meta.get("format_version") != FORMAT_VERSION:
             raise IndexError_(f"{meta_path}: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}")
         table = pq.read_table(root / DOCS_FILE)
-        emb = table.column("embedding").combine_chunks()
-        dim = emb.type.list_size
-        values = np.asarray(emb.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+        values = embedding_matrix(table.column("embedding"))
         kind, params = meta.get("kind", "exact"), meta.get("params") or {}
         ann = None
         if kind != "exact":
@@ -215,7 +212,8 @@ def _load_faiss(path: Path, kind: str, params: dict[str, Any], rows: int) -> Any
 def build_from_encoded(embeddings_dir: str | Path, kind: str = "exact", params: dict[str, Any] | None = None) -> SearchIndex:
     """A SearchIndex over a complete ``samtone encode`` output: its ids and embeddings, the
     documents' title and text re-read from the input the manifest names, its model info."""
-    from samtone_ray.corpus import join_text, plan_shards, read_shard
+    from samtone_ray.corpus import plan_shards, read_shard
+    from samtone_ray.data import join_text
     from samtone_ray.encoding import part_files, read_manifest
 
     root = Path(embeddings_dir)
@@ -231,8 +229,7 @@ def build_from_encoded(embeddings_dir: str | Path, kind: str = "exact", params: 
     for path in part_files(root):
         table = pq.read_table(path, columns=["id", "embedding"])
         ids.extend(table.column("id").to_pylist())
-        emb = table.column("embedding").combine_chunks()
-        blocks.append(np.asarray(emb.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, emb.type.list_size))
+        blocks.append(embedding_matrix(table.column("embedding")))
     if not ids:
         raise IndexError_(f"{root}: no embeddings")
     source = manifest["input"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from samtone_ray.data import DataError, iter_jsonl
+from samtone_ray.data import join_text, read_corpus
 from samtone_ray.indexing import INDEX_FILE, IndexError_, SearchIndex
 from samtone_ray.model_uri import ResolvedModel, resolve_model
 from samtone_ray.runtime import autocast
@@ -108,7 +108,7 @@ class IndexSource:
         fp = served.resolved.fingerprint
         if self.kind == "beir":
             ids, titles, texts = read_corpus(self.path / "corpus.jsonl")
-            joined = [f"{t} {x}" if t else x for t, x in zip(titles, texts)]  # the BEIR convention, as in evaluation
+            joined = [join_text({"title": t, "text": x}) for t, x in zip(titles, texts)]
             log.info("encoding %d documents of %s with %s", len(ids), self.path, served.resolved.label)
             with autocast(served.model.device, precision):
                 emb = served.model.encode_documents(joined, batch_size=batch_size)
@@ -131,21 +131,6 @@ def _index_fingerprint(folder: Path) -> str | None:
         return (json.loads((folder / INDEX_FILE).read_text()).get("model") or {}).get("fingerprint")
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def read_corpus(path: Path) -> tuple[list[str], list[str], list[str]]:
-    """ids, titles and texts of a BEIR ``corpus.jsonl`` (titles may be empty)."""
-    ids, titles, texts = [], [], []
-    for lineno, record in iter_jsonl(path):
-        doc_id, text, title = record.get("_id"), record.get("text"), record.get("title") or ""
-        if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool) or not isinstance(text, str) or not isinstance(title, str):
-            raise DataError(f"{path}:{lineno}: expected string _id, text and title")
-        ids.append(str(doc_id))
-        titles.append(title)
-        texts.append(text)
-    if not ids:
-        raise DataError(f"{path}: no documents")
-    return ids, titles, texts
 
 
 def _index_folders(root: Path) -> list[Path]:

@@ -416,13 +416,6 @@ def serve_config(args: dict[str, Any], options: dict[str, Any], host: str = "127
     }
 
 
-def _parse_autoscale(text: str) -> tuple[int, int]:
-    lo, sep, hi = text.partition(":")
-    if not sep or not lo.isdigit() or not hi.isdigit() or not 0 < int(lo) <= int(hi):
-        raise ValueError(f"--autoscale {text!r}: expected MIN:MAX with 0 < MIN <= MAX")
-    return int(lo), int(hi)
-
-
 def cmd_serve(args, cfg) -> int:
     """The ``samtone serve`` command (``cfg``: the loaded Config)."""
     import yaml
@@ -431,8 +424,7 @@ def cmd_serve(args, cfg) -> int:
 
     tracking_uri = tracking.tracking_uri(cfg.tracking.uri)
     model = args.model or f"models:/{cfg.registry.model_name}@{cfg.registry.alias}"
-    autoscale = _parse_autoscale(args.autoscale) if args.autoscale else None
-    options = deployment_options(args.replicas, autoscale, args.gpu, args.num_cpus, cfg.serve)
+    options = deployment_options(args.replicas, args.autoscale, args.gpu, args.num_cpus, cfg.serve)
     app_args = {"model": model, "tracking_uri": tracking_uri, "index": str(args.index) if args.index else None, "device": "cuda" if args.gpu else "cpu"}
     if args.print_config:
         print(yaml.safe_dump(serve_config(app_args, options, args.host, args.port), sort_keys=False), end="")

@@ -111,3 +111,18 @@ def validate_loss_config(
 def check_precision(precision: str, *, prefix: str = "") -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"{prefix}precision must be one of {PRECISIONS}; got {precision!r}")
+
+
+def parse_count_range(text: str, option: str, *, single: bool) -> tuple[int, int]:
+    """``"MIN:MAX"`` -> (MIN, MAX) with 0 < MIN <= MAX; with ``single``, ``"N"`` -> (N, N) too.
+
+    For the replica and actor counts of ``--autoscale`` and ``--actors``.
+    """
+    expected = "N or MIN:MAX" if single else "MIN:MAX"
+    parts = text.split(":")
+    if len(parts) not in ((1, 2) if single else (2,)) or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"{option} must be {expected}; got {text!r}")
+    low, high = int(parts[0]), int(parts[-1])
+    if not 0 < low <= high:
+        raise ValueError(f"{option} needs 0 < MIN <= MAX; got {text!r}")
+    return low, high

@@ -48,3 +48,31 @@ def test_eval_names_a_missing_data_folder(tmp_path):
     )
     assert proc.returncode == 2
     assert "nope" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["serve", "--autoscale", "3:1"], "argument --autoscale: needs 0 < MIN <= MAX; got '3:1'"),
+        (["serve", "--autoscale", "2"], "argument --autoscale: must be MIN:MAX; got '2'"),
+        (["encode", "--model", "m", "--input", "i", "--output", "o", "--actors", "0"], "argument --actors: needs 0 < MIN"),
+        (["encode", "--model", "m", "--input", "i", "--output", "o", "--actors", "1:x"], "argument --actors: must be N or MIN:MAX"),
+    ],
+)
+def test_replica_and_actor_counts_are_usage_errors(argv, message, capsys):
+    from samtone_ray.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_replica_and_actor_counts_parse():
+    from samtone_ray.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--autoscale", "1:4"]).autoscale == (1, 4)
+    base = ["encode", "--model", "m", "--input", "i", "--output", "o"]
+    assert parser.parse_args([*base, "--actors", "3"]).actors == (3, 3)
+    assert parser.parse_args([*base, "--actors", "2:5"]).actors == (2, 5)
+    assert parser.parse_args(base).actors == (1, 1)
