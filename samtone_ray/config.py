@@ -87,6 +87,10 @@ class LossConfig:
             settings.check_loss_knobs(self.same_tower_weight, self.false_negative_margin, prefix="loss.")
 
 
+END_ONLY = -1
+"""``train.checkpoint_every`` value for a checkpoint at the end of training only."""
+
+
 @dataclass
 class TrainConfig:
     batch_size: int = 64
@@ -104,7 +108,7 @@ class TrainConfig:
     """Evaluate every N steps (0 = only at the end); ASHA decides on these evaluations."""
     checkpoint_every: int = 0
     """Checkpoint every N steps; 0 = with every evaluation (and at the end), so a lost worker
-    resumes from the last evaluation instead of step 0."""
+    resumes from the last evaluation instead of step 0; -1 = at the end only."""
     collective_timeout_s: int = 1800
     """Process-group timeout: how long a worker waits in a collective for the others."""
     chunk_size: int = 32
@@ -122,9 +126,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("batch_size", "epochs", "chunk_size", "eval_batch_size", "log_every", "collective_timeout_s"):
             _positive(f"train.{key}", getattr(self, key))
-        for key in ("max_steps", "eval_every", "checkpoint_every", "fail_at_step", "micro_batch_size"):
+        for key in ("max_steps", "eval_every", "fail_at_step", "micro_batch_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.checkpoint_every < END_ONLY:
+            raise ConfigError(f"train.checkpoint_every must be >= 0, or {END_ONLY} (end only), got {self.checkpoint_every}")
         _positive("train.lr", self.lr)
         if self.micro_batch_size and self.micro_batch_size < self.chunk_size:
             raise ConfigError(

@@ -35,7 +35,7 @@ from samtone_ray.batching import (
     make_shard,
     pin_memory,
 )
-from samtone_ray.config import Config, LossConfig, from_dict
+from samtone_ray.config import END_ONLY, Config, LossConfig, from_dict
 from samtone_ray.data import load_data
 from samtone_ray.evaluation import evaluate_model
 from samtone_ray.files import atomic_write_json
@@ -382,10 +382,13 @@ def _all_reduce_mean_and_sum(loss: torch.Tensor, tokens: int, world: int) -> tup
 
 def eval_and_checkpoint_due(step: int, total_steps: int, train_cfg) -> tuple[bool, bool]:
     """(evaluate, checkpoint) after optimizer step ``step``: both at the end; evaluations every
-    ``eval_every`` steps; checkpoints every ``checkpoint_every`` steps, or with every evaluation
-    when ``checkpoint_every`` is 0 (so a lost worker resumes from the last evaluation)."""
+    ``eval_every`` steps; checkpoints every ``checkpoint_every`` steps, with every evaluation
+    when ``checkpoint_every`` is 0 (so a lost worker resumes from the last evaluation), or at the
+    end only when it is ``END_ONLY``."""
     done = step == total_steps
     do_eval = done or bool(train_cfg.eval_every and step % train_cfg.eval_every == 0)
+    if train_cfg.checkpoint_every == END_ONLY:
+        return do_eval, done
     if train_cfg.checkpoint_every:
         return do_eval, done or step % train_cfg.checkpoint_every == 0
     return do_eval, do_eval

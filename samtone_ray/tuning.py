@@ -16,15 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from samtone_ray.config import CombinationError, Config, ConfigError, from_dict
+from samtone_ray.config import END_ONLY, CombinationError, Config, ConfigError, from_dict
 from samtone_ray.evaluation import DEFAULT_K_VALUES, METRIC_NAMES
 from samtone_ray.files import atomic_write_json, atomic_write_text
 from samtone_ray.search_layout import TUNE_NAME, SearchLayout
 from samtone_ray.search_space import Space, overrides_of, parse_space
 
 log = logging.getLogger(__name__)
-
-END_ONLY_CHECKPOINTS = 2**62  # a checkpoint_every no run reaches: only the final step checkpoints
 
 
 def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -> None:
@@ -53,7 +51,7 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -
         # (tests/test_tuning.py::test_stopped_trials_release_their_workers fails with per-evaluation
         # checkpoints). Under an early-stopping scheduler the default is therefore a checkpoint at
         # the trial's end only; a trial cut off by a crash restarts from its first step.
-        cfg = cfg.with_overrides({"train.checkpoint_every": END_ONLY_CHECKPOINTS})
+        cfg = cfg.with_overrides({"train.checkpoint_every": END_ONLY})
     trial = SearchLayout(Path(search["dir"])).trial(trial_id)
     uri = search.get("tracking_uri")
     run_id = trial.run_id()
@@ -102,7 +100,7 @@ def report_gap(cfg: Config) -> str | None:
         return f"search.metric={metric!r} is not an evaluation metric; choose one of {', '.join(produced)}"
     if not cfg.data.eval:
         return "data.eval is empty: a search ranks trials by evaluating them, so it needs eval data"
-    if t.checkpoint_every and (not t.eval_every or t.checkpoint_every % t.eval_every):
+    if t.checkpoint_every > 0 and (not t.eval_every or t.checkpoint_every % t.eval_every):
         return (
             f"train.checkpoint_every={t.checkpoint_every} is not a multiple of train.eval_every={t.eval_every}: "
             f"a checkpoint between evaluations would report no {metric} to Tune"

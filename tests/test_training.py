@@ -267,7 +267,7 @@ class _Evil:
 
 
 def test_evaluation_and_checkpoint_schedule():
-    from samtone_ray.config import TrainConfig
+    from samtone_ray.config import END_ONLY, ConfigError, TrainConfig
     from samtone_ray.training import eval_and_checkpoint_due
 
     default = TrainConfig(eval_every=25)
@@ -277,6 +277,10 @@ def test_evaluation_and_checkpoint_schedule():
     assert [s for s, (_, c) in due.items() if c] == [10, 20, 30, 40, 47]
     assert [s for s, (e, _) in due.items() if e] == [25, 47]
     assert [s for s in range(1, 48) if any(eval_and_checkpoint_due(s, 47, TrainConfig(eval_every=0)))] == [47]
+    end_only = {s: eval_and_checkpoint_due(s, 47, TrainConfig(eval_every=25, checkpoint_every=END_ONLY)) for s in range(1, 48)}
+    assert [s for s, (e, c) in end_only.items() if e] == [25, 47] and [s for s, (e, c) in end_only.items() if c] == [47]
+    with pytest.raises(ConfigError, match="train.checkpoint_every must be >= 0, or -1"):
+        TrainConfig(checkpoint_every=-2)
 
 
 def test_global_batches_do_not_depend_on_worker_count(runs):
