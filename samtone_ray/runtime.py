@@ -9,10 +9,13 @@ import contextlib
 import functools
 import logging
 import os
+import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -78,16 +81,50 @@ def connect_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_INTERVAL_S))
     # One logical CPU more than the cores: Tune trial drivers hold a sliver of a CPU while their
     # workers train, and without the spare a 2-worker trial could never start on a 2-core box.
-    ray.init(
-        address="local",  # a fresh cluster even if another one runs on this machine
-        num_cpus=num_cpus or max(2, os.cpu_count() or 2) + 1,
-        # The dashboard serves the state API that Ray Train's PlacementGroupCleaner polls: without
-        # it, the workers of a trial stopped early by ASHA are never released.
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
-        logging_level=logging.WARNING,
-    )
+    start_local_ray(num_cpus=num_cpus or max(2, os.cpu_count() or 2) + 1, logging_level=logging.WARNING)
+
+
+def start_local_ray(*, num_cpus: int, **init_kwargs) -> None:
+    """A fresh local cluster on 127.0.0.1 whose own processes find its state API, whatever else runs.
+
+    Ray Train's PlacementGroupCleaner frees the workers of a trial that ASHA stops by asking the
+    state API (served by the dashboard) whether the trial's controller is alive. Without an address
+    that API picks "the latest cluster" on the machine, so a second local cluster (another
+    ``samtone`` command, a test head) made it ask the wrong one and the stopped trial's workers
+    stayed reserved. The dashboard therefore gets a known port, and the raylet (hence every worker)
+    inherits ``RAY_API_SERVER_ADDRESS`` pointing at it. The driver's own environment is restored:
+    there the variable would override every explicit address, e.g. ``samtone submit --address``.
+    """
+    import ray
+
+    port = _free_loopback_port()
+    key = "RAY_API_SERVER_ADDRESS"
+    before = os.environ.get(key)
+    os.environ[key] = f"http://127.0.0.1:{port}"
+    try:
+        context = ray.init(
+            address="local",  # a fresh cluster even if another one runs on this machine
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            _node_ip_address="127.0.0.1",
+            **init_kwargs,
+        )
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+    if not str(context.dashboard_url).endswith(f":{port}"):
+        log.warning("Ray's dashboard took %s instead of port %d: early-stopped trials may keep their "
+                    "workers while another Ray cluster runs on this machine", context.dashboard_url, port)
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # File systems that every node of a cluster can see the same way (network, parallel or FUSE-backed

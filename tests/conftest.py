@@ -16,15 +16,11 @@ import pytest  # noqa: E402
 def ray_cluster():
     import ray
 
-    ray.init(
-        address="local",  # never join another cluster on this machine (a test head, a user's)
-        num_cpus=4,
-        include_dashboard=True,  # its state API lets Ray Train release early-stopped trials' workers
-        dashboard_host="127.0.0.1",
-        object_store_memory=256 << 20,
-        _node_ip_address="127.0.0.1",
-        logging_level="WARNING",
-    )
+    from samtone_ray.runtime import start_local_ray
+
+    # Never joins another cluster on this machine (a test head, a user's), and its workers ask its
+    # own state API, however many other clusters run.
+    start_local_ray(num_cpus=4, object_store_memory=256 << 20, logging_level="WARNING")
     yield ray
     ray.shutdown()
 
