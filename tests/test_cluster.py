@@ -252,8 +252,8 @@ def test_training_and_search_dashboards_have_data_in_prometheus(head, prometheus
     proc = samtone(
         "submit", "tune", "--address", head.address, "--follow",
         *train_settings(tiny_model_dir, tiny_beir, tmp_path, name="dashboards", **{
-            # Long enough (tens of seconds) for several 1 s scrapes of every trial's counters.
-            "train.max_steps": 300, "train.eval_every": 100, "train.log_every": 50,
+            # Long enough (seconds) for several 1 s scrapes of every trial's counters.
+            "train.max_steps": 120, "train.eval_every": 60, "train.log_every": 20,
             "search.space": '{"loss.same_tower": {"grid": [none, both]}}',
         }),
         "--", "--no-baseline",
@@ -313,7 +313,7 @@ def test_serving_dashboard_has_data_in_prometheus(head, prometheus, tiny_model_d
                 pass
             assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
             time.sleep(1)
-        for i in range(40):  # 20 s of traffic, a refused request among it
+        for i in range(24):  # 12 s of traffic (1 s scrapes), a refused request among it
             r = requests.post(f"{url}/v1/embeddings",
                               json={"model": "tiny", "input": [f"text {i}", "another text"], "encoding_format": "float"})
             assert r.status_code == 200, r.text

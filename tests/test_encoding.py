@@ -227,7 +227,7 @@ def _encode_cmd(model, corpus, out) -> list[str]:
 
 @pytest.fixture(scope="module")
 def kill_corpus(tmp_path_factory):
-    docs = _docs(120, seed=7)
+    docs = _docs(60, seed=7)  # 30 shards of 2: many still pending when the kill lands
     return docs, _write_jsonl(tmp_path_factory.mktemp("kill") / "corpus.jsonl", docs)
 
 
@@ -261,7 +261,7 @@ def test_sigkill_then_rerun_holds_every_id_exactly_once(tmp_path, tiny_model_dir
                     killed_at = committed
                     break
             time.sleep(0.05)
-        assert killed_at is not None and killed_at < 60, f"no kill while shards were pending ({proc.poll()=})"
+        assert killed_at is not None and killed_at < 30, f"no kill while shards were pending ({proc.poll()=})"
         proc.wait(timeout=240)  # the driver is gone, or the run finishes despite the dead actor
         log = log_path.read_text(errors="replace")
     finally:
@@ -275,7 +275,7 @@ def test_sigkill_then_rerun_holds_every_id_exactly_once(tmp_path, tiny_model_dir
     ids, emb = _read_output(out)
     expected_ids = [d["_id"] for d in docs]
     assert len(ids) == len(expected_ids) and set(ids) == set(expected_ids)  # all present, none twice
-    assert json.loads((out / "manifest.json").read_text())["rows"] == 120
+    assert json.loads((out / "manifest.json").read_text())["rows"] == 60
     expected = DualEncoder.from_pretrained(tiny_model_dir).encode_documents([_text(d) for d in docs]).numpy()
     row = {d: i for i, d in enumerate(expected_ids)}
     np.testing.assert_allclose(emb, expected[[row[i] for i in ids]], atol=1e-5)

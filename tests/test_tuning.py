@@ -396,7 +396,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = _search_cfg(
         tiny_model_dir, tiny_beir, tmp_path / "out", uri,
-        search={"scheduler": "none", "max_concurrent_trials": 1, "space": {"loss.same_tower": {"grid": ["none", "query", "both"]}}},
+        search={"scheduler": "none", "max_concurrent_trials": 1, "space": {"loss.same_tower": {"grid": ["none", "both"]}}},
     )
     config_file = tmp_path / "search.yaml"
     config_file.write_text(yaml.safe_dump(cfg.to_dict()))
@@ -412,12 +412,12 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
     proc.wait()
     first_done = _terminated_trials(tmp_path / "out" / "tune")
     assert first_done, "no trial finished before the interruption"
-    assert len(first_done) < 3, "the search ended before it could be interrupted"
+    assert len(first_done) < 2, "the search ended before it could be interrupted"
     stamps = {t: (trials / t / "model").stat().st_mtime_ns for t in first_done}
 
     outcome = tune(cfg, resume=True)
     rows = [r for r in outcome.leaderboard if r["trial"] != "-"]
-    assert len(rows) == 3 and all(r["status"] == "finished" for r in rows)
+    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows)
     for t in first_done:  # finished before the kill: not trained again
         assert (trials / t / "model").stat().st_mtime_ns == stamps[t]
     c = MlflowClient(uri)
