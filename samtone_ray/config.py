@@ -222,7 +222,7 @@ class ServeConfig:
     index_batch_size: int = 128
     precision: Precision = "fp32"
     """fp32, bf16 (autocast; auto = bf16 where native) or int8 (dynamic int8 linear layers, CPU
-    only: about 1.x faster here, a small quality cost: see README "Re-encoding a corpus")."""
+    only; speed and quality cost measured in README "Re-encoding a corpus")."""
 
     def __post_init__(self) -> None:
         for key in ("max_batch_size", "max_ongoing_requests", "max_pending_texts",
