@@ -6,7 +6,8 @@ and prints MRR@10 / nDCG@10 / recall@100 side by side with the delta to the firs
 The Debian dev split has 5,889 queries and 59k documents; encoding all of them in fp32 takes about
 15 minutes on this 2-core machine, so ``--others N`` (default 15,000) evaluates on every document
 relevant to a dev query plus a fixed random sample (``--seed``) of N other documents, written as a
-BEIR folder under a temporary directory. Scores on such a corpus are higher than on the full one
+BEIR folder under a temporary directory; ``--queries N`` also samples N of the split's queries
+(and keeps only their relevant documents) when even that is too slow. Scores on such a corpus are higher than on the full one
 (fewer distractors); the fp32 -> int8 delta is what this measures. ``--others 0`` keeps the full corpus.
 
 No Ray, no timing: it needs no lock. Results go to ``results/precision_quality.json``; the last line
@@ -38,11 +39,15 @@ from benchmarks.encode_throughput import DEFAULT_DATA, MODEL  # noqa: E402
 KEYS = ("mrr@10", "ndcg@10", "recall@100")
 
 
-def subset(beir: Path, split: str, others: int, seed: int, out: Path) -> dict:
-    """A BEIR folder at ``out``: ``split``'s queries and qrels, their relevant documents and ``others``
-    other documents drawn with ``seed``. Returns its sizes."""
-    qrels = (beir / "qrels" / f"{split}.tsv").read_text().splitlines()
-    relevant = {line.split("\t")[1] for line in qrels[1:] if line.strip()}
+def subset(beir: Path, split: str, queries: int, others: int, seed: int, out: Path) -> dict:
+    """A BEIR folder at ``out``: ``queries`` of ``split``'s queries (all if 0) drawn with ``seed``, their
+    qrels and relevant documents, and ``others`` other documents drawn with ``seed``. Returns its sizes."""
+    header, *rows = [line for line in (beir / "qrels" / f"{split}.tsv").read_text().splitlines() if line.strip()]
+    qids = sorted({row.split("\t")[0] for row in rows})
+    if queries:
+        qids = set(random.Random(seed).sample(qids, min(queries, len(qids))))
+    rows = [row for row in rows if row.split("\t")[0] in qids]
+    relevant = {row.split("\t")[1] for row in rows}
     with open(beir / "corpus.jsonl", encoding="utf-8") as f:
         lines = [line for line in f if line.strip()]
     ids = [json.loads(line)["_id"] for line in lines]
@@ -51,8 +56,8 @@ def subset(beir: Path, split: str, others: int, seed: int, out: Path) -> dict:
     (out / "qrels").mkdir(parents=True)
     (out / "corpus.jsonl").write_text("".join(lines[i] for i in sorted(keep)), encoding="utf-8")
     shutil.copy(beir / "queries.jsonl", out / "queries.jsonl")
-    shutil.copy(beir / "qrels" / f"{split}.tsv", out / "qrels" / f"{split}.tsv")
-    return {"documents": len(keep), "relevant": len(relevant), "others": len(keep) - len(relevant)}
+    (out / "qrels" / f"{split}.tsv").write_text("\n".join([header, *rows]) + "\n")
+    return {"queries": len(qids), "documents": len(keep), "relevant": len(relevant), "others": len(keep) - len(relevant)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="dev")
     p.add_argument("--model", default=MODEL)
     p.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
+    p.add_argument("--queries", type=int, default=0, help="queries of the split sampled (0 = all)")
     p.add_argument("--others", type=int, default=15000, help="non-relevant documents sampled (0 = the full corpus)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128)
@@ -69,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="precision-quality-"))
     data, sizes = args.data, None
-    if args.others:
+    if args.others or args.queries:
         data = work / "beir"
-        sizes = subset(args.data, args.split, args.others, args.seed, data)
-        print(f"corpus: {sizes['relevant']} relevant + {sizes['others']} sampled documents (seed {args.seed})", flush=True)
+        sizes = subset(args.data, args.split, args.queries, args.others, args.seed, data)
+        print(f"{sizes['queries']} queries; corpus: {sizes['relevant']} relevant + {sizes['others']} sampled documents "
+              f"(seed {args.seed})", flush=True)
     rows = {}
     env = dict(os.environ, PYTHONPATH=str(_REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for precision in args.precisions:
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     first, last = args.precisions[0], args.precisions[-1]
     payload = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "settings": {"data": str(args.data), "split": args.split, "model": args.model, "others": args.others,
+        "settings": {"data": str(args.data), "split": args.split, "model": args.model, "queries": args.queries, "others": args.others,
                      "seed": args.seed, "batch_size": args.batch_size, "corpus": sizes},
         "command": "samtone eval --model M --data D --split S --precision P --json",
         "results": rows,
