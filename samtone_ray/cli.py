@@ -170,6 +170,8 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from samtone_ray.settings import PRECISIONS
+
     parser = argparse.ArgumentParser(prog="samtone", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="dev")
     p.add_argument("--baseline", choices=["bm25"], help="add a baseline row")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="encoder autocast precision")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="auto/fp32/bf16 (autocast), or int8 (dynamic int8 linear layers, CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object (last line of stdout)")
     p.set_defaults(func=cmd_eval)
 
@@ -229,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor")
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto (bf16 where native), fp32, bf16, or int8 (dynamic int8 linear layers, CPU only)")
     p.add_argument("--id-field", default="_id")
     p.add_argument("--text-fields", default="title,text", help="comma-separated fields joined into the text")
     p.add_argument("--on-bad-record", choices=["error", "skip"], default="error",

@@ -103,7 +103,8 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     seed: int = 42
     precision: Precision = "auto"
-    """auto = bf16 where the device multiplies bf16 natively (recent GPUs, AMX CPUs), else fp32."""
+    """auto = bf16 where the device multiplies bf16 natively (recent GPUs, AMX CPUs), else fp32.
+    int8 is inference-only and refused here."""
     eval_every: int = 25
     """Evaluate every N steps (0 = only at the end); ASHA decides on these evaluations."""
     checkpoint_every: int = 0
@@ -139,6 +140,8 @@ class TrainConfig:
             )
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        with _as(ConfigError):
+            settings.check_precision(self.precision, prefix="train.", training=True)
 
 
 @dataclass
@@ -224,6 +227,8 @@ class ServeConfig:
     """Re-resolve a models:/NAME@ALIAS URI this often (0 = only on reconfigure)."""
     index_batch_size: int = 128
     precision: Precision = "fp32"
+    """fp32, bf16 (autocast; auto = bf16 where native) or int8 (dynamic int8 linear layers, CPU
+    only; speed and quality cost measured in README "Re-encoding a corpus")."""
 
     def __post_init__(self) -> None:
         for key in ("max_batch_size", "max_ongoing_requests", "max_pending_texts",

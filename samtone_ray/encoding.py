@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from samtone_ray.corpus import Plan, Reject, Shard, plan_shards, read_shard
 from samtone_ray.data import DataError, join_text
 from samtone_ray.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from samtone_ray.settings import check_precision
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,7 @@ class EncodeOptions:
             raise ValueError(f"tower must be one of {TOWERS}; got {self.tower!r}")
         if self.on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip'; got {self.on_bad_record!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16; got {self.precision!r}")
+        check_precision(self.precision, gpu=self.gpu)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
         lo, hi = self.actors
@@ -211,14 +211,14 @@ class EmbedWriter:
     def __init__(self, model, tower: str, precision: str, gpu: bool, cpus: float, output: str, schema_meta: str) -> None:
         import torch
 
-        from samtone_ray.runtime import resolve_precision
+        from samtone_ray.runtime import prepare_inference
 
         if not gpu:
             torch.set_num_threads(max(1, int(cpus)))
         self.device = torch.device("cuda" if gpu else "cpu")
         self.model = model.to(self.device).eval()
+        self.precision = prepare_inference(self.model, precision)  # int8: quantised here, once per actor
         self.embed = self.model.embed_queries if tower == "query" else self.model.embed_documents
-        self.precision = resolve_precision(precision, self.device)
         self.output = Path(output)
         self.schema_meta = schema_meta
         self.failed = _failed_blocks_counter()

@@ -337,12 +337,14 @@ def evaluate_model(
     off rank 0).
 
     ``precision="bf16"`` encodes under bf16 autocast (about 2.4x faster on AMX CPUs and on GPUs);
-    embeddings are normalised and searched in float32 either way.
+    ``"int8"`` quantises the model's linear layers in place first (``runtime.prepare_inference``:
+    inference only, CPU only); embeddings are normalised and searched in float32 either way.
     """
-    from samtone_ray.runtime import autocast
+    from samtone_ray.runtime import autocast, prepare_inference
 
     ks = _check_k_values(DEFAULT_K_VALUES)
     query_ids, doc_ids = _check_eval_inputs(split.corpus, split.queries, split.qrels)
+    precision = prepare_inference(model, precision)
     was_training = model.training
     model.eval()
     try:

@@ -19,7 +19,11 @@ log = logging.getLogger(__name__)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 where bf16 matrix multiplies are native, else fp32."""
+    """``auto`` -> bf16 where bf16 matrix multiplies are native, else fp32 (never int8: it costs
+    quality, so it is only ever asked for). int8 on a GPU is refused."""
+    from samtone_ray.settings import check_precision
+
+    check_precision(precision, gpu=device.type != "cpu")
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -38,10 +42,36 @@ def _cpu_has_amx() -> bool:
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast for the encoders (the loss upcasts to float32 itself); fp32 = no-op."""
+    """bf16 autocast for the encoders (the loss upcasts to float32 itself); fp32 = no-op; int8 =
+    no-op too: the quantised layers (``prepare_inference``) take fp32 activations themselves."""
     if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def prepare_inference(model: torch.nn.Module, precision: str) -> str:
+    """Make ``model`` (loaded for inference only) run at ``precision``; returns the resolved precision.
+
+    ``int8``: every ``nn.Linear`` (attention, feed-forward, projection: nearly all of an encoder's
+    multiply-adds) is replaced, in place and once per model, by torch's dynamic int8 version
+    (weights int8 per channel, activations quantised per batch on the fly, int32 accumulation, fp32
+    out); embeddings, LayerNorm and pooling stay fp32. A model quantised once refuses to be asked
+    for another precision rather than silently running int8. Other precisions leave it untouched.
+    """
+    device = next(model.parameters()).device
+    resolved = resolve_precision(precision, device)
+    quantised = getattr(model, "_samtone_int8", False)
+    if resolved == "int8" and not quantised:
+        model.eval()
+        # Per-channel weight scales: per-tensor ones cost visibly more quality on MiniLM (cosine to
+        # fp32 on 64 Debian documents: mean 0.94, min 0.90, against 0.98 and 0.97 per channel).
+        torch.ao.quantization.quantize_dynamic(
+            model, {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, inplace=True
+        )
+        model._samtone_int8 = True
+    elif resolved != "int8" and quantised:
+        raise ValueError(f"this model was quantised to int8 for inference; load it again to run it at {resolved}")
+    return resolved
 
 
 def device_name(device: torch.device) -> str:

@@ -19,7 +19,7 @@ import torch
 from samtone_ray.data import join_text, read_corpus
 from samtone_ray.indexing import INDEX_FILE, IndexError_, SearchIndex
 from samtone_ray.model_uri import ResolvedModel, resolve_model
-from samtone_ray.runtime import autocast
+from samtone_ray.runtime import autocast, prepare_inference
 from samtone_ray.towers import DualEncoder
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,11 @@ class Served:
 
 
 def load_model(uri: str, tracking_uri: str | None, device: str = "cpu", precision: str = "fp32") -> Served:
-    """Resolve ``uri`` (files only, nothing unpickled), load it and run a warm-up batch on both towers."""
+    """Resolve ``uri`` (files only, nothing unpickled), load it (int8: quantised here, once per loaded
+    version) and run a warm-up batch on both towers."""
     resolved = resolve_model(uri, tracking_uri)
     model = DualEncoder.from_pretrained(resolved.path).to(device)
+    prepare_inference(model, precision)
     served = Served(model, resolved)
     for input_type in SIDES:
         served.embed(["warm-up"], input_type, precision, 1)

@@ -44,6 +44,7 @@ from samtone_ray.serve_api import (
     parse_search,
 )
 from samtone_ray.serve_models import IndexSource, Served, load_model, with_index
+from samtone_ray.settings import check_precision
 
 log = logging.getLogger(__name__)
 DEPLOYMENT = "Embedder"
@@ -422,6 +423,11 @@ def cmd_serve(args, cfg) -> int:
 
     from samtone_ray import tracking
 
+    try:  # before any Ray start: int8 kernels are CPU-only
+        check_precision(cfg.serve.precision, prefix="serve.", gpu=args.gpu)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     tracking_uri = tracking.tracking_uri(cfg.tracking.uri)
     model = args.model or f"models:/{cfg.registry.model_name}@{cfg.registry.alias}"
     options = deployment_options(args.replicas, args.autoscale, args.gpu, args.num_cpus, cfg.serve)

@@ -17,7 +17,9 @@ TowerMode = Literal["shared", "separate", "separate_shared_projection"]
 Pooling = Literal["mean", "cls"]
 Side = Literal["query", "doc"]
 SameTower = Literal["none", "query", "doc", "both"]
-Precision = Literal["auto", "fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16", "int8"]
+"""``int8`` (dynamic int8 quantisation of the encoders' linear layers, CPU only) is for inference
+(evaluation, re-encoding, serving), never training: ``check_precision`` refuses it there."""
 SearchAlgorithm = Literal["grid", "random", "optuna"]
 Scheduler = Literal["asha", "none"]
 Mode = Literal["max", "min"]
@@ -108,9 +110,19 @@ def validate_loss_config(
     check_loss_knobs(same_tower_weight, false_negative_margin)
 
 
-def check_precision(precision: str, *, prefix: str = "") -> None:
+def check_precision(precision: str, *, prefix: str = "", training: bool = False, gpu: bool = False) -> None:
+    """``precision`` is usable for this work: int8 only for inference, and only on CPU."""
     if precision not in PRECISIONS:
         raise ValueError(f"{prefix}precision must be one of {PRECISIONS}; got {precision!r}")
+    if precision == "int8" and training:
+        raise ValueError(
+            f"{prefix}precision=int8 is for inference only (samtone eval / encode / serve): dynamically "
+            "quantised layers have no gradients; train with auto, fp32 or bf16"
+        )
+    if precision == "int8" and gpu:
+        raise ValueError(
+            f"{prefix}precision=int8 runs on CPU only (torch's dynamic int8 kernels); on a GPU use bf16 or fp32"
+        )
 
 
 def parse_count_range(text: str, option: str, *, single: bool) -> tuple[int, int]:
