@@ -118,6 +118,8 @@ def _profile_worker(config):
     threads = max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
     timed, metrics = {}, {}
     for name, data in (("eval_shared_s", split), ("eval_shared_full_s", full)):
+        if data is None:  # taken from an earlier profile (--before-from)
+            continue
         dist.barrier()
         t0 = time.perf_counter()
         with cpu_threads(threads):
@@ -129,9 +131,19 @@ def _profile_worker(config):
         Path(config["out"]).write_text(json.dumps({
             "train_step_s": {str(k): v for k, v in steps.items()}, **timed,
             "trained_mrr@10": metrics["eval_shared_s"]["mrr@10"],
-            "trained_mrr@10_full": metrics["eval_shared_full_s"]["mrr@10"],
+            **({"trained_mrr@10_full": metrics["eval_shared_full_s"]["mrr@10"]} if full is not None else {}),
         }))
+        print(f"train steps {steps}, evaluations {timed}", flush=True)
     ray.train.report({"done": 1})
+
+
+def _before_figures(path: Path) -> dict:
+    """Whole-corpus evaluation times of an earlier profile (its own format, or this one's)."""
+    old = json.loads(path.read_text())
+    m = old["measured"]
+    return {"file": str(path), "date": old["date"], "corpus": old.get("eval_corpus", {}).get("before", "whole corpus"),
+            "eval_shared_full_s": m.get("eval_shared_full_s", m["eval_shared_s"]),
+            "zero_shot_full_s": m.get("zero_shot_full_s", m["zero_shot_s"])}
 
 
 def main() -> int:
@@ -139,6 +151,9 @@ def main() -> int:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per chunk size (after one warm-up)")
     parser.add_argument("--chunk-sizes", default="", help="other train.chunk_size values to time steps at, e.g. 16,8")
+    parser.add_argument("--before-from", type=Path,
+                        help="take the whole-corpus evaluation times from this earlier profile JSON instead of "
+                             "measuring them (they take minutes: the run then fits the lock's time slot)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, as samtone's --set (e.g. train.eval_max_docs=2000)")
     parser.add_argument("--champion-evals", type=int, default=1,
@@ -170,24 +185,31 @@ def main() -> int:
         pairs, split = load_data(cfg)
         parts["load_data_s"] = time.perf_counter() - t0
         full = load_data(cfg.with_overrides({"train.eval_max_docs": 0}))[1]
+        before = _before_figures(args.before_from) if args.before_from else None
 
         zero_shot = {}
         for name, data in (("zero_shot_s", split), ("zero_shot_full_s", full)):
+            if before and name == "zero_shot_full_s":
+                continue
             t0 = time.perf_counter()
             zero_shot[name] = evaluate_model(build_model(cfg), data, cfg.train.eval_batch_size, cfg.train.precision)
             parts[name] = time.perf_counter() - t0
+            print(f"{name}: {parts[name]:.1f} s, mrr@10={zero_shot[name]['mrr@10']:.4f}", flush=True)
 
         out = Path(tmp) / "profile.json"
         TorchTrainer(
             _profile_worker,
             train_loop_config={"cfg": cfg.to_dict(), "pairs": ray.put(pairs), "eval": ray.put(split),
-                               "eval_full": ray.put(full), "out": str(out), "steps": args.steps,
+                               "eval_full": ray.put(None if before else full), "out": str(out), "steps": args.steps,
                                "chunk_sizes": chunk_sizes},
             scaling_config=scaling,
             run_config=RunConfig(name="profile", storage_path=tmp),
         ).fit()
         measured = json.loads(out.read_text())
     ray.shutdown()
+    if before:
+        parts["zero_shot_full_s"] = before["zero_shot_full_s"]
+        measured["eval_shared_full_s"] = before["eval_shared_full_s"]
 
     step_by_chunk = {k: statistics.median(v) for k, v in measured["train_step_s"].items()}
     step = step_by_chunk[str(cfg.train.chunk_size)]
@@ -220,8 +242,10 @@ def main() -> int:
         "measured": parts | measured | {
             "train_step_median_s": step, "train_step_median_s_by_chunk_size": step_by_chunk,
             "zero_shot_mrr@10": zero_shot["zero_shot_s"]["mrr@10"],
-            "zero_shot_mrr@10_full": zero_shot["zero_shot_full_s"]["mrr@10"],
+            **({"zero_shot_mrr@10_full": zero_shot["zero_shot_full_s"]["mrr@10"]} if not before else {}),
         },
+        "before_from": before,
+        "load_average_1_5_15": os.getloadavg(),
         "demo_estimate_s": demo | {"total_before": total_before, "total_now": total_now,
                                    "total_now_by_chunk_size": total_at_chunk},
         "demo_share_now": {k: round(v / total_now, 3) for k, v in demo.items() if not k.endswith("_before")},
