@@ -30,6 +30,16 @@ def _count_range(option: str, *, single: bool):
     return parse
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML config (default: the embedded defaults)")
     p.add_argument(
@@ -50,23 +60,24 @@ def _echo(cfg) -> None:
 
 
 def cmd_eval(args) -> int:
-    from samtone_ray.data import load_beir
+    from samtone_ray.data import bound_eval_corpus, load_beir
     from samtone_ray.evaluation import bm25_run, format_metrics_table, retrieval_metrics
     from samtone_ray.towers import DualEncoder
     from samtone_ray.data import resolve_data_path
     from samtone_ray.evaluation import evaluate_model as evaluate
 
-    split = load_beir(resolve_data_path(args.data), args.split)
+    split = bound_eval_corpus(load_beir(resolve_data_path(args.data), args.split), args.max_docs)
     rows = {}
     if args.baseline == "bm25":
         rows["bm25"] = retrieval_metrics(bm25_run(split.corpus, split.queries, k=100), split.qrels)
     model = DualEncoder.from_pretrained(args.model)
     rows[Path(args.model).name or args.model] = evaluate(model, split, args.batch_size, args.precision)
     if args.json:
-        payload = {"data": args.data, "split": args.split, "queries": len(split.qrels), "documents": len(split.corpus)}
+        payload = {"data": args.data, "split": args.split, "queries": len(split.qrels), "documents": len(split.corpus),
+                   "documents_total": split.corpus_params()["eval_docs_total"]}
         print(json.dumps(payload | {"results": rows} | rows[next(reversed(rows))]))
     else:
-        print(f"{args.data} [{args.split}]: {len(split.qrels)} queries, {len(split.corpus)} documents")
+        print(f"{args.data} [{args.split}]: {len(split.qrels)} queries, {split.corpus_summary()}")
         print(format_metrics_table(rows))
     return 0
 
@@ -87,6 +98,7 @@ def cmd_train(args) -> int:
     outcome = train(cfg, data=data)
     if data[1] is not None:
         rows["fine-tuned"] = {k: v for k, v in outcome.metrics.items() if "@" in k}
+        print(f"eval corpus: {data[1].corpus_summary()}")
         print(format_metrics_table(rows))
     print(f"model: {outcome.model_dir}")
     if outcome.run_id:
@@ -112,6 +124,7 @@ def cmd_tune(args) -> int:
     _echo(cfg)
     outcome = tune(cfg, resume=bool(args.resume), zero_shot=not args.no_baseline)
     print(f"\n# leaderboard ({cfg.search.metric}, {cfg.data.eval} [{cfg.data.eval_split}])")
+    print(f"eval corpus: {outcome.eval_corpus}")
     print(format_leaderboard(outcome.leaderboard, cfg.search.metric))
     if outcome.zero_shot is not None:
         print(f"zero-shot {cfg.model.name_or_path}: " + ", ".join(f"{k}={outcome.zero_shot[k]:.4f}" for k in DEFAULT_TABLE_KEYS))
@@ -182,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="dev")
     p.add_argument("--baseline", choices=["bm25"], help="add a baseline row")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-docs", type=_non_negative, default=0,
+                   help="search the judged documents plus a fixed sample of the rest, this many in all "
+                        "(as train.eval_max_docs; default 0 = the whole corpus)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="auto/fp32/bf16 (autocast), or int8 (dynamic int8 linear layers, CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object (last line of stdout)")

@@ -119,6 +119,11 @@ class TrainConfig:
     micro-batches of at most this many texts (whole chunks: >= chunk_size), so activation memory
     no longer grows with batch_size. Same loss and gradients as without (gradcache.py)."""
     eval_batch_size: int = 128
+    eval_max_docs: int = 1000
+    """Documents each evaluation searches (0 = the whole corpus): every document the eval qrels
+    judge plus a fixed random sample of the rest (independent of ``seed``), chosen once when the
+    data is loaded, so every trial, the zero-shot reference and the champion re-evaluation score
+    on the same documents. Fewer distractors raise the metrics: compare only at equal values."""
     log_every: int = 10
     """Log loss, learning rate and throughput to MLflow every N steps."""
     fail_at_step: int = 0
@@ -133,6 +138,8 @@ class TrainConfig:
         if self.checkpoint_every < END_ONLY:
             raise ConfigError(f"train.checkpoint_every must be >= 0, or {END_ONLY} (end only), got {self.checkpoint_every}")
         _positive("train.lr", self.lr)
+        if self.eval_max_docs < 0:
+            raise ConfigError(f"train.eval_max_docs must be >= 0 (0 = the whole corpus), got {self.eval_max_docs}")
         if self.micro_batch_size and self.micro_batch_size < self.chunk_size:
             raise ConfigError(
                 f"train.micro_batch_size must be 0 (off) or >= train.chunk_size={self.chunk_size} (a chunk "

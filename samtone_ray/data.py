@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ PathLike = str | Path
 _PARQUET_REQUIRED = ("query", "document")
 _PARQUET_OPTIONAL = ("negatives", "query_id", "doc_id")
 _PARQUET_BATCH_ROWS = 8192
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -225,6 +228,19 @@ class BeirSplit:
     corpus: dict[str, str]
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
+    corpus_total: int | None = None
+    """Documents in the whole corpus when ``corpus`` is a bounded sample of it (``bound_eval_corpus``);
+    None when ``corpus`` is the whole corpus."""
+
+    def corpus_summary(self) -> str:
+        """What is searched, for logs and leaderboard headers."""
+        if self.corpus_total is None:
+            return f"all {len(self.corpus)} documents"
+        return f"{len(self.corpus)} of {self.corpus_total} documents (relevant + fixed sample)"
+
+    def corpus_params(self) -> dict[str, int]:
+        """``eval_docs`` (searched) and ``eval_docs_total`` (in the corpus), as run params."""
+        return {"eval_docs": len(self.corpus), "eval_docs_total": self.corpus_total or len(self.corpus)}
 
 
 def load_beir(path: PathLike, split: str) -> BeirSplit:
@@ -243,6 +259,40 @@ def load_beir(path: PathLike, split: str) -> BeirSplit:
     corpus = _read_texts(corpus_path, "corpus", keep=None)
     _check_known(rows, qrels_path, queries, corpus, (queries_path, corpus_path))
     return BeirSplit(corpus=corpus, queries=queries, qrels=qrels)
+
+
+EVAL_SAMPLE_SEED = 0
+"""Seed of the fixed document sample of a bounded eval corpus. Deliberately not ``train.seed``:
+trials that differ in their seed must still be scored on the same documents."""
+
+
+def bound_eval_corpus(split: BeirSplit, max_docs: int) -> BeirSplit:
+    """``split`` searching at most ``max_docs`` documents (``train.eval_max_docs``; 0 = all).
+
+    Kept: every document the qrels judge (so no relevant document is ever missing from the
+    search), plus a fixed random sample of the others up to ``max_docs`` in all. The sample
+    depends only on the set of document ids and ``EVAL_SAMPLE_SEED`` (``analysis.bound_corpus``),
+    not on the run's seed or the corpus order, so every evaluation that loads the same data with
+    the same cap (each trial, the zero-shot reference, the champion re-evaluation) searches the
+    same documents. When the judged documents alone number more than ``max_docs``, all of them
+    are kept (and a warning says so). Documents stay in corpus order.
+    """
+    import numpy as np
+
+    from samtone_ray.analysis import bound_corpus
+
+    if max_docs < 0:
+        raise ValueError(f"max_docs must be >= 0 (0 = the whole corpus), got {max_docs}")
+    total = split.corpus_total or len(split.corpus)
+    judged = {doc_id for judgements in split.qrels.values() for doc_id in judgements}
+    if not max_docs or len(split.corpus) <= max_docs:
+        return split
+    if len(judged) > max_docs:
+        log.warning("train.eval_max_docs=%d is below the %d documents the eval qrels judge: searching all of "
+                    "those and no other", max_docs, len(judged))
+    keep = set(bound_corpus(list(split.corpus), judged, max_docs, np.random.default_rng(EVAL_SAMPLE_SEED)))
+    corpus = {doc_id: text for doc_id, text in split.corpus.items() if doc_id in keep}
+    return BeirSplit(corpus=corpus, queries=split.queries, qrels=split.qrels, corpus_total=total)
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,8 +501,14 @@ def resolve_data_path(path: str) -> str:
 
 
 def load_data(cfg):
-    """(training pairs, eval split) as the workers will see them."""
+    """(training pairs, eval split) as the workers will see them. The eval split's corpus is
+    bounded here, once, by ``train.eval_max_docs`` (``bound_eval_corpus``), so everything that
+    evaluates on it searches the same documents."""
     pairs = load_training_pairs(resolve_data_path(cfg.data.train), cfg.data.train_split,
                                 num_negatives=cfg.data.num_hard_negatives)
-    eval_split = load_beir(resolve_data_path(cfg.data.eval), cfg.data.eval_split) if cfg.data.eval else None
+    eval_split = None
+    if cfg.data.eval:
+        eval_split = bound_eval_corpus(load_beir(resolve_data_path(cfg.data.eval), cfg.data.eval_split),
+                                       cfg.train.eval_max_docs)
+        log.info("eval corpus: %s", eval_split.corpus_summary())
     return pairs, eval_split

@@ -86,6 +86,8 @@ def promote_best(cfg: Config, uri: str, best: dict[str, Any], eval_split) -> dic
             tags={
                 "metric": metric,
                 "eval_data": f"{cfg.data.eval}:{cfg.data.eval_split}",
+                # The candidate and the incumbent are scored below on exactly these documents.
+                **{k: str(v) for k, v in eval_split.corpus_params().items()},
                 "trial": best["trial"],
                 **{f"setting.{k}": str(v) for k, v in best["settings"].items()},
             },

@@ -528,7 +528,8 @@ def train(cfg: Config, *, data=None) -> TrainOutcome:
         log.warning("%s/model exists and will be replaced when this run finishes", output_dir)
     run_id = None
     if cfg.tracking.enabled:
-        run_id = tracking.start_run(uri, cfg.tracking.experiment, cfg.name, cfg.flat(), tags={"samtone.kind": "train"})
+        params = cfg.flat() | (eval_split.corpus_params() if eval_split is not None else {})
+        run_id = tracking.start_run(uri, cfg.tracking.experiment, cfg.name, params, tags={"samtone.kind": "train"})
     trainer = build_trainer(
         cfg,
         pairs_ref=ray.put(pairs),

@@ -64,7 +64,7 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -
             uri,
             cfg.tracking.experiment,
             trial_id,
-            cfg.flat(),
+            cfg.flat() | search["eval_params"],  # eval_docs / eval_docs_total: what its metrics searched
             parent_run_id=search["parent_run_id"],
             tags={"samtone.kind": "trial", "samtone.trial_id": trial_id},
         )
@@ -170,6 +170,8 @@ class SearchOutcome:
     parent_run_id: str | None
     output_dir: Path
     zero_shot: dict[str, float] | None = None
+    eval_corpus: str = ""
+    """What every evaluation searched (``BeirSplit.corpus_summary``)."""
 
 
 def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = False) -> SearchOutcome:
@@ -206,7 +208,8 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
     check_ray_cluster(uri, str(out))  # a multi-node cluster cannot share SQLite or a node-local output_dir
     if uri and not state["parent_run_id"]:
         state["parent_run_id"] = tracking.start_run(
-            uri, cfg.tracking.experiment, f"{cfg.name}-search", _search_params(cfg, space), tags={"samtone.kind": "search"}
+            uri, cfg.tracking.experiment, f"{cfg.name}-search", _search_params(cfg, space) | eval_split.corpus_params(),
+            tags={"samtone.kind": "search"},
         )
     elif uri:
         tracking.client(uri).update_run(state["parent_run_id"], status="RUNNING")  # resumed
@@ -252,7 +255,7 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
             base=cfg.to_dict(),
             refs={"pairs": ray.put(pairs), "eval": ray.put(eval_split)},
             search={"dir": str(out), "tracking_uri": uri, "parent_run_id": state["parent_run_id"],
-                    "metric": cfg.search.metric, "mode": cfg.search.mode},
+                    "metric": cfg.search.metric, "mode": cfg.search.mode, "eval_params": eval_split.corpus_params()},
         ),
         # The trial function only drives a TorchTrainer, whose workers hold the real resources.
         {"CPU": 0.01},
@@ -306,7 +309,7 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
         if champion and "error" in champion:
             parent.set_tags({"champion.error": champion["error"]})
         parent.finish("FAILED" if champion and "error" in champion else "FINISHED")
-    return SearchOutcome(board, best, champion, state["parent_run_id"], out, baseline)
+    return SearchOutcome(board, best, champion, state["parent_run_id"], out, baseline, eval_split.corpus_summary())
 
 
 def _tune_config(cfg: Config, space: Space):

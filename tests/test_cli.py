@@ -24,6 +24,7 @@ def test_eval_json_reports_the_model_and_bm25(tiny_model_dir):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     split = load_beir(data, "dev")
     assert result["queries"] == len(split.qrels) and result["documents"] == len(split.corpus)
+    assert result["documents_total"] == len(split.corpus)  # `samtone eval` searches the whole corpus unless asked
     for key in ("mrr@10", "ndcg@10", "recall@10", "recall@100", "p@1"):
         assert 0.0 <= result[key] <= 1.0
 

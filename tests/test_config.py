@@ -49,6 +49,8 @@ def test_yaml_and_overrides_are_typed(tmp_path):
         (["loss.same_tower=sideways"], "loss.same_tower"),
         (["train.batch_size=abc"], "train.batch_size"),
         (["train.batch_size=0"], "train.batch_size"),
+        (["train.eval_max_docs=-1"], "train.eval_max_docs"),
+        (["train.eval_max_docs=1.5"], "train.eval_max_docs"),
         (["loss.temperature=-1"], "loss.temperature"),
         (["loss.bidirectional=maybe"], "loss.bidirectional"),
         (["train.precision=fp8"], "train.precision"),

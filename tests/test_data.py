@@ -455,3 +455,67 @@ def test_text_keys_tensor():
     assert keys.tolist() == [text_key(t) for t in texts]
     assert keys[0] == keys[2] and keys[0] != keys[1]
     assert text_keys([]).dtype == torch.int64 and text_keys([]).shape == (0,)
+
+
+# --------------------------------------------------------------------------------------------
+# A bounded eval corpus (train.eval_max_docs)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dev_split() -> BeirSplit:
+    return load_beir(bundled_sample_path(), "dev")
+
+
+def test_bounded_eval_corpus_keeps_every_judged_document_and_has_the_requested_size(dev_split):
+    judged = {d for qrel in dev_split.qrels.values() for d in qrel}  # naive: straight from the qrels
+    bounded = data.bound_eval_corpus(dev_split, 1000)
+    assert len(bounded.corpus) == 1000
+    assert judged <= set(bounded.corpus)
+    assert all(bounded.corpus[d] == dev_split.corpus[d] for d in bounded.corpus)  # texts untouched
+    assert list(bounded.corpus) == [d for d in dev_split.corpus if d in bounded.corpus]  # corpus order kept
+    assert bounded.queries == dev_split.queries and bounded.qrels == dev_split.qrels
+    assert bounded.corpus_total == len(dev_split.corpus) == 5317
+    assert bounded.corpus_params() == {"eval_docs": 1000, "eval_docs_total": 5317}
+    assert bounded.corpus_summary() == "1000 of 5317 documents (relevant + fixed sample)"
+    # The others are a random sample, not the head of the file.
+    others = [d for d in bounded.corpus if d not in judged]
+    head = [d for d in dev_split.corpus if d not in judged][: len(others)]
+    assert others != head
+
+
+def test_bounded_eval_corpus_is_fixed_by_the_document_ids_alone(dev_split):
+    first = data.bound_eval_corpus(dev_split, 700)
+    assert first.corpus == data.bound_eval_corpus(dev_split, 700).corpus
+    shuffled = list(dev_split.corpus.items())
+    random.Random(3).shuffle(shuffled)
+    reordered = BeirSplit(corpus=dict(shuffled), queries=dev_split.queries, qrels=dev_split.qrels)
+    assert set(data.bound_eval_corpus(reordered, 700).corpus) == set(first.corpus)
+    # Bounding again keeps the original total.
+    again = data.bound_eval_corpus(first, 500)
+    assert again.corpus_total == 5317 and len(again.corpus) == 500
+
+
+def test_load_data_bounds_the_eval_corpus_once_independently_of_the_seed(dev_split):
+    from samtone_ray.config import load_config
+
+    _, a = data.load_data(load_config(None, ["train.eval_max_docs=800", "train.seed=1"]))
+    _, b = data.load_data(load_config(None, ["train.eval_max_docs=800", "train.seed=12345"]))
+    assert len(a.corpus) == 800 and a.corpus == b.corpus
+    assert a.corpus == data.bound_eval_corpus(dev_split, 800).corpus
+    # 0 = the whole corpus, as loaded.
+    _, whole = data.load_data(load_config(None, ["train.eval_max_docs=0"]))
+    assert whole.corpus == dev_split.corpus and whole.corpus_total is None
+    assert whole.corpus_params() == {"eval_docs": 5317, "eval_docs_total": 5317}
+    assert whole.corpus_summary() == "all 5317 documents"
+    assert data.bound_eval_corpus(dev_split, 6000) is dev_split  # a cap above the corpus changes nothing
+
+
+def test_bounded_eval_corpus_below_the_judged_documents_keeps_them_all_and_says_so(dev_split, caplog):
+    judged = {d for qrel in dev_split.qrels.values() for d in qrel}
+    with caplog.at_level("WARNING", logger="samtone_ray.data"):
+        bounded = data.bound_eval_corpus(dev_split, 10)
+    assert set(bounded.corpus) == judged
+    assert "train.eval_max_docs=10" in caplog.text and f"{len(judged)} documents" in caplog.text
+    with pytest.raises(ValueError, match="max_docs must be >= 0"):
+        data.bound_eval_corpus(dev_split, -1)

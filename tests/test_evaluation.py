@@ -343,3 +343,42 @@ def test_format_metrics_table_layout():
 def test_format_metrics_table_names_missing_metric():
     with pytest.raises(ValueError, match="'bm25' lacks metrics \\['ndcg@10'\\]"):
         format_metrics_table({"bm25": {"mrr@10": 0.5}}, keys=("mrr@10", "ndcg@10"))
+
+
+# ---------------------------------------------------------------- a bounded eval corpus
+
+
+def test_evaluate_model_on_a_bounded_corpus_matches_pytrec_eval_over_that_corpus(tiny_model_dir):
+    """``evaluate_model`` on a ``bound_eval_corpus`` split equals pytrec_eval on a brute-force run
+    over the kept documents; and searching fewer distractors can only raise every metric."""
+    from samtone_ray.data import BeirSplit, bound_eval_corpus, bundled_sample_path, load_beir
+    from samtone_ray.evaluation import evaluate_model
+    from samtone_ray.towers import DualEncoder
+
+    dev = load_beir(bundled_sample_path(), "dev")
+    qids = sorted(dev.qrels)[:30]
+    qrels = {q: dict(dev.qrels[q]) for q in qids}
+    judged = {d for q in qids for d in qrels[q]}
+    docs = [d for d in dev.corpus if d in judged] + [d for d in dev.corpus if d not in judged][:400]
+    full = BeirSplit(corpus={d: dev.corpus[d] for d in docs}, queries={q: dev.queries[q] for q in qids}, qrels=qrels)
+    bounded = bound_eval_corpus(full, 120)
+    assert len(bounded.corpus) == 120 and judged <= set(bounded.corpus)
+
+    model = DualEncoder.from_base(str(tiny_model_dir), query_max_length=16, doc_max_length=32)
+    got = evaluate_model(model, bounded, 16, "fp32")
+
+    # The oracle: every document of the full corpus encoded once, scored by a full matrix product,
+    # then restricted to the kept ids and ranked by trec_eval's order.
+    q_emb = model.encode_queries([full.queries[q] for q in qids], batch_size=16)
+    d_emb = model.encode_documents([full.corpus[d] for d in docs], batch_size=16)
+    scores = (q_emb @ d_emb.T).tolist()
+
+    def oracle_run(keep: set[str]) -> dict[str, dict[str, float]]:
+        return {q: dict(trec_order({d: s for d, s in zip(docs, row) if d in keep})[:100]) for q, row in zip(qids, scores)}
+
+    expected = pytrec_means(oracle_run(set(bounded.corpus)), qrels, KS)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+    whole = pytrec_means(oracle_run(set(docs)), qrels, KS)
+    assert all(expected[k] >= whole[k] - 1e-12 for k in whole)
+    assert expected["mrr@10"] > whole["mrr@10"]  # with 400 distractors cut to 90 the ranks do move

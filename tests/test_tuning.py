@@ -216,7 +216,8 @@ def search(ray_cluster, tiny_model_dir, tiny_beir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("search")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    cfg = _search_cfg(tiny_model_dir, tiny_beir, root / "out", uri)
+    # Every evaluation searches the 20 queries' judged documents plus a fixed sample: 60 of 150.
+    cfg = _search_cfg(tiny_model_dir, tiny_beir, root / "out", uri, train={"eval_max_docs": 60})
     return tune(cfg), cfg, uri
 
 
@@ -321,11 +322,14 @@ def test_mlflow_has_a_parent_run_with_a_child_per_trial(search):
     parent = c.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert json.loads(parent.data.params["search.space"]) == cfg.search.space
+    assert outcome.eval_corpus == "60 of 150 documents (relevant + fixed sample)"
+    assert (parent.data.params["eval_docs"], parent.data.params["eval_docs_total"]) == ("60", "150")
     children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
     assert len(children) == 4
     for child in children:
         assert child.data.params["train.batch_size"] in ("4", "8")
         assert child.data.params["loss.same_tower"] in ("none", "both")
+        assert (child.data.params["eval_docs"], child.data.params["eval_docs_total"]) == ("60", "150")
         assert child.data.tags["samtone.status"] in ("finished", "stopped")
         assert child.info.status in ("FINISHED", "KILLED")
         assert c.get_metric_history(child.info.run_id, "eval/mrr_at_10")
@@ -338,11 +342,23 @@ def test_best_model_is_registered_as_champion(search):
     import mlflow
     from mlflow import MlflowClient
 
-    outcome, _, uri = search
+    from samtone_ray.data import load_data
+    from samtone_ray.evaluation import evaluate_model
+    from samtone_ray.towers import DualEncoder
+
+    outcome, cfg, uri = search
     c = MlflowClient(uri, registry_uri=uri)
     champion = c.get_model_version_by_alias("tiny", "champion")
     assert int(champion.version) == outcome.champion["version"] and outcome.champion["promoted"]
     assert champion.run_id == outcome.best["run_id"]
+    # The champion rule scored the candidate on the search's bounded corpus: the saved model,
+    # evaluated here on the documents load_data picks, gives the same number.
+    assert (champion.tags["eval_docs"], champion.tags["eval_docs_total"]) == ("60", "150")
+    _, split = load_data(cfg)
+    assert len(split.corpus) == 60
+    model = DualEncoder.from_pretrained(outcome.best["model_dir"])
+    assert evaluate_model(model, split, cfg.train.eval_batch_size, cfg.train.precision)["mrr@10"] == pytest.approx(
+        outcome.champion["candidate_metric"], abs=1e-9)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)  # other tests point the process-wide registry at their own stores
     emb = mlflow.pyfunc.load_model("models:/tiny@champion").predict(["debian package"])
