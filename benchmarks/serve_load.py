@@ -292,17 +292,15 @@ def start_peer(model_dir: str, args) -> tuple[str, str, subprocess.Popen, str]:
     return "fastapi+sentence-transformers", f"http://127.0.0.1:{port}/v1/embeddings", proc, "minilm"
 
 
-def torch_threads() -> int:
+def model_cpu_ms_per_text(model_dir: str, texts: list[str], args) -> float:
+    """CPU that the served model's own encode (tokenise + forward) takes per text, in batches of
+    ``--concurrency``, on one torch thread (the least CPU: a second thread spins while it waits):
+    the work every server must do, whatever carries the requests."""
     import torch
 
-    return torch.get_num_threads()
-
-
-def model_cpu_ms_per_text(model_dir: str, texts: list[str], args) -> float:
-    """CPU (all threads of this process) that the served model's own encode takes per text, in
-    batches of ``--concurrency``: the work every server must do, whatever carries the requests."""
     from samtone_ray.serve_models import load_model
 
+    torch.set_num_threads(1)
     served = load_model(model_dir, None)
     n = args.requests * args.texts_per_request
     batch = [texts[i % len(texts)] for i in range(n)]
@@ -386,8 +384,8 @@ def main() -> int:
     }
     if args.forward_cpu:
         record["model_cpu_ms_per_text"] = model_cpu_ms_per_text(model_dir, texts, args)
-        print(f"the model alone (tokenise + forward, batches of {args.concurrency}, "
-              f"{torch_threads()} threads): {record['model_cpu_ms_per_text']:.1f} CPU ms/text", flush=True)
+        print(f"the model alone (tokenise + forward, batches of {args.concurrency}, 1 thread): "
+              f"{record['model_cpu_ms_per_text']:.1f} CPU ms/text", flush=True)
         for label, r in results.items():
             model = record["model_cpu_ms_per_text"] * r["requests"] * r["texts_per_request"] / 1000
             r["cpu"]["share_outside_model"] = round(1 - model / r["cpu"]["cpu_s_ours"], 3)
