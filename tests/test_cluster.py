@@ -106,6 +106,28 @@ def submission_id(stdout: str) -> str:
 # ------------------------------------------------------------------------------- submission
 
 
+def test_workers_ask_their_own_clusters_state_api_while_another_cluster_runs(head, ray_cluster):
+    """Ray Train frees an ASHA-stopped trial's workers only once the state API, asked from inside
+    the cluster, says the trial's controller is gone. With the test head running beside the
+    session cluster, an address-less state API call would pick one of the two; a worker of the
+    session cluster must find its own cluster's actors."""
+    from ray.util.state import get_actor
+
+    @ray_cluster.remote(num_cpus=0)
+    class Probe:
+        def ask(self, actor_id: str):
+            state = get_actor(actor_id, timeout=30)
+            return os.environ.get("RAY_API_SERVER_ADDRESS"), state.state if state else None
+
+    probe = Probe.remote()
+    actor_id = probe._actor_id.hex()
+    address, state = ray_cluster.get(probe.ask.remote(actor_id), timeout=120)
+    assert state == "ALIVE", f"the state API at {address} did not see this cluster's actor"
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", address or ""), address
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ  # the driver's explicit addresses are not redirected
+    ray_cluster.kill(probe)
+
+
 def test_submit_refuses_paths_the_cluster_cannot_see(head, tmp_path):
     proc = samtone("submit", "train", "--address", head.address, "--set", "data.train=../elsewhere/beir")
     assert proc.returncode == 2, proc.stdout + proc.stderr
