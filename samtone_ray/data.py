@@ -9,8 +9,10 @@ Two inputs are understood:
 
 Files are read as UTF-8 and streamed line by line (JSONL) or batch by batch (Parquet), so memory
 holds what the caller asked for, not the whole file. Training pairs become a
-:class:`~samtone_ray.pairs.PairTable`: Parquet batches go into it as Arrow, unconverted. Every malformed input raises
-:class:`DataError` whose message starts with ``<file>:<line>`` (text files) or names the file and
+:class:`~samtone_ray.pairs.PairTable`: Parquet batches go into it as Arrow, unconverted; BEIR texts
+are validated line by line in Python (pyarrow's JSON reader accepts two records on one line, a BOM
+and ``"title": null``, which must fail here), then joined to the qrels with Arrow. Every malformed
+input raises :class:`DataError` whose message starts with ``<file>:<line>`` (text files) or names the file and
 the column (Parquet), so the fix can start from the message alone.
 """
 
@@ -302,7 +304,11 @@ def _look_up(texts: dict[str, str], ids: pa.Array) -> pa.Array:
     """``texts[id]`` for every id, as an Arrow take: each distinct text becomes one Arrow string,
     never one Python string per pair (a document judged for many queries is not repeated in Python)."""
     keys = pa.array(list(texts), pa.string())
-    return pa.array(list(texts.values()), pa.string()).take(pc.index_in(ids, value_set=keys))
+    values = pa.array(list(texts.values()), pa.string())
+    rows = pc.index_in(ids, value_set=keys)
+    # In chunks: one string array holds at most 2 GiB of text.
+    step = _PARQUET_BATCH_ROWS
+    return pa.chunked_array([values.take(rows.slice(i, step)) for i in range(0, len(rows), step)], pa.string())
 
 
 def _open_parquet(path: Path) -> pq.ParquetFile:
