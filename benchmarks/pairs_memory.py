@@ -17,8 +17,8 @@ as modules ``main_data`` / ``main_batching``); nothing of it lives in the packag
 
 Usage::
 
-    flock /tmp/samtone-ray.lock .venv/bin/python benchmarks/pairs_memory.py            # 1M pairs
-    flock /tmp/samtone-ray.lock .venv/bin/python benchmarks/pairs_memory.py --pairs 100000 --paths new
+    PYTHONPATH=$PWD flock /tmp/samtone-ray.lock .venv/bin/python benchmarks/pairs_memory.py   # 1M pairs
+    PYTHONPATH=$PWD flock /tmp/samtone-ray.lock .venv/bin/python benchmarks/pairs_memory.py --pairs 100000 --paths new
 """
 
 from __future__ import annotations
