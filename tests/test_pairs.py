@@ -178,8 +178,9 @@ def test_table_lives_in_the_object_store_not_in_the_worker(ray_cluster):
         spans = []
         with open("/proc/self/maps") as f:
             for line in f:
-                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-                spans.append((lo, hi, line.split()[-1]))
+                fields = line.split(maxsplit=5)  # address, perms, offset, dev, inode[, path]
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                spans.append((lo, hi, fields[5].strip() if len(fields) > 5 else ""))
         arrays = [got.keys.query, got.keys.doc, got.keys.negative_offsets, got.keys.negative_codes]
         addresses = [b.address for column in got.table.columns for chunk in column.chunks
                      for b in chunk.buffers() if b is not None and b.size]
