@@ -431,7 +431,7 @@ def resolve_data_path(path: str) -> str:
     return str(bundled_sample_path()) if path == BUNDLED_SAMPLE else str(Path(path).resolve())
 
 
-def load_data(cfg) -> tuple[PairTable, BeirSplit | None]:
+def load_data(cfg):
     """(training pairs, eval split) as the workers will see them."""
     pairs = load_training_pairs(resolve_data_path(cfg.data.train), cfg.data.train_split,
                                 num_negatives=cfg.data.num_hard_negatives)
