@@ -73,7 +73,8 @@ import torch  # noqa: E402
 
 from samtone_ray.batching import PairKeys, Schedule, make_shard  # noqa: E402
 from samtone_ray.config import Config, from_dict  # noqa: E402
-from samtone_ray.data import TrainingPairs, bundled_sample_path, load_training_pairs  # noqa: E402
+from samtone_ray.data import bundled_sample_path, load_training_pairs  # noqa: E402
+from samtone_ray.pairs import PairTable  # noqa: E402
 from samtone_ray.gradcache import grad_cache_step  # noqa: E402
 from samtone_ray.runtime import device_name  # noqa: E402
 from samtone_ray.model_files import resolve_model_path  # noqa: E402
@@ -126,7 +127,7 @@ class ProjectSystem:
     """samtone-ray's training step exactly as ``train_loop`` runs it, minus the Ray plumbing."""
 
     def __init__(
-        self, name: str, cfg: Config, pairs: TrainingPairs, mask_duplicates: bool, seed: int, device: torch.device
+        self, name: str, cfg: Config, pairs: PairTable, mask_duplicates: bool, seed: int, device: torch.device
     ) -> None:
         """``cfg.train.micro_batch_size`` > 0 runs the gradient-cache step (gradcache.py)."""
         self.name, self.cfg, self.pairs, self.device = name, cfg, pairs, device
@@ -229,12 +230,12 @@ def project_config(
     )
 
 
-def run_round(system: System, pairs: TrainingPairs, schedule: Schedule, steps: range) -> list[StepStats]:
+def run_round(system: System, pairs: PairTable, schedule: Schedule, steps: range) -> list[StepStats]:
     out = []
     for step in steps:
         indices = schedule.batch(step)
-        queries = [pairs.queries[i] for i in indices]
-        documents = [pairs.documents[i] for i in indices]
+        rows = pairs.subset(indices)
+        queries, documents = rows.queries, rows.documents
         out.append(system.step(queries, documents, indices))
     return out
 

@@ -13,9 +13,8 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from samtone_ray.data import TrainingPairs, text_keys
+from samtone_ray.pairs import PairKeys, PairTable, TrainingPairs  # noqa: F401 (PairKeys re-exported)
 from samtone_ray.tokenization import TokenChunks, tokenize_chunks
 
 
@@ -66,23 +65,6 @@ def batch_digest(indices: np.ndarray) -> str:
     return hashlib.blake2b(np.asarray(indices, dtype=np.int64).tobytes(), digest_size=8).hexdigest()
 
 
-@dataclass
-class PairKeys:
-    """Duplicate-detection keys of every training pair, computed once per worker."""
-
-    query: torch.Tensor  # [N] int64
-    doc: torch.Tensor  # [N] int64
-    negatives: torch.Tensor | None  # [N, K] int64
-
-    @classmethod
-    def build(cls, pairs: TrainingPairs, num_negatives: int) -> "PairKeys":
-        negatives = None
-        if num_negatives:
-            flat = [t for row in pairs.negatives for t in pick_negatives(row, num_negatives)]
-            negatives = text_keys(flat).view(len(pairs), num_negatives)  # [N, K]
-        return cls(query=text_keys(pairs.queries), doc=text_keys(pairs.documents), negatives=negatives)
-
-
 def pick_negatives(row: list[str], k: int) -> list[str]:
     """The first ``k`` hard negatives of a pair, cycling when it has fewer (shapes stay [B, K])."""
     if not row:
@@ -101,7 +83,7 @@ class Shard:
 
 
 def make_shard(
-    pairs: TrainingPairs,
+    pairs: PairTable | TrainingPairs,
     indices: np.ndarray,
     tokenizer,
     *,
@@ -110,13 +92,12 @@ def make_shard(
     num_negatives: int,
     chunk_size: int,
 ) -> Shard:
-    queries = [pairs.queries[i] for i in indices]
-    documents = [pairs.documents[i] for i in indices]
-    q = tokenize_chunks(tokenizer, queries, query_max_length, chunk_size)
-    d = tokenize_chunks(tokenizer, documents, doc_max_length, chunk_size)
+    rows = pairs.subset(indices)  # only this shard's rows leave the shared table
+    q = tokenize_chunks(tokenizer, rows.queries, query_max_length, chunk_size)
+    d = tokenize_chunks(tokenizer, rows.documents, doc_max_length, chunk_size)
     n = None
     if num_negatives:
-        flat = [t for i in indices for t in pick_negatives(pairs.negatives[i], num_negatives)]
+        flat = [t for row in rows.negatives for t in pick_negatives(row, num_negatives)]
         n = tokenize_chunks(tokenizer, flat, doc_max_length, chunk_size)
     tokens = sum(int(c["attention_mask"].sum()) for part in (q, d, n) if part is not None for c in part.chunks)
     return Shard(q, d, n, tokens)

@@ -1,4 +1,4 @@
-"""Retrieval data on disk -> plain Python objects.
+"""Retrieval data on disk -> evaluation splits (Python dicts) and training pairs (an Arrow table).
 
 Two inputs are understood:
 
@@ -8,8 +8,11 @@ Two inputs are understood:
   and ``document``, and optionally ``negatives`` (``list<string>``), ``query_id`` and ``doc_id``.
 
 Files are read as UTF-8 and streamed line by line (JSONL) or batch by batch (Parquet), so memory
-holds what the caller asked for, not the whole file. Every malformed input raises
-:class:`DataError` whose message starts with ``<file>:<line>`` (text files) or names the file and
+holds what the caller asked for, not the whole file. Training pairs become a
+:class:`~samtone_ray.pairs.PairTable`: Parquet batches go into it as Arrow, unconverted; BEIR texts
+are validated line by line in Python (pyarrow's JSON reader accepts two records on one line, a BOM
+and ``"title": null``, which must fail here), then joined to the qrels with Arrow. Every malformed
+input raises :class:`DataError` whose message starts with ``<file>:<line>`` (text files) or names the file and
 the column (Parquet), so the fix can start from the message alone.
 """
 
@@ -22,15 +25,19 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+
+from samtone_ray.pairs import TABLE_TYPES, PairTable, TrainingPairs  # noqa: F401 (TrainingPairs re-exported)
 
 PathLike = str | Path
 
 _PARQUET_REQUIRED = ("query", "document")
 _PARQUET_OPTIONAL = ("negatives", "query_id", "doc_id")
-_PARQUET_BATCH_ROWS = 8192
+_PARQUET_BATCH_ROWS = 65536  # rows per Arrow chunk of the pair table
 
 log = logging.getLogger(__name__)
 
@@ -300,52 +307,8 @@ def bound_eval_corpus(split: BeirSplit, max_docs: int) -> BeirSplit:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainingPairs:
-    """Aligned (query, positive document) pairs, with optional hard negatives and ids.
-
-    Item ``i`` is ``(queries[i], documents[i])``; ``negatives[i]`` is that pair's own list of hard
-    negative texts (lists may differ in length); ``query_ids[i]`` / ``doc_ids[i]`` name the texts.
-    """
-
-    queries: list[str]
-    documents: list[str]
-    negatives: list[list[str]] | None = None
-    query_ids: list[str] | None = None
-    doc_ids: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        n = len(self.queries)
-        for name in ("documents", "negatives", "query_ids", "doc_ids"):
-            column = getattr(self, name)
-            if column is not None and len(column) != n:
-                raise ValueError(f"TrainingPairs.{name} has {len(column)} items, queries has {n}")
-
-    def __len__(self) -> int:
-        return len(self.queries)
-
-    def subset(self, indices: Iterable[int]) -> TrainingPairs:
-        """The pairs at ``indices`` (in that order, repeats allowed); negative indices refused."""
-        n = len(self)
-        picked = [int(i) for i in indices]
-        for i in picked:
-            if not 0 <= i < n:
-                raise IndexError(f"index {i} out of range for {n} training pairs")
-
-        def take(column: list | None) -> list | None:
-            return None if column is None else [column[i] for i in picked]
-
-        return TrainingPairs(
-            queries=take(self.queries),
-            documents=take(self.documents),
-            negatives=take(self.negatives),
-            query_ids=take(self.query_ids),
-            doc_ids=take(self.doc_ids),
-        )
-
-
-def load_training_pairs(path: PathLike, split: str = "train", *, num_negatives: int = 0) -> TrainingPairs:
-    """Load training pairs from a BEIR folder or from Parquet.
+def load_training_pairs(path: PathLike, split: str = "train", *, num_negatives: int = 0) -> PairTable:
+    """Load training pairs from a BEIR folder or from Parquet into a :class:`PairTable`.
 
     * BEIR folder (has ``qrels/``): one pair per row of ``qrels/<split>.tsv`` with relevance > 0,
       in file order; texts are looked up while streaming the queries and corpus once, keeping
@@ -371,7 +334,7 @@ def load_training_pairs(path: PathLike, split: str = "train", *, num_negatives: 
     return _pairs_from_parquet(files, label=root, num_negatives=num_negatives)
 
 
-def _pairs_from_beir(root: Path, split: str) -> TrainingPairs:
+def _pairs_from_beir(root: Path, split: str) -> PairTable:
     qrels_path = _qrels_file(root, split)
     rows = [row for row in _iter_qrels_rows(qrels_path) if row.score > 0]
     if not rows:
@@ -380,12 +343,22 @@ def _pairs_from_beir(root: Path, split: str) -> TrainingPairs:
     queries = _read_texts(queries_path, "queries", keep={r.query_id for r in rows})
     corpus = _read_texts(corpus_path, "corpus", keep={r.doc_id for r in rows})
     _check_known(rows, qrels_path, queries, corpus, (queries_path, corpus_path))
-    return TrainingPairs(
-        queries=[queries[r.query_id] for r in rows],
-        documents=[corpus[r.doc_id] for r in rows],
-        query_ids=[r.query_id for r in rows],
-        doc_ids=[r.doc_id for r in rows],
-    )
+    query_ids = pa.array([r.query_id for r in rows], pa.string())
+    doc_ids = pa.array([r.doc_id for r in rows], pa.string())
+    table = pa.table({"query": _look_up(queries, query_ids), "document": _look_up(corpus, doc_ids),
+                      "query_id": query_ids, "doc_id": doc_ids})
+    return PairTable.from_table(table)
+
+
+def _look_up(texts: dict[str, str], ids: pa.Array) -> pa.Array:
+    """``texts[id]`` for every id, as an Arrow take: each distinct text becomes one Arrow string,
+    never one Python string per pair (a document judged for many queries is not repeated in Python)."""
+    keys = pa.array(list(texts), pa.string())
+    values = pa.array(list(texts.values()), pa.string())
+    rows = pc.index_in(ids, value_set=keys)
+    # In chunks: one string array holds at most 2 GiB of text.
+    step = _PARQUET_BATCH_ROWS
+    return pa.chunked_array([values.take(rows.slice(i, step)) for i in range(0, len(rows), step)], pa.string())
 
 
 def _open_parquet(path: Path) -> pq.ParquetFile:
@@ -417,8 +390,8 @@ def _check_parquet_schema(path: Path, schema: pa.Schema) -> tuple[str, ...]:
     return optional
 
 
-def _pairs_from_parquet(files: Sequence[Path], label: Path, num_negatives: int) -> TrainingPairs:
-    columns: dict[str, list] = {}
+def _pairs_from_parquet(files: Sequence[Path], label: Path, num_negatives: int) -> PairTable:
+    batches: list[pa.RecordBatch] = []
     optional: tuple[str, ...] | None = None
     for path in files:
         reader = _open_parquet(path)
@@ -429,44 +402,52 @@ def _pairs_from_parquet(files: Sequence[Path], label: Path, num_negatives: int) 
                             f"(columns present: {', '.join(schema.names)})")
         if optional is None:
             optional = file_optional
-            columns = {name: [] for name in (*_PARQUET_REQUIRED, *optional)}
         elif file_optional != optional:
             # Mixing files with and without negatives/ids would leave holes in those columns.
             raise DataError(
                 f"{path}: optional columns {list(file_optional)} differ from those of {files[0]}: {list(optional)}"
             )
+        names = [*_PARQUET_REQUIRED, *optional]
+        target = pa.schema([(name, TABLE_TYPES[name]) for name in names])
         row0 = 0
-        for batch in reader.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=list(columns)):
-            for name in columns:
-                values = batch.column(name).to_pylist()
-                if name == "negatives":
-                    values = [_negatives_row(path, row0 + i, v, num_negatives) for i, v in enumerate(values)]
-                elif None in values:
-                    raise DataError(f"{path}: null in column {name!r} at row index {row0 + values.index(None)}")
-                columns[name].extend(values)
+        for batch in reader.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=names):
+            _check_batch(path, batch, row0, num_negatives)
+            batches.append(batch.cast(target))  # one schema for every file (large_string, list item names)
             row0 += batch.num_rows
-    if not columns["query"]:
+    table = pa.Table.from_batches(batches, schema=target)
+    if table.num_rows == 0:
         raise DataError(f"{label}: no training pairs (zero rows)")
-    return TrainingPairs(
-        queries=columns["query"],
-        documents=columns["document"],
-        negatives=columns.get("negatives"),
-        query_ids=columns.get("query_id"),
-        doc_ids=columns.get("doc_id"),
-    )
+    return PairTable.from_table(table)
 
 
-def _negatives_row(path: Path, row: int, value: list | None, num_negatives: int) -> list[str]:
-    # A null list means "no mined negatives for this pair": fine unless negatives are trained on.
-    # A null text inside a list is always a bug.
-    if value is None:
-        value = []
-    if any(v is None for v in value):
-        raise DataError(f"{path}: null text inside column 'negatives' at row index {row}")
-    if num_negatives and not value:
-        raise DataError(f"{path}: empty hard-negative list in column 'negatives' at row index {row}, but "
-                        f"data.num_hard_negatives={num_negatives} needs at least one per row")
-    return value
+def _first(mask: pa.Array) -> int:
+    """Index of the first true value of a boolean array (callers know there is one)."""
+    return int(pc.index(mask, True).as_py())
+
+
+def _check_batch(path: Path, batch: pa.RecordBatch, row0: int, num_negatives: int) -> None:
+    """Nulls and hard-negative lists of one Parquet batch, checked with Arrow kernels; the error
+    names the file, the column and the row index within the file."""
+    for name in batch.schema.names:
+        column = batch.column(name)
+        if name != "negatives":
+            if column.null_count:
+                raise DataError(f"{path}: null in column {name!r} at row index {row0 + _first(pc.is_null(column))}")
+            continue
+        # A null list means "no mined negatives for this pair": fine unless negatives are trained on.
+        # A null text inside a list is always a bug.
+        lengths = pc.list_value_length(column).fill_null(0)
+        flat = column.flatten()  # the texts of the non-null lists, in row order
+        if flat.null_count:
+            ends = np.cumsum(np.asarray(lengths, dtype=np.int64))
+            row = int(np.searchsorted(ends, _first(pc.is_null(flat)), side="right"))
+            raise DataError(f"{path}: null text inside column 'negatives' at row index {row0 + row}")
+        if num_negatives and pc.any(pc.equal(lengths, 0)).as_py():
+            raise DataError(
+                f"{path}: empty hard-negative list in column 'negatives' at row index "
+                f"{row0 + _first(pc.equal(lengths, 0))}, but data.num_hard_negatives={num_negatives} needs at "
+                "least one per row"
+            )
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from samtone_ray.files import atomic_write_json
 from samtone_ray.gradcache import grad_cache_step
 from samtone_ray.losses import contrastive_loss
 from samtone_ray.metrics import TrainMetrics
+from samtone_ray.pairs import PairTable
 from samtone_ray.per_query import PER_QUERY_FILE, write_per_query
 from samtone_ray.runtime import (
     autocast,
@@ -146,13 +147,7 @@ def shard_loss(
 
 
 def batch_keys(pair_keys: PairKeys | None, indices: np.ndarray) -> dict[str, torch.Tensor] | None:
-    if pair_keys is None:
-        return None
-    idx = torch.as_tensor(indices, dtype=torch.int64)
-    keys = {"query": pair_keys.query[idx], "doc": pair_keys.doc[idx]}
-    if pair_keys.negatives is not None:
-        keys["negatives"] = pair_keys.negatives[idx]
-    return keys
+    return None if pair_keys is None else pair_keys.take(indices)
 
 
 def build_model(cfg: Config) -> DualEncoder:
@@ -198,7 +193,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not cfg.scaling.use_gpu:
         torch.set_num_threads(cfg.scaling.cpus_per_worker)
-    pairs = ray.get(loop_config["pairs"])
+    pairs = ray.get(loop_config["pairs"])  # a PairTable: views of the object store, not a copy
     # Every rank encodes a share of the evaluation (evaluate_model), so every rank needs the split.
     eval_split = ray.get(loop_config["eval"]) if loop_config.get("eval") is not None else None
     eval_threads = None if cfg.scaling.use_gpu else max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
@@ -524,6 +519,7 @@ def train(cfg: Config, *, data=None) -> TrainOutcome:
     uri = tracking.tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else None
     check_ray_cluster(uri, str(output_dir))
     pairs, eval_split = data or load_data(cfg)
+    pairs = PairTable.of(pairs)  # every worker maps this one table: see pairs.py
     if (output_dir / "model").exists():
         log.warning("%s/model exists and will be replaced when this run finishes", output_dir)
     run_id = None

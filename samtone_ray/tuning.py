@@ -232,6 +232,7 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
     from samtone_ray.evaluation import evaluate_model as evaluate
     from samtone_ray.leaderboard import build_leaderboard, write_leaderboard
     from samtone_ray.metrics import search_callback
+    from samtone_ray.pairs import PairTable
     from samtone_ray.registry import PromotionError, promote_best
     from samtone_ray.training import build_model
 
@@ -253,7 +254,7 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
         rtune.with_parameters(
             run_trial,
             base=cfg.to_dict(),
-            refs={"pairs": ray.put(pairs), "eval": ray.put(eval_split)},
+            refs={"pairs": ray.put(PairTable.of(pairs)), "eval": ray.put(eval_split)},
             search={"dir": str(out), "tracking_uri": uri, "parent_run_id": state["parent_run_id"],
                     "metric": cfg.search.metric, "mode": cfg.search.mode, "eval_params": eval_split.corpus_params()},
         ),

