@@ -143,11 +143,10 @@ def test_parquet_folder_on_the_query_tower(ray_cluster, tmp_path, separate_model
 
 
 BAD = [
-    # (line content, reason fragment); each goes at line 5 of a 6-line file, in the second shard
+    # (line content, reason fragment); each goes at line 5 of a 6-line file, in the second shard.
+    # Every reason a record can be rejected for is checked without Ray in test_corpus.py; through
+    # the pipeline, one field-level and one byte-level defect show the error/skip flow.
     ('{"title": "", "text": "no id here"}', "no field '_id'"),
-    ('{"_id": "d3", "title": "", "text": "second d3"}', "duplicate id 'd3' (first at"),
-    ('{"_id": "e", "title": "", "text": "  "}', "empty text"),
-    ('{"_id": "m", "text": "unterminated', "invalid JSON"),
     (b'{"_id": "u", "text": "caf\xe9"}', "not valid UTF-8"),
 ]
 
@@ -159,7 +158,7 @@ def _bad_corpus(path: Path, bad) -> Path:
     return path
 
 
-@pytest.mark.parametrize("bad,reason", BAD, ids=["missing-id", "duplicate-id", "empty-text", "malformed-json", "non-utf8"])
+@pytest.mark.parametrize("bad,reason", BAD, ids=["missing-id", "non-utf8"])
 def test_bad_record_errors_with_file_and_line_then_skip_keeps_committed(ray_cluster, tmp_path, tiny_model_dir, bad, reason):
     corpus = _bad_corpus(tmp_path / "corpus.jsonl", bad)
     out = tmp_path / "out"
