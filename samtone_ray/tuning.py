@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from samtone_ray.config import END_ONLY, CombinationError, Config, ConfigError, from_dict
+from samtone_ray.config import CombinationError, Config, ConfigError, from_dict
 from samtone_ray.evaluation import DEFAULT_K_VALUES, METRIC_NAMES
 from samtone_ray.files import atomic_write_json, atomic_write_text
 from samtone_ray.search_layout import TUNE_NAME, SearchLayout
@@ -45,13 +45,6 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -
         log.warning("trial %s skipped: %s", trial_id, reason)
         tune.report({search["metric"]: -math.inf if search["mode"] == "max" else math.inf, "skipped": reason})
         return
-    if cfg.search.scheduler != "none" and cfg.train.checkpoint_every == 0:
-        # Ray 2.60: a trial that reported a checkpoint and is then stopped early by the scheduler
-        # keeps its placement group, so its workers' CPUs stay reserved until the cluster stops
-        # (tests/test_tuning.py::test_stopped_trials_release_their_workers fails with per-evaluation
-        # checkpoints). Under an early-stopping scheduler the default is therefore a checkpoint at
-        # the trial's end only; a trial cut off by a crash restarts from its first step.
-        cfg = cfg.with_overrides({"train.checkpoint_every": END_ONLY})
     trial = SearchLayout(Path(search["dir"])).trial(trial_id)
     uri = search.get("tracking_uri")
     run_id = trial.run_id()
