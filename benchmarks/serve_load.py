@@ -37,7 +37,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,8 @@ sys.path.insert(0, str(ROOT))
 from samtone_ray.env import apply_defaults  # noqa: E402
 
 apply_defaults()
+
+from samtone_ray.runtime import free_loopback_port  # noqa: E402
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -125,12 +126,6 @@ def cpu_share(before: dict[str, float], after: dict[str, float], wall: float, re
         "cores_busy_ours": round(ours / wall, 2),
         "cores_busy_machine": round(machine / wall, 2),  # other jobs included
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
@@ -225,7 +220,7 @@ def run_samtone(model_dir: str, texts: list[str], args) -> dict[str, dict]:
     from samtone_ray.serving import APP_NAME, build_app, deployment_options
 
     serve_cfg = load_config(None, [f"serve.{kv}" for kv in args.serve_set]).serve
-    port = free_port()
+    port = free_loopback_port()
     out = {}
     connect_ray()
     try:
@@ -272,7 +267,7 @@ def replica_url(app_name: str) -> str:
 
 def start_peer(model_dir: str, args) -> tuple[str, str, subprocess.Popen, str]:
     """(name, embeddings URL, process, model name): infinity-emb if it starts, else the ST server."""
-    port = free_port()
+    port = free_loopback_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"}
     if args.peer in ("auto", "infinity") and args.infinity_bin and shutil.which(args.infinity_bin):
         cmd = [args.infinity_bin, "v2", "--model-id", model_dir, "--served-model-name", "minilm", "--host", "127.0.0.1",

@@ -127,7 +127,7 @@ def start_local_ray(*, num_cpus: int, **init_kwargs) -> None:
     """
     import ray
 
-    port = _free_loopback_port()
+    port = free_loopback_port()
     key = "RAY_API_SERVER_ADDRESS"
     before = os.environ.get(key)
     os.environ[key] = f"http://127.0.0.1:{port}"
@@ -151,7 +151,7 @@ def start_local_ray(*, num_cpus: int, **init_kwargs) -> None:
                     "workers while another Ray cluster runs on this machine", context.dashboard_url, port)
 
 
-def _free_loopback_port() -> int:
+def free_loopback_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

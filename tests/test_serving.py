@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from samtone_ray.runtime import free_loopback_port
 from samtone_ray.serve_api import ApiError, Limits, parse_embeddings
 
 DOCS = [
@@ -27,12 +27,6 @@ DOCS = [
     ("d6", "Audio", "fix no sound output with pulseaudio"),
 ]
 LIMITS = {"max_inputs": 8, "max_input_chars": 500, "max_body_bytes": 20_000, "max_top_k": 5}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, payload, headers: dict | None = None, raw: bytes | None = None):
@@ -93,7 +87,7 @@ def server(ray_cluster, registry, beir_dir):
     from samtone_ray.config import ServeConfig
     from samtone_ray.serving import build_app, deployment_options
 
-    port = _free_port()
+    port = free_loopback_port()
     cfg = ServeConfig(max_batch_size=16, max_ongoing_requests=64, poll_interval_s=0.5, **LIMITS)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app(
@@ -307,7 +301,7 @@ def test_cli_serves_prints_the_url_and_stops_cleanly_on_ctrl_c(tiny_model_dir, t
     import subprocess
     import sys
 
-    port = _free_port()
+    port = free_loopback_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "samtone_ray.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_ADDRESS": ""},
