@@ -433,11 +433,24 @@ def _report(metrics, state: _State, model, optimizer, scheduler, rank: int, *, r
 
 
 def _maybe_inject_fault(cfg: Config, step: int, rank: int, world: int, loop_config: dict) -> None:
-    """Test hook (train.fail_at_step): the last worker dies once, as a lost node would."""
-    if not cfg.train.fail_at_step or step != cfg.train.fail_at_step or rank != world - 1:
+    """Test hook (train.fail_at_step): the last worker dies once, as a lost node would.
+
+    Every rank first waits until Ray Train's controller has taken its last report: a report sits
+    in the worker's queue until the next health poll (every 2 s), and a worker that dies before
+    that loses the checkpoint with it. Without the wait, whether the run resumes from the last
+    checkpoint or from step 0 depends on timing, and the test of resume would be a coin toss.
+    """
+    if not cfg.train.fail_at_step or step != cfg.train.fail_at_step:
         return
     marker = Path(loop_config["output_dir"]) / ".fault_injected"
     if marker.exists():
+        return
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    get_train_context().get_result_queue().join()  # task_done() comes from the controller's poll
+    if world > 1:
+        dist.barrier()
+    if rank != world - 1:
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(step))
