@@ -22,9 +22,9 @@ AMX), then multiplies them by the demo's counts:
   The champion rule's evaluations (the candidate, and the incumbent when there is one,
   re-evaluated from the registry on the driver) cost the same.
 
-The demo's counts come from its leaderboard (README): 4 trials, 2 run all 47 steps (evaluated at
-steps 25 and 47), 2 are stopped by ASHA after step 25 (one evaluation): 144 steps, 6 in-training
-evaluations, 1 zero-shot evaluation, 4 worker groups. The champion rule adds evaluations of its
+The demo's counts (``demo_counts``) follow its measured runs (README): 4 trials, the first trains
+all 47 steps (evaluated every ``train.eval_every`` steps and at the end), ASHA stops the other three
+at their first evaluation; 1 zero-shot evaluation, 4 worker groups. The champion rule adds evaluations of its
 own (the candidate and the incumbent re-evaluated from the registry: ``champion_evals``).
 ``*_before`` estimates put the whole corpus in every evaluation (``train.eval_max_docs=0``).
 
@@ -61,7 +61,15 @@ from samtone_ray.files import atomic_write_json  # noqa: E402
 from samtone_ray.runtime import TRAIN_POLL_INTERVAL_S, connect_ray, resolve_precision  # noqa: E402
 from samtone_ray.training import build_model  # noqa: E402
 
-DEMO = {"trials": 4, "steps": 2 * 47 + 2 * 25, "in_training_evals": 2 * 2 + 2 * 1, "zero_shot_evals": 1}
+EPOCH_STEPS = 47  # the bundled sample's 3,008 training pairs in batches of 64
+
+
+def demo_counts(eval_every: int, trials: int = 4) -> dict[str, int]:
+    """The demo's work as its runs go: the first trial trains the whole epoch (evaluated every
+    ``eval_every`` steps and at the end), ASHA stops the other three at their first evaluation."""
+    survivor_evals = len(range(eval_every, EPOCH_STEPS, eval_every)) + 1
+    return {"trials": trials, "steps": EPOCH_STEPS + (trials - 1) * eval_every,
+            "in_training_evals": survivor_evals + trials - 1, "zero_shot_evals": 1}
 
 
 def _noop_worker(config):
@@ -213,12 +221,13 @@ def main() -> int:
 
     step_by_chunk = {k: statistics.median(v) for k, v in measured["train_step_s"].items()}
     step = step_by_chunk[str(cfg.train.chunk_size)]
+    counts = demo_counts(cfg.train.eval_every)
     demo = {
         "ray_start_and_data": parts["ray_start_s"] + parts["load_data_s"],
-        "worker_groups": DEMO["trials"] * parts["worker_group_s"],
-        "training_steps": DEMO["steps"] * step,
-        "in_training_evals_before": DEMO["in_training_evals"] * measured["eval_shared_full_s"],
-        "in_training_evals_now": DEMO["in_training_evals"] * measured["eval_shared_s"],
+        "worker_groups": counts["trials"] * parts["worker_group_s"],
+        "training_steps": counts["steps"] * step,
+        "in_training_evals_before": counts["in_training_evals"] * measured["eval_shared_full_s"],
+        "in_training_evals_now": counts["in_training_evals"] * measured["eval_shared_s"],
         "zero_shot_eval_before": parts["zero_shot_full_s"],
         "zero_shot_eval_now": parts["zero_shot_s"],
         "champion_evals_before": args.champion_evals * parts["zero_shot_full_s"],
@@ -227,7 +236,7 @@ def main() -> int:
     total_now = sum(v for k, v in demo.items() if not k.endswith("_before"))
     total_before = sum(v for k, v in demo.items() if not k.endswith("_now"))
     # What each other chunk size would make of the total (the step time scales the training part).
-    total_at_chunk = {k: total_now + DEMO["steps"] * (v - step) for k, v in step_by_chunk.items()}
+    total_at_chunk = {k: total_now + counts["steps"] * (v - step) for k, v in step_by_chunk.items()}
     payload = {
         "what": "components of `make demo` (samtone tune, embedded default), measured by benchmarks/demo_profile.py",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -238,7 +247,7 @@ def main() -> int:
                      "train.eval_every": cfg.train.eval_every, "overrides": args.overrides},
         "eval_corpus": {"now": split.corpus_summary(), "before": full.corpus_summary(),
                         "queries": len(split.qrels)},
-        "demo_counts": DEMO | {"champion_evals": args.champion_evals},
+        "demo_counts": counts | {"champion_evals": args.champion_evals},
         "measured": parts | measured | {
             "train_step_median_s": step, "train_step_median_s_by_chunk_size": step_by_chunk,
             "zero_shot_mrr@10": zero_shot["zero_shot_s"]["mrr@10"],

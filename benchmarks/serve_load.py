@@ -8,7 +8,9 @@
 * Reported per server: requests/s, texts/s, p50 and p99 latency, failed requests.
 * Servers, one at a time (never two on the 2 cores at once):
   - ``samtone batched``: ``samtone serve`` defaults (``@serve.batch`` up to 64 texts / 8192 padded
-    tokens, 5 ms wait), one replica with ``--num-cpus`` CPUs (torch threads follow);
+    tokens, 5 ms wait), one replica with ``--num-cpus`` CPUs (torch threads follow), reached as
+    ``samtone serve`` runs it (``--via direct``: Serve's throughput-optimised mode, the replica
+    answering HTTP on its own port) or through Serve's default proxy (``--via proxy``);
   - ``samtone max_batch_size=1``: the same deployment reconfigured with ``serve.max_batch_size=1``;
   - the peer: ``infinity-emb`` (``infinity_emb v2`` from ``--infinity-bin``, torch engine, CPU,
     the same local model directory, ``HF_HUB_OFFLINE=1``) when it runs here, else a plain FastAPI +
@@ -54,7 +56,6 @@ from samtone_ray.env import apply_defaults  # noqa: E402
 apply_defaults()
 
 from samtone_ray.runtime import free_loopback_port  # noqa: E402
-
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -217,14 +218,22 @@ def run_samtone(model_dir: str, texts: list[str], args) -> dict[str, dict]:
 
     from samtone_ray.config import load_config
     from samtone_ray.runtime import connect_ray
-    from samtone_ray.serving import APP_NAME, build_app, deployment_options
+    from samtone_ray.serving import (
+        APP_NAME,
+        build_app,
+        deployment_options,
+        local_serve_env,
+    )
 
     serve_cfg = load_config(None, [f"serve.{kv}" for kv in args.serve_set]).serve
-    port = free_loopback_port()
+    port = proxy_port = free_loopback_port()
+    if args.via == "direct":  # as `samtone serve` runs one replica on its own local cluster
+        os.environ.update(local_serve_env(port, 1))
+        proxy_port = free_loopback_port()
     out = {}
     connect_ray()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
         base = f"http://127.0.0.1:{port}"
         rows = (("batched", "samtone batched", replace(serve_cfg)), ("unbatched", "samtone max_batch_size=1", replace(serve_cfg, max_batch_size=1)))
         for label, cfg in (r[1:] for r in rows if r[0] in args.systems):
@@ -237,32 +246,12 @@ def run_samtone(model_dir: str, texts: list[str], args) -> dict[str, dict]:
                     raise TimeoutError("the replica did not take the new user_config")
                 time.sleep(0.2)
             name = json.loads(urllib.request.urlopen(f"{base}/v1/models").read())["data"][0]["id"]
-            url = replica_url(APP_NAME) if args.via == "replica" else base
-            out[label] = bench(f"{url}/v1/embeddings", name, texts, args, label=label)
+            out[label] = bench(f"{base}/v1/embeddings", name, texts, args, label=label)
             print(f"{label:<28} {fmt(out[label])}", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
     return out
-
-
-def replica_url(app_name: str) -> str:
-    """The replica's own HTTP listener under RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (no proxy hop).
-    Ray publishes it for external load balancers; this reads it through a private handle."""
-    import ray
-    from ray.serve.context import _get_global_client
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        groups = ray.get(_get_global_client()._controller.get_target_groups.remote(app_name))
-        targets = [t for g in groups if str(g.protocol).endswith("HTTP") for t in g.targets if t.name != "proxy"]
-        ports = {t.port for t in targets}
-        if targets and any(p for p in ports):
-            target = next(t for t in targets if t.port)
-            print(f"straight to the replica: {target}", flush=True)
-            return f"http://127.0.0.1:{target.port}"
-        time.sleep(0.5)
-    raise TimeoutError(f"no direct-ingress replica port for {app_name}: is RAY_SERVE_ENABLE_DIRECT_INGRESS=1 set?")
 
 
 def start_peer(model_dir: str, args) -> tuple[str, str, subprocess.Popen, str]:
@@ -329,9 +318,9 @@ def main() -> int:
                    help="comma-separated subset of the rows batched, unbatched, peer (to measure one lever at a time)")
     p.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
                    help="ServeConfig override for the samtone rows, e.g. batch_wait_timeout_s=0.02 (repeatable)")
-    p.add_argument("--via", choices=["proxy", "replica"], default="proxy",
-                   help="samtone rows: through the Serve proxy, or straight to the replica's port "
-                        "(needs RAY_SERVE_ENABLE_DIRECT_INGRESS=1 or RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
+    p.add_argument("--via", choices=["direct", "proxy"], default="direct",
+                   help="samtone rows: as `samtone serve` runs one replica (Serve's throughput-optimised mode, the "
+                        "replica answering on its own port), or through Serve's default proxy path")
     p.add_argument("--forward-cpu", action="store_true",
                    help="also measure the CPU the model alone takes for these texts (in this process)")
     p.add_argument("--profile", type=Path, metavar="DIR",

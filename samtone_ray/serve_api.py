@@ -161,12 +161,14 @@ def _is_token_ids(texts: list) -> bool:
     return all(ints(t) for t in texts) or all(isinstance(t, list) and all(ints(x) for x in t) for t in texts)
 
 
-def embedding_payload(vector: np.ndarray, encoding_format: str) -> list[float] | str:
-    """float: a JSON list (float32 values, exact); base64: little-endian float32 bytes, as OpenAI sends."""
+def embedding_payload(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:
+    """float: the float32 array itself, written as a JSON list by ``FastJSONResponse`` (each value in
+    its shortest form that reads back as the same float32); base64: little-endian float32 bytes, as
+    OpenAI sends."""
     vector = np.asarray(vector, dtype="<f4")
     if encoding_format == "base64":
         return base64.b64encode(vector.tobytes()).decode("ascii")
-    return vector.tolist()
+    return vector
 
 
 def embeddings_response(vectors: np.ndarray, encoding_format: str, model: str, version: str | None, tokens: int) -> dict:

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from procs import cmdline, descendants
 
 from samtone_ray.encoding import EncodeError, EncodeOptions, part_files, run_encode
 
@@ -211,30 +212,6 @@ def test_output_of_another_model_version_is_refused(ray_cluster, tmp_path, tiny_
 # ------------------------------------------------------------------------------ kill and resume
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def _kill_all(pids: list[int]) -> None:
     for pid in pids:
         try:
@@ -272,14 +249,14 @@ def test_sigkill_then_rerun_holds_every_id_exactly_once(tmp_path, tiny_model_dir
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
-            tree = _descendants(proc.pid)
+            tree = descendants(proc.pid)
             committed = len(part_files(out)) if out.exists() else 0
             if committed >= 2:
                 if victim == "driver":
                     os.kill(proc.pid, signal.SIGKILL)
                     killed_at = committed
                     break
-                actors = [p for p in tree if "EmbedWriter" in _cmdline(p)]  # Ray titles the actor after its class
+                actors = [p for p in tree if "EmbedWriter" in cmdline(p)]  # Ray titles the actor after its class
                 if actors:
                     os.kill(actors[0], signal.SIGKILL)
                     killed_at = committed
@@ -369,7 +346,7 @@ def test_samtone_serve_searches_the_encoded_index(encoded, tiny_model_dir, tmp_p
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
-            tree = _descendants(proc.pid)
+            tree = descendants(proc.pid)
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
                     if r.status == 200:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import threading
 import time
 import urllib.error
@@ -14,6 +15,7 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+from procs import listeners
 
 from samtone_ray.runtime import free_loopback_port
 from samtone_ray.serve_api import ApiError, Limits, parse_embeddings
@@ -296,7 +298,6 @@ def test_alias_hot_swap_under_load(server, registry):
 
 def test_cli_serves_prints_the_url_and_stops_cleanly_on_ctrl_c(tiny_model_dir, tmp_path):
     """`samtone serve` in its own process (its own local Ray): ready URL on stdout, SIGINT -> exit 0."""
-    import os
     import signal
     import subprocess
     import sys
@@ -315,8 +316,29 @@ def test_cli_serves_prints_the_url_and_stops_cleanly_on_ctrl_c(tiny_model_dir, t
         assert f"http://127.0.0.1:{port}" in line
         status, body, _ = _post(f"http://127.0.0.1:{port}/v1/embeddings", {"model": tiny_model_dir.name, "input": "hi"})
         assert status == 200 and len(body["data"][0]["embedding"]) == 32
+        # The replica itself answers on the port (direct ingress), not Serve's proxy, and only on loopback.
+        owners = listeners(port)
+        assert list(owners) == ["0100007F"], owners
+        assert "ServeReplica:" in owners["0100007F"] and "ProxyActor" not in owners["0100007F"], owners
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_cli_refuses_a_port_in_use_before_starting_anything(tiny_model_dir):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "samtone_ray.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port)],
+            check=False, capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""},
+        )
+    assert done.returncode == 2
+    assert f"cannot serve on 127.0.0.1:{port}" in done.stderr and "--port" in done.stderr
