@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--autoscale", metavar="MIN:MAX", type=_count_range("--autoscale", single=False), help="autoscale between MIN and MAX replicas"
     )
     p.add_argument("--gpu", action="store_true", help="one GPU per replica")
-    p.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica (torch threads follow)")
+    p.add_argument("--num-cpus", type=float, help="CPUs per replica, torch threads follow (default: every core for one "
+                   "replica on a local cluster started here, else 1)")
     p.add_argument("--print-config", action="store_true", help="print the `serve deploy` YAML and exit")
     p.set_defaults(func=cmd_serve)
 

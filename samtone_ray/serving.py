@@ -17,6 +17,7 @@ One deployment (``Embedder``) with a FastAPI ingress. Each replica:
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -427,6 +428,13 @@ def serve_config(args: dict[str, Any], options: dict[str, Any], host: str = "127
     }
 
 
+def default_num_cpus(replicas: int | None, for_cluster: bool) -> float:
+    """A lone replica on a local cluster gets the machine (2 torch threads did 1.24x the requests/s
+    of 1 on 2 cores, direct ingress); replicas that share nodes, or a cluster's, get 1 each."""
+    local = not os.environ.get("RAY_ADDRESS") and not for_cluster
+    return float(os.cpu_count() or 1) if local and replicas == 1 else 1.0
+
+
 def cmd_serve(args, cfg) -> int:
     """The ``samtone serve`` command (``cfg``: the loaded Config)."""
     import yaml
@@ -440,7 +448,8 @@ def cmd_serve(args, cfg) -> int:
         return 2
     tracking_uri = tracking.tracking_uri(cfg.tracking.uri)
     model = args.model or f"models:/{cfg.registry.model_name}@{cfg.registry.alias}"
-    options = deployment_options(args.replicas, args.autoscale, args.gpu, args.num_cpus, cfg.serve)
+    num_cpus = args.num_cpus or default_num_cpus(args.replicas if not args.autoscale else None, args.print_config)
+    options = deployment_options(args.replicas, args.autoscale, args.gpu, num_cpus, cfg.serve)
     app_args = {"model": model, "tracking_uri": tracking_uri, "index": str(args.index) if args.index else None, "device": "cuda" if args.gpu else "cpu"}
     if args.print_config:
         print(yaml.safe_dump(serve_config(app_args, options, args.host, args.port), sort_keys=False), end="")
@@ -499,7 +508,6 @@ def run_blocking(app_args: dict[str, Any], options: dict[str, Any], host: str, p
     (``local_serve_env``) and Serve's proxy takes a spare loopback port; elsewhere the proxy
     answers on ``port``."""
     import json
-    import os
     import urllib.error
     import urllib.request
 

@@ -342,3 +342,14 @@ def test_cli_refuses_a_port_in_use_before_starting_anything(tiny_model_dir):
         )
     assert done.returncode == 2
     assert f"cannot serve on 127.0.0.1:{port}" in done.stderr and "--port" in done.stderr
+
+
+def test_a_lone_local_replica_gets_every_core(monkeypatch):
+    from samtone_ray.serving import default_num_cpus
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert default_num_cpus(1, for_cluster=False) == os.cpu_count()
+    assert default_num_cpus(2, for_cluster=False) == default_num_cpus(None, for_cluster=False) == 1  # replicas share the node
+    assert default_num_cpus(1, for_cluster=True) == 1  # --print-config writes a cluster's deployment
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert default_num_cpus(1, for_cluster=False) == 1
