@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 DEPLOYMENT = "Embedder"
 APP_NAME = "samtone"
 RETRY_AFTER_S = "1"
+FORWARD_TOKENS = 1024  # padded tokens per forward within a batch; see Embedder._embed_batch
 
 app = FastAPI(
     title="samtone",
@@ -247,7 +248,11 @@ class Embedder:
         for rows in groups.values():
             served, input_type = items[rows[0]].served, items[rows[0]].input_type
             texts = [items[i].text for i in rows]
-            emb = await asyncio.to_thread(served.embed, texts, input_type, self.cfg.precision, len(texts))
+            # The batch runs as length-sorted forwards of at most FORWARD_TOKENS padded tokens:
+            # 32 short queries stay one forward, 32 documents of mixed lengths become a few of
+            # similar lengths instead of one padded to the longest.
+            per_forward = max(1, FORWARD_TOKENS // max(items[i].tokens for i in rows))
+            emb = await asyncio.to_thread(served.embed, texts, input_type, self.cfg.precision, per_forward)
             for j, i in enumerate(rows):
                 out[i] = emb[j].numpy()
             self.metrics.batch.observe(len(texts), tags={"model_version": str(served.version)})
