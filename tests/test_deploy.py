@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shlex
 from pathlib import Path
 
 import jsonschema
@@ -57,6 +58,32 @@ def test_cluster_yaml_pins_what_a_cluster_needs(cluster_config):
     # Shared storage for output_dir (Train/Tune storage_path) on every node, inside the container.
     assert "/mnt/shared:/mnt/shared" in " ".join(cluster_config["docker"]["run_options"])
     assert any("mount" in c and "/mnt/shared" in c for c in cluster_config["initialization_commands"])
+
+
+def mlflow_server_options(cluster_config) -> dict[str, str | bool]:
+    """The options of the `mlflow server` that cluster.yaml starts on the head."""
+    (command,) = [c for c in cluster_config["head_setup_commands"] if "mlflow server" in c]
+    argv = shlex.split(command.split("nohup", 1)[1])
+    options: dict[str, str | bool] = {}
+    for i, arg in enumerate(argv):
+        if arg.startswith("--"):
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith(("--", ">")) else True
+            options[arg] = value
+    return options
+
+
+def test_serving_reads_the_tracking_store_the_cluster_jobs_write(cluster_config):
+    server = mlflow_server_options(cluster_config)
+    serve = yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text())
+    (app,) = serve["applications"]
+    # One store: the champion a job registers through the server is the one the replicas follow.
+    assert app["args"]["tracking_uri"] == server["--backend-store-uri"]
+    # ...which replicas on any node can open: the shared disk, mounted in every container.
+    assert server["--backend-store-uri"].startswith("sqlite:////mnt/shared/")
+    # Model files as plain shared paths: served artifacts (mlflow-artifacts:/ URIs) resolve only
+    # through the server, so a replica reading the SQLite file could not load the model.
+    assert server["--default-artifact-root"].startswith("/mnt/shared/") and server["--no-serve-artifacts"] is True
+    assert "--artifacts-destination" not in server
 
 
 @pytest.mark.parametrize("path", SAMTONE_JOB_CONFIGS, ids=lambda p: p.name)
