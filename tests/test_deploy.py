@@ -218,3 +218,34 @@ def test_rayservice_serve_config_is_a_valid_serve_deploy_config():
     assert app.import_path == "samtone_ray.serving:build_app" and app.args["model"] == "models:/samtone@champion"
     (deployment,) = app.deployments
     assert deployment.ray_actor_options.num_gpus == 1
+
+
+# ------------------------------------------------------------------------- Serve configs
+
+# The flags the cluster's serve configs are printed with (GPU replicas, 1-4 of them, batching
+# sized for a GPU); each file's comment quotes its command.
+SERVE_FLAGS = (
+    "--autoscale 1:4 --gpu --num-cpus 4 --set serve.max_batch_size=128 --set serve.max_batch_tokens=32768 "
+    "--set serve.max_ongoing_requests=512 --set serve.max_pending_texts=16384 --set serve.index_batch_size=256 "
+    "--set serve.precision=auto"
+)
+
+
+def printed_serve_config(capsys, extra: list[str], quoted_in: Path) -> dict:
+    """`samtone serve --print-config` for SERVE_FLAGS + ``extra``, after checking that the comment
+    of ``quoted_in`` names that command (so the claim in the file stays true)."""
+    from samtone_ray.cli import main
+
+    argv = ["serve", "--print-config", *shlex.split(SERVE_FLAGS), *extra]
+    comment = " ".join(line.lstrip("# ") for line in quoted_in.read_text().splitlines() if line.startswith("#"))
+    assert "samtone " + shlex.join(argv) in re.sub(r"\s+", " ", comment.replace("\\", " ")), quoted_in.name
+    capsys.readouterr()
+    assert main(argv) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_jobs_serve_yaml_is_what_print_config_writes(capsys, cluster_config):
+    path = ROOT / "jobs" / "serve.yaml"
+    store = mlflow_server_options(cluster_config)["--backend-store-uri"]
+    assert yaml.safe_load(path.read_text()) == printed_serve_config(capsys, ["--set", f"tracking.uri={store}"], path)
+
