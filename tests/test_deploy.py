@@ -249,3 +249,17 @@ def test_jobs_serve_yaml_is_what_print_config_writes(capsys, cluster_config):
     store = mlflow_server_options(cluster_config)["--backend-store-uri"]
     assert yaml.safe_load(path.read_text()) == printed_serve_config(capsys, ["--set", f"tracking.uri={store}"], path)
 
+
+def test_the_rayservice_serves_what_print_config_writes(capsys):
+    path = KUBERAY / "rayservice-serve.yaml"
+    # One store on Kubernetes too: the one the RayJobs log to (and the search registers the champion in).
+    stores = {
+        yaml.safe_load(yaml.safe_load(p.read_text())["spec"]["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"]
+        for p in KUBERAY.glob("rayjob-*.yaml")
+    }
+    (store,) = stores
+    served = yaml.safe_load(yaml.safe_load(path.read_text())["spec"]["serveConfigV2"])
+    expected = printed_serve_config(capsys, ["--set", f"tracking.uri={store}", "--host", "0.0.0.0"], path)
+    # The one difference, explained in the manifest: a proxy on every pod, behind KubeRay's Service.
+    assert served.pop("proxy_location") == "EveryNode" and expected.pop("proxy_location") == "HeadOnly"
+    assert served == expected
