@@ -63,6 +63,17 @@ def test_a_local_tracking_store_is_refused_on_a_multi_node_cluster(tmp_path):
         _build([uri], nodes=3)
 
 
+def test_the_submitters_tracking_uri_goes_to_the_job(monkeypatch):
+    # The job logs to the store the submitter names (cluster.yaml: the head's MLflow server), not
+    # to a SQLite file in its temporary working directory; nothing is contacted to build this.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.5:5000")
+    sub = _build([])
+    assert sub.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://10.0.0.5:5000"
+    assert not any("tracking URI" in w for w in sub.warnings)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert "MLFLOW_TRACKING_URI" not in _build([]).runtime_env["env_vars"]
+
+
 def test_state_left_in_the_jobs_temporary_directory_is_a_warning(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     warnings = _build([]).warnings
