@@ -106,6 +106,7 @@ def test_arguments_after_double_dash_go_to_the_command_and_only_for_submit(capsy
 
 
 def test_bad_config_fails_before_any_connection(capsys):
-    # No address anywhere and a bad value: the config error comes first, exit code 2.
+    # A bad value and an address where nothing listens: the config error comes first (exit code 2),
+    # before any connection is tried.
     assert main(["submit", "train", "--set", "train.batch_size=0", "--address", "http://127.0.0.1:9"]) == 2
     assert "train.batch_size" in capsys.readouterr().err
