@@ -2,8 +2,8 @@
 
     python dashboards/generate.py        # rewrites dashboards/*.json
 
-tests/test_dashboards.py checks the JSON files are current, that every metric they use is listed
-in dashboards/README.md, and runs every expression against a real Prometheus.
+tests/test_dashboards.py checks the JSON files are current and that every metric they use is listed
+in dashboards/README.md; tests/test_cluster.py runs every expression against a real Prometheus.
 Expressions may use Grafana's ``$__rate_interval`` and nothing else from Grafana.
 """
 

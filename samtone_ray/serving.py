@@ -33,6 +33,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from samtone_ray.config import ServeConfig
+from samtone_ray.env import DEFAULTS as PROCESS_DEFAULTS
 from samtone_ray.serve_api import (
     ApiError,
     Limits,
@@ -417,7 +418,12 @@ def build_app(args: dict[str, Any], options: dict[str, Any] | None = None):
 
 
 def serve_config(args: dict[str, Any], options: dict[str, Any], host: str = "127.0.0.1", port: int = 8000) -> dict[str, Any]:
-    """The ``serve deploy`` YAML (ServeDeploySchema) for one samtone application."""
+    """The ``serve deploy`` YAML (ServeDeploySchema) for one samtone application.
+
+    Its replicas get the environment the CLI gives those of a local ``samtone serve`` (env.DEFAULTS:
+    a deployed replica's process is started by the cluster, not by the CLI); the ``RAY_*`` ones
+    configure a cluster, which a deploy config does not start."""
+    env_vars = {k: v for k, v in PROCESS_DEFAULTS.items() if not k.startswith("RAY_")}
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": host, "port": port},
@@ -426,6 +432,7 @@ def serve_config(args: dict[str, Any], options: dict[str, Any], host: str = "127
                 "name": APP_NAME,
                 "route_prefix": "/",
                 "import_path": "samtone_ray.serving:build_app",
+                "runtime_env": {"env_vars": env_vars},
                 "args": args,
                 "deployments": [{"name": DEPLOYMENT, **options}],
             }

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shlex
 from pathlib import Path
 
 import jsonschema
@@ -57,6 +58,32 @@ def test_cluster_yaml_pins_what_a_cluster_needs(cluster_config):
     # Shared storage for output_dir (Train/Tune storage_path) on every node, inside the container.
     assert "/mnt/shared:/mnt/shared" in " ".join(cluster_config["docker"]["run_options"])
     assert any("mount" in c and "/mnt/shared" in c for c in cluster_config["initialization_commands"])
+
+
+def mlflow_server_options(cluster_config) -> dict[str, str | bool]:
+    """The options of the `mlflow server` that cluster.yaml starts on the head."""
+    (command,) = [c for c in cluster_config["head_setup_commands"] if "mlflow server" in c]
+    argv = shlex.split(command.split("nohup", 1)[1])
+    options: dict[str, str | bool] = {}
+    for i, arg in enumerate(argv):
+        if arg.startswith("--"):
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith(("--", ">")) else True
+            options[arg] = value
+    return options
+
+
+def test_serving_reads_the_tracking_store_the_cluster_jobs_write(cluster_config):
+    server = mlflow_server_options(cluster_config)
+    serve = yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text())
+    (app,) = serve["applications"]
+    # One store: the champion a job registers through the server is the one the replicas follow.
+    assert app["args"]["tracking_uri"] == server["--backend-store-uri"]
+    # ...which replicas on any node can open: the shared disk, mounted in every container.
+    assert server["--backend-store-uri"].startswith("sqlite:////mnt/shared/")
+    # Model files as plain shared paths: served artifacts (mlflow-artifacts:/ URIs) resolve only
+    # through the server, so a replica reading the SQLite file could not load the model.
+    assert server["--default-artifact-root"].startswith("/mnt/shared/") and server["--no-serve-artifacts"] is True
+    assert "--artifacts-destination" not in server
 
 
 @pytest.mark.parametrize("path", SAMTONE_JOB_CONFIGS, ids=lambda p: p.name)
@@ -191,3 +218,48 @@ def test_rayservice_serve_config_is_a_valid_serve_deploy_config():
     assert app.import_path == "samtone_ray.serving:build_app" and app.args["model"] == "models:/samtone@champion"
     (deployment,) = app.deployments
     assert deployment.ray_actor_options.num_gpus == 1
+
+
+# ------------------------------------------------------------------------- Serve configs
+
+# The flags the cluster's serve configs are printed with (GPU replicas, 1-4 of them, batching
+# sized for a GPU); each file's comment quotes its command.
+SERVE_FLAGS = (
+    "--autoscale 1:4 --gpu --num-cpus 4 --set serve.max_batch_size=128 --set serve.max_batch_tokens=32768 "
+    "--set serve.max_ongoing_requests=512 --set serve.max_pending_texts=16384 --set serve.index_batch_size=256 "
+    "--set serve.precision=auto"
+)
+
+
+def printed_serve_config(capsys, extra: list[str], quoted_in: Path) -> dict:
+    """`samtone serve --print-config` for SERVE_FLAGS + ``extra``, after checking that the comment
+    of ``quoted_in`` names that command (so the claim in the file stays true)."""
+    from samtone_ray.cli import main
+
+    argv = ["serve", "--print-config", *shlex.split(SERVE_FLAGS), *extra]
+    comment = " ".join(line.lstrip("# ") for line in quoted_in.read_text().splitlines() if line.startswith("#"))
+    assert "samtone " + shlex.join(argv) in re.sub(r"\s+", " ", comment.replace("\\", " ")), quoted_in.name
+    capsys.readouterr()
+    assert main(argv) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_jobs_serve_yaml_is_what_print_config_writes(capsys, cluster_config):
+    path = ROOT / "jobs" / "serve.yaml"
+    store = mlflow_server_options(cluster_config)["--backend-store-uri"]
+    assert yaml.safe_load(path.read_text()) == printed_serve_config(capsys, ["--set", f"tracking.uri={store}"], path)
+
+
+def test_the_rayservice_serves_what_print_config_writes(capsys):
+    path = KUBERAY / "rayservice-serve.yaml"
+    # One store on Kubernetes too: the one the RayJobs log to (and the search registers the champion in).
+    stores = {
+        yaml.safe_load(yaml.safe_load(p.read_text())["spec"]["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"]
+        for p in KUBERAY.glob("rayjob-*.yaml")
+    }
+    (store,) = stores
+    served = yaml.safe_load(yaml.safe_load(path.read_text())["spec"]["serveConfigV2"])
+    expected = printed_serve_config(capsys, ["--set", f"tracking.uri={store}", "--host", "0.0.0.0"], path)
+    # The one difference, explained in the manifest: a proxy on every pod, behind KubeRay's Service.
+    assert served.pop("proxy_location") == "EveryNode" and expected.pop("proxy_location") == "HeadOnly"
+    assert served == expected

@@ -63,6 +63,17 @@ def test_a_local_tracking_store_is_refused_on_a_multi_node_cluster(tmp_path):
         _build([uri], nodes=3)
 
 
+def test_the_submitters_tracking_uri_goes_to_the_job(monkeypatch):
+    # The job logs to the store the submitter names (cluster.yaml: the head's MLflow server), not
+    # to a SQLite file in its temporary working directory; nothing is contacted to build this.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.5:5000")
+    sub = _build([])
+    assert sub.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://10.0.0.5:5000"
+    assert not any("tracking URI" in w for w in sub.warnings)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert "MLFLOW_TRACKING_URI" not in _build([]).runtime_env["env_vars"]
+
+
 def test_state_left_in_the_jobs_temporary_directory_is_a_warning(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     warnings = _build([]).warnings
@@ -95,6 +106,7 @@ def test_arguments_after_double_dash_go_to_the_command_and_only_for_submit(capsy
 
 
 def test_bad_config_fails_before_any_connection(capsys):
-    # No address anywhere and a bad value: the config error comes first, exit code 2.
+    # A bad value and an address where nothing listens: the config error comes first (exit code 2),
+    # before any connection is tried.
     assert main(["submit", "train", "--set", "train.batch_size=0", "--address", "http://127.0.0.1:9"]) == 2
     assert "train.batch_size" in capsys.readouterr().err
