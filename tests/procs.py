@@ -35,6 +35,8 @@ def listeners(port: int) -> dict[str, str]:
     ``port`` (IPv4 and IPv6; addresses in /proc's hex form, e.g. ``0100007F`` = 127.0.0.1)."""
     inodes = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not Path(table).exists():  # a kernel without IPv6
+            continue
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             address, local_port = fields[1].rsplit(":", 1)
