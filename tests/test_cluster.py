@@ -171,6 +171,9 @@ def test_tiny_train_job_succeeds_tagged_and_is_not_run_twice(head, tiny_model_di
     assert listing.returncode == 0 and re.search(rf"{sid}\s+SUCCEEDED\s+train", listing.stdout), listing.stdout
     logs = samtone("jobs", sid, "--logs", "--address", head.address)
     assert logs.returncode == 0 and "fine-tuned" in logs.stdout
+    shown = samtone("jobs", sid, "--address", head.address)
+    assert shown.returncode == 0 and re.search(rf"{sid}\s+SUCCEEDED\s+train", shown.stdout), shown.stdout
+    assert "entrypoint:" in shown.stdout and f"config_hash: {info.metadata['config_hash']}" in shown.stdout
 
 
 def test_a_job_asking_for_missing_gpus_stays_pending_until_stopped(head, tiny_model_dir, tiny_beir, tmp_path):
