@@ -96,13 +96,21 @@ def cpu_threads(n: int | None):
 TRAIN_POLL_INTERVAL_S = 0.5
 
 
+def starts_local_cluster() -> bool:
+    """Whether ``connect_ray`` will start a local cluster (so the cluster inherits this process's
+    environment) rather than join ``$RAY_ADDRESS`` or keep the connection this process has."""
+    import ray
+
+    return not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+
+
 def connect_ray(num_cpus: int | None = None) -> None:
     """Join ``$RAY_ADDRESS`` when set, else start a local cluster bound to 127.0.0.1."""
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
+    if not starts_local_cluster():
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every listener on loopback

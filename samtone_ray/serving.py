@@ -443,7 +443,9 @@ def serve_config(args: dict[str, Any], options: dict[str, Any], host: str = "127
 def default_num_cpus(replicas: int | None, for_cluster: bool) -> float:
     """A lone replica on a local cluster gets the machine (2 torch threads did 1.24x the requests/s
     of 1 on 2 cores, direct ingress); replicas that share nodes, or a cluster's, get 1 each."""
-    local = not os.environ.get("RAY_ADDRESS") and not for_cluster
+    from samtone_ray.runtime import starts_local_cluster
+
+    local = starts_local_cluster() and not for_cluster
     return float(os.cpu_count() or 1) if local and replicas == 1 else 1.0
 
 
@@ -523,17 +525,21 @@ def run_blocking(app_args: dict[str, Any], options: dict[str, Any], host: str, p
     import urllib.error
     import urllib.request
 
-    from samtone_ray.runtime import connect_ray, free_loopback_port
+    import ray
+
+    from samtone_ray.runtime import (
+        connect_ray,
+        free_loopback_port,
+        starts_local_cluster,
+    )
 
     try:
         check_port_free(host, port)
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    import ray
-
     proxy_port = port
-    if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():  # a cluster started here inherits this environment
+    if starts_local_cluster():
         replicas = options.get("num_replicas")
         os.environ.update(local_serve_env(port, replicas))
         if replicas == 1:
