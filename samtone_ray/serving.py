@@ -440,12 +440,10 @@ def serve_config(args: dict[str, Any], options: dict[str, Any], host: str = "127
     }
 
 
-def default_num_cpus(replicas: int | None, for_cluster: bool) -> float:
-    """A lone replica on a local cluster gets the machine (2 torch threads did 1.24x the requests/s
-    of 1 on 2 cores, direct ingress); replicas that share nodes, or a cluster's, get 1 each."""
-    from samtone_ray.runtime import starts_local_cluster
-
-    local = starts_local_cluster() and not for_cluster
+def default_num_cpus(replicas: int | None, local: bool) -> float:
+    """A lone replica on a local cluster started here gets the machine (2 torch threads did 1.24x
+    the requests/s of 1 on 2 cores, direct ingress); replicas that share nodes, or a cluster's, get
+    1 each."""
     return float(os.cpu_count() or 1) if local and replicas == 1 else 1.0
 
 
@@ -462,7 +460,10 @@ def cmd_serve(args, cfg) -> int:
         return 2
     tracking_uri = tracking.tracking_uri(cfg.tracking.uri)
     model = args.model or f"models:/{cfg.registry.model_name}@{cfg.registry.alias}"
-    num_cpus = args.num_cpus or default_num_cpus(args.replicas if not args.autoscale else None, args.print_config)
+    from samtone_ray.runtime import starts_local_cluster
+
+    local = starts_local_cluster() and not args.print_config  # --print-config writes a cluster's deployment
+    num_cpus = args.num_cpus or default_num_cpus(args.replicas if not args.autoscale else None, local)
     options = deployment_options(args.replicas, args.autoscale, args.gpu, num_cpus, cfg.serve)
     app_args = {"model": model, "tracking_uri": tracking_uri, "index": str(args.index) if args.index else None, "device": "cuda" if args.gpu else "cpu"}
     if args.print_config:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -299,7 +301,6 @@ def test_alias_hot_swap_under_load(server, registry):
 def test_cli_serves_prints_the_url_and_stops_cleanly_on_ctrl_c(tiny_model_dir, tmp_path):
     """`samtone serve` in its own process (its own local Ray): ready URL on stdout, SIGINT -> exit 0."""
     import signal
-    import subprocess
     import sys
 
     port = free_loopback_port()
@@ -329,7 +330,6 @@ def test_cli_serves_prints_the_url_and_stops_cleanly_on_ctrl_c(tiny_model_dir, t
 
 def test_cli_refuses_a_port_in_use_before_starting_anything(tiny_model_dir):
     import socket
-    import subprocess
     import sys
 
     with socket.socket() as taken:
@@ -344,12 +344,21 @@ def test_cli_refuses_a_port_in_use_before_starting_anything(tiny_model_dir):
     assert f"cannot serve on 127.0.0.1:{port}" in done.stderr and "--port" in done.stderr
 
 
-def test_a_lone_local_replica_gets_every_core(monkeypatch):
+def test_a_lone_local_replica_gets_every_core():
     from samtone_ray.serving import default_num_cpus
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert default_num_cpus(1, for_cluster=False) == os.cpu_count()
-    assert default_num_cpus(2, for_cluster=False) == default_num_cpus(None, for_cluster=False) == 1  # replicas share the node
-    assert default_num_cpus(1, for_cluster=True) == 1  # --print-config writes a cluster's deployment
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    assert default_num_cpus(1, for_cluster=False) == 1
+    assert default_num_cpus(1, local=True) == os.cpu_count()
+    assert default_num_cpus(2, local=True) == default_num_cpus(None, local=True) == 1  # replicas share the node
+    assert default_num_cpus(1, local=False) == 1  # a cluster's deployment, or one joined at $RAY_ADDRESS
+
+
+def test_a_local_cluster_is_started_only_without_an_address_or_a_connection(ray_cluster):
+    # ``samtone serve`` asks before it connects, in a fresh process; this test process is already connected.
+    from samtone_ray.runtime import starts_local_cluster
+
+    ask = [sys.executable, "-c", "from samtone_ray.runtime import starts_local_cluster as s; print(s())"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    fresh = subprocess.run(ask, env=env, capture_output=True, text=True, check=True)
+    joined = subprocess.run(ask, env={**env, "RAY_ADDRESS": "127.0.0.1:6379"}, capture_output=True, text=True, check=True)
+    assert (fresh.stdout.strip(), joined.stdout.strip()) == ("True", "False")
+    assert not starts_local_cluster()
