@@ -81,10 +81,10 @@ ENCODING = [
           (f"sum by (dataset) (rate(ray_data_output_rows[{RATE}]))", "Ray Data {{dataset}}")),
     panel("Rows done vs total", "none",
           ("sum(ray_samtone_encode_rows_done)", "done"), ("sum(ray_samtone_encode_rows_total)", "total")),
-    panel("Failed blocks", "none", ("sum(ray_samtone_encode_failed_blocks_total) or vector(0)", "failed (Ray retries them)"),
-          description="Shards whose embed/write attempt raised; absent until one fails, hence `or vector(0)`."),
-    panel("Rejected input records", "none", ("sum(ray_samtone_encode_rejected_records_total) or vector(0)", "rejected"),
-          description="Bad input records written to the rejects file; absent until one is seen."),
+    panel("Failed blocks", "none", ("sum by (output) (ray_samtone_encode_failed_blocks)", "failed (Ray retries them) {{output}}"),
+          description="Shards whose embed/write attempt raised, summed over the embed actors (each exports 0 from its start)."),
+    panel("Rejected input records", "none", ("sum by (output) (ray_samtone_encode_rejected_records)", "rejected {{output}}"),
+          description="Bad input records this run wrote to the rejects file (--on-bad-record skip)."),
 ]
 
 DASHBOARDS = {

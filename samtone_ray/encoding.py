@@ -138,29 +138,41 @@ class _Metrics:
     """``samtone_encode_*`` metrics (README "Metrics"); Ray exports them with a ``ray_`` prefix."""
 
     def __init__(self, tags: dict[str, str]) -> None:
-        from ray.util.metrics import Counter, Gauge
+        from ray.util.metrics import Gauge
 
         keys = tuple(tags)
         self.tags = tags
         self.rows_per_second = Gauge("samtone_encode_rows_per_second", "rows encoded per second by this run", keys)
         self.rows_done = Gauge("samtone_encode_rows_done", "rows committed to the output so far", keys)
         self.rows_total = Gauge("samtone_encode_rows_total", "rows in the input (lines or Parquet rows)", keys)
-        self.rejected = Counter("samtone_encode_rejected_records", "bad input records written to rejects", keys)
+        self.rejected = Gauge("samtone_encode_rejected_records", "bad input records written to rejects by this run", keys)
 
-    def update(self, done: int, total: int, rate: float) -> None:
+    def update(self, done: int, total: int, rate: float, rejected: int) -> None:
         self.rows_done.set(done, self.tags)
         self.rows_total.set(total, self.tags)
         self.rows_per_second.set(rate, self.tags)
+        self.rejected.set(rejected, self.tags)
 
 
-def _failed_blocks_counter():
-    from ray.util.metrics import Counter
+class _FailedBlocks:
+    """A gauge per embed actor, exported at 0 from its start: a dashboard then shows "0 failed"
+    rather than "no data" (a Ray counter only exists once incremented, and never by 0)."""
 
-    return Counter(
-        "samtone_encode_failed_blocks",
-        "shards whose embed/write attempt raised (Ray retries them)",
-        ("output",),
-    )
+    def __init__(self, output: str) -> None:
+        import ray
+        from ray.util.metrics import Gauge
+
+        self.count = 0
+        self.tags = {"output": output, "actor": ray.get_runtime_context().get_actor_id() or "driver"}
+        self.gauge = Gauge(
+            "samtone_encode_failed_blocks", "shards whose embed/write attempt raised in this actor (Ray retries them)",
+            tuple(self.tags),
+        )
+        self.gauge.set(0, self.tags)
+
+    def inc(self) -> None:
+        self.count += 1
+        self.gauge.set(self.count, self.tags)
 
 
 # ------------------------------------------------------------------------------ stages
@@ -221,13 +233,13 @@ class EmbedWriter:
         self.embed = self.model.embed_queries if tower == "query" else self.model.embed_documents
         self.output = Path(output)
         self.schema_meta = schema_meta
-        self.failed = _failed_blocks_counter()
+        self.failed = _FailedBlocks(self.output.name)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             return self._run(batch)
         except Exception:
-            self.failed.inc(1, {"output": self.output.name})
+            self.failed.inc()
             raise
 
     def _run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -409,7 +421,7 @@ def run_encode(opts: EncodeOptions) -> EncodeResult:
     if pending:
         connect_ray()
         metrics = _Metrics({"output": output.name})
-        metrics.update(done, plan.rows, 0.0)
+        metrics.update(done, plan.rows, 0.0, 0)
         lo, hi = opts.actors
         ds = ray.data.from_items(
             [{"shard": json.dumps(s.as_dict())} for s in pending], override_num_blocks=len(pending)
@@ -455,12 +467,10 @@ def run_encode(opts: EncodeOptions) -> EncodeResult:
             done += n
             bad = len(json.loads(row["rejects"]))
             rejected += bad
-            if bad:
-                metrics.rejected.inc(bad, metrics.tags)
             precision = str(row["precision"])
             for stage in ("read", "tokenize", "embed", "write"):
                 timings[stage] += float(row[f"t_{stage}"])
-            metrics.update(done, plan.rows, encoded / max(time.perf_counter() - t_run, 1e-9))
+            metrics.update(done, plan.rows, encoded / max(time.perf_counter() - t_run, 1e-9), rejected)
 
     timings["pipeline"] = time.perf_counter() - start - timings["setup"]
     _remove_stale_temps(output)  # a worker killed mid-write leaves one even when Ray retried it

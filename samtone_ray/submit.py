@@ -201,15 +201,19 @@ def client(address: str | None):
     return JobSubmissionClient(cluster_address(address))
 
 
-def alive_nodes(address: str) -> int:
-    """Alive nodes of the cluster, from the dashboard's state API (1 when it cannot say)."""
+def alive_nodes(address: str) -> int | None:
+    """Alive nodes of the cluster, from the dashboard's state API; None when it cannot say.
+
+    An empty answer also means "cannot say": a cluster always has its head, and a dashboard lists
+    no nodes for a few seconds after ``ray start``."""
     try:
         from ray.util.state import list_nodes
 
-        return len(list_nodes(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False))
+        alive = list_nodes(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
     except Exception as exc:  # the check is advisory: an old or locked-down dashboard must not block submits
         log.debug("could not list the cluster's nodes: %s", exc)
-        return 1
+        return None
+    return len(alive) or None
 
 
 def submit(sub: Submission, jobs) -> tuple[str, bool]:
@@ -321,7 +325,7 @@ def cmd_submit(args) -> int:
     sub = build_submission(
         args.kind, cfg, config_path=args.config, overrides=args.overrides, extra_args=args.job_args,
         working_dir=args.working_dir, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-        nodes=alive_nodes(address), submission_id=args.id,
+        nodes=alive_nodes(address) or 1, submission_id=args.id,
     )
     for warning in sub.warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -35,7 +35,9 @@ class Head:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=30)
+                # The group's Ray processes exit on the SIGTERM; the `ray start --block` loop itself
+                # often does not, and waiting out a longer grace cost every module 30 s.
+                self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
         try:

@@ -200,6 +200,42 @@ def test_follow_exits_non_zero_when_the_job_fails(head, tiny_model_dir, tiny_bei
     assert str(missing) in proc.stdout  # the job's error, tailed
 
 
+def train_workers(head) -> list:
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=head.address, filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False)
+    return [a for a in actors if a.class_name == "RayTrainWorker"]
+
+
+def test_stop_ends_a_running_job_and_frees_its_workers(head, tiny_model_dir, tiny_beir, tmp_path):
+    proc = samtone("submit", "train", "--address", head.address, "--no-wait",
+                   *train_settings(tiny_model_dir, tiny_beir, tmp_path, name="long-run", **{"train.epochs": 100000, "train.max_steps": 0}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sid = submission_id(proc.stdout)
+    deadline = time.monotonic() + 180
+    while not (job_status(head, sid) == "RUNNING" and train_workers(head)):
+        assert time.monotonic() < deadline and job_status(head, sid) in ("PENDING", "RUNNING"), job_status(head, sid)
+        time.sleep(1)
+    stop = samtone("jobs", sid, "--stop", "--address", head.address)
+    assert stop.returncode == 0 and f"{sid}: STOPPED" in stop.stdout, stop.stdout + stop.stderr
+    assert job_status(head, sid) == "STOPPED"
+    deadline = time.monotonic() + 60  # the worker group goes with the job's driver
+    while train_workers(head):
+        assert time.monotonic() < deadline, f"training workers outlived the stopped job: {train_workers(head)}"
+        time.sleep(1)
+
+
+def test_the_node_count_comes_from_the_clusters_state_api(head):
+    from samtone_ray.submit import alive_nodes
+
+    deadline = time.monotonic() + 60  # a dashboard lists no nodes for a few seconds after `ray start`
+    while (n := alive_nodes(head.address)) is None:
+        assert time.monotonic() < deadline, "the head's state API never listed its node"
+        time.sleep(1)
+    assert n == 1
+    assert alive_nodes(f"http://127.0.0.1:{free_port()}") is None  # nothing there: cannot say, submit goes on
+
+
 # ------------------------------------------------------------------------------- dashboards
 
 DASHBOARDS = REPO / "dashboards"
@@ -296,16 +332,35 @@ def test_training_and_search_dashboards_have_data_in_prometheus(head, prometheus
     assert checked >= 12
 
 
+def peak(prom_url: str, expr: str, start: float) -> float:
+    """The largest value ``expr`` took since ``start`` (a finished job's series have gone stale by now)."""
+    import requests
+
+    result = requests.get(f"{prom_url}/api/v1/query_range", timeout=30,
+                          params={"query": expr, "start": start, "end": time.time(), "step": "1s"}).json()["data"]["result"]
+    assert len(result) == 1, f"{expr}: {result}"
+    return max(float(v) for _, v in result[0]["values"])
+
+
 def test_encoding_dashboard_has_data_in_prometheus(head, prometheus, tiny_model_dir, tiny_beir, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"  # one malformed line among real documents, skipped to rejects
+    lines = (tiny_beir / "corpus.jsonl").read_text().splitlines()
+    corpus.write_text("\n".join([*lines[:10], '{"_id": "broken", "text": ', *lines[10:]]) + "\n")
+    output = tmp_path / "embeddings"
     start = time.time()
     proc = samtone("submit", "encode", "--address", head.address, "--follow", "--",
-                   "--model", str(tiny_model_dir), "--input", str(tiny_beir / "corpus.jsonl"),
-                   "--output", str(tmp_path / "embeddings"), "--precision", "fp32")
+                   "--model", str(tiny_model_dir), "--input", str(corpus), "--on-bad-record", "skip",
+                   "--output", str(output), "--precision", "fp32")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     time.sleep(3)
     missing, _, checked = panels_without_data(prometheus, DASHBOARDS / "samtone-encoding.json", start)
     assert not missing, "no data for:\n" + "\n".join(missing)
-    assert checked >= 4
+    assert checked >= 6
+    # The two panels that count trouble show what happened, not merely something.
+    tag = f'{{output="{output.name}"}}'
+    assert peak(prometheus, f"sum(ray_samtone_encode_rejected_records{tag})", start) == 1
+    assert peak(prometheus, f"sum(ray_samtone_encode_failed_blocks{tag})", start) == 0
+    assert peak(prometheus, f"sum(ray_samtone_encode_rows_done{tag})", start) == len(lines)
 
 
 def test_serving_dashboard_has_data_in_prometheus(head, prometheus, tiny_model_dir, tmp_path):
