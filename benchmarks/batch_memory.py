@@ -78,6 +78,7 @@ def run_point(args: argparse.Namespace) -> dict:
             "train": {"batch_size": args.point, "chunk_size": args.chunk_size, "precision": args.precision,
                       "micro_batch_size": args.micro_batch_size if args.mode == "cache" else 0},
             "scaling": {"num_workers": 1},
+            "loss": {"anchor_chunk_size": args.anchor_chunk_size},
         }
     )
     pairs = load_training_pairs(args.data, "train")
@@ -128,6 +129,7 @@ def run_point(args: argparse.Namespace) -> dict:
     dim = model.embedding_dim
     rows = 2 * args.point  # queries + documents (no hard negatives here)
     candidates = 2 * args.point  # both-sided SamToNe: documents + other queries in q->d
+    anchors = min(args.anchor_chunk_size or args.point, args.point)  # logits rows alive at once
     return {
         "batch_size": args.point,
         "mode": args.mode,
@@ -140,7 +142,7 @@ def run_point(args: argparse.Namespace) -> dict:
         # What has to grow with the batch even with the cache: embeddings + their gradients
         # (x3: embeddings, leaf gradients, re-ordered gradients) and one float32 logits matrix.
         "embeddings_mib": 3 * rows * dim * 4 / MiB,
-        "logits_mib": args.point * candidates * 4 / MiB,
+        "logits_mib": anchors * candidates * 4 / MiB,
         "device": str(device),
     }
 
@@ -166,6 +168,7 @@ def measure(args: argparse.Namespace, batch_size: int, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--point", str(batch_size), "--mode", mode, "--model-path", args.model_path,
            "--device", args.device, "--data", args.data, "--chunk-size", str(args.chunk_size),
            "--micro-batch-size", str(args.micro_batch_size), "--precision", args.precision,
+           "--anchor-chunk-size", str(args.anchor_chunk_size),
            "--query-max-length", str(args.query_max_length), "--doc-max-length", str(args.doc_max_length)]
     # glibc's mmap threshold adapts upwards as big blocks are freed, after which freed activations
     # stay in the heap and count in the RSS; a fixed threshold returns them, for both modes alike.
@@ -189,6 +192,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"))
     p.add_argument("--chunk-size", type=int, default=32)
     p.add_argument("--micro-batch-size", type=int, default=64)
+    p.add_argument("--anchor-chunk-size", type=int, default=0,
+                   help="loss.anchor_chunk_size: the loss takes this many anchors at a time (0 = all at once)")
     p.add_argument("--query-max-length", type=int, default=32)
     p.add_argument("--doc-max-length", type=int, default=128)
     p.add_argument("--data", default=None, help="BEIR folder or Parquet (default: the Debian set, else the sample)")
@@ -229,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "batch_memory",
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "config": {k: v for k, v in vars(args).items() if k not in ("point", "mode", "model_path", "out")}
-            | {"loss": "SamToNe both, bidirectional, duplicate masking (config defaults)",
+            | {"loss": "SamToNe both, bidirectional, duplicate masking (config defaults)"
+               + (f", anchors in chunks of {args.anchor_chunk_size}" if args.anchor_chunk_size else ""),
                "metric": "CUDA max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (VmHWM)"},
             "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
             "points": points,
