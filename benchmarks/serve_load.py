@@ -50,11 +50,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # procs: the /proc readers the serving tests use too
 
 from samtone_ray.env import apply_defaults  # noqa: E402
 
 apply_defaults()
 
+from procs import cmdline  # noqa: E402
 from samtone_ray.runtime import free_loopback_port  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -69,19 +71,12 @@ def _stat(pid: int) -> tuple[int, float] | None:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def _role(pid: int, peer: int | None) -> str:
     if pid == os.getpid():
         return "client"
     if pid == peer:
         return "peer server"
-    cmd = _cmdline(pid)
+    cmd = cmdline(pid)
     for prefix, role in (("ray::ServeReplica", "replica"), ("ray::ProxyActor", "proxy"), ("ray::ServeController", "controller")):
         if cmd.startswith(prefix):
             return role
