@@ -155,15 +155,16 @@ class _Metrics:
 
 
 class _FailedBlocks:
-    """A gauge per embed actor, exported at 0 from its start: a dashboard then shows "0 failed"
-    rather than "no data" (a Ray counter only exists once incremented, and never by 0)."""
+    """A gauge per embed actor (EmbedWriter runs only in Ray Data's actor pool), exported at 0 from
+    its start: a dashboard then shows "0 failed" rather than "no data" (a Ray counter only exists
+    once incremented, and never by 0)."""
 
     def __init__(self, output: str) -> None:
         import ray
         from ray.util.metrics import Gauge
 
         self.count = 0
-        self.tags = {"output": output, "actor": ray.get_runtime_context().get_actor_id() or "driver"}
+        self.tags = {"output": output, "actor": ray.get_runtime_context().get_actor_id()}
         self.gauge = Gauge(
             "samtone_encode_failed_blocks", "shards whose embed/write attempt raised in this actor (Ray retries them)",
             tuple(self.tags),

@@ -462,8 +462,9 @@ def cmd_serve(args, cfg) -> int:
     model = args.model or f"models:/{cfg.registry.model_name}@{cfg.registry.alias}"
     from samtone_ray.runtime import starts_local_cluster
 
-    local = starts_local_cluster() and not args.print_config  # --print-config writes a cluster's deployment
-    num_cpus = args.num_cpus or default_num_cpus(args.replicas if not args.autoscale else None, local)
+    local = starts_local_cluster()
+    # --print-config writes a cluster's deployment, whatever this machine would start.
+    num_cpus = args.num_cpus or default_num_cpus(args.replicas if not args.autoscale else None, local and not args.print_config)
     options = deployment_options(args.replicas, args.autoscale, args.gpu, num_cpus, cfg.serve)
     app_args = {"model": model, "tracking_uri": tracking_uri, "index": str(args.index) if args.index else None, "device": "cuda" if args.gpu else "cpu"}
     if args.print_config:
@@ -479,7 +480,7 @@ def cmd_serve(args, cfg) -> int:
     except (ModelURIError, IndexError_) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return run_blocking(app_args, options, args.host, args.port)
+    return run_blocking(app_args, options, args.host, args.port, local)
 
 
 def local_serve_env(port: int, replicas: int | None) -> dict[str, str]:
@@ -516,10 +517,10 @@ def check_port_free(host: str, port: int) -> None:
             raise OSError(f"cannot serve on {host}:{port}: {exc.strerror or exc} (is another server running there? use --port)") from exc
 
 
-def run_blocking(app_args: dict[str, Any], options: dict[str, Any], host: str, port: int) -> int:
+def run_blocking(app_args: dict[str, Any], options: dict[str, Any], host: str, port: int, local: bool) -> int:
     """Start the app, wait for /readyz, print the URL, block until Ctrl-C, then shut down.
 
-    On a local cluster started here with one replica, that replica answers on ``port`` itself
+    On a local cluster started here (``local``: ``starts_local_cluster()``) with one replica, that replica answers on ``port`` itself
     (``local_serve_env``) and Serve's proxy takes a spare loopback port; elsewhere the proxy
     answers on ``port``."""
     import json
@@ -528,11 +529,7 @@ def run_blocking(app_args: dict[str, Any], options: dict[str, Any], host: str, p
 
     import ray
 
-    from samtone_ray.runtime import (
-        connect_ray,
-        free_loopback_port,
-        starts_local_cluster,
-    )
+    from samtone_ray.runtime import connect_ray, free_loopback_port
 
     try:
         check_port_free(host, port)
@@ -540,7 +537,7 @@ def run_blocking(app_args: dict[str, Any], options: dict[str, Any], host: str, p
         print(f"error: {exc}", file=sys.stderr)
         return 2
     proxy_port = port
-    if starts_local_cluster():
+    if local:
         replicas = options.get("num_replicas")
         os.environ.update(local_serve_env(port, replicas))
         if replicas == 1:
