@@ -285,21 +285,25 @@ def prometheus(head, tmp_path_factory):
     proc.wait(timeout=30)
 
 
+def query_range(prom_url: str, expr: str, start: float) -> dict:
+    """Prometheus's answer to ``expr`` over [start, now] at 1 s steps, as Grafana would ask."""
+    import requests
+
+    return requests.get(f"{prom_url}/api/v1/query_range", timeout=30,
+                        params={"query": expr, "start": start, "end": time.time(), "step": "1s"}).json()
+
+
 def panels_without_data(prom_url: str, dashboard: Path, start: float) -> tuple[list[str], list[str], int]:
     """Runs every target of every panel over [start, now] as Grafana would; returns the panels
     (with the expression) that returned no data, the GPU panels whose data was not required (no
     GPU here; their expressions still have to run), and the count checked for data."""
-    import requests
-
     missing, skipped, checked = [], [], 0
     gpu = has_gpu()
     for p in json.loads(dashboard.read_text())["panels"]:
         without_gpu = p.get("samtoneNeedsGpu") and not gpu
         for target in p["targets"]:
             expr = target["expr"].replace("$__rate_interval", "15s")
-            r = requests.get(f"{prom_url}/api/v1/query_range", timeout=30,
-                             params={"query": expr, "start": start, "end": time.time(), "step": "1s"})
-            body = r.json()
+            body = query_range(prom_url, expr, start)
             # Every expression must parse and run, a GPU panel's too; only data needs a GPU.
             assert body["status"] == "success", f"{dashboard.name} / {p['title']}: {expr}: {body.get('error')}"
             if without_gpu:
@@ -338,10 +342,7 @@ def test_training_and_search_dashboards_have_data_in_prometheus(head, prometheus
 
 def peak(prom_url: str, expr: str, start: float) -> float:
     """The largest value ``expr`` took since ``start`` (a finished job's series have gone stale by now)."""
-    import requests
-
-    result = requests.get(f"{prom_url}/api/v1/query_range", timeout=30,
-                          params={"query": expr, "start": start, "end": time.time(), "step": "1s"}).json()["data"]["result"]
+    result = query_range(prom_url, expr, start)["data"]["result"]
     assert len(result) == 1, f"{expr}: {result}"
     return max(float(v) for _, v in result[0]["values"])
 
