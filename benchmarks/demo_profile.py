@@ -87,7 +87,6 @@ def _profile_worker(config):
 
     from samtone_ray.batching import PairKeys, Schedule, make_shard
     from samtone_ray.config import from_dict
-    from samtone_ray.runtime import cpu_threads
     from samtone_ray.training import batch_keys, build_model, linear_schedule, train_step
 
     cfg = from_dict(config["cfg"])
@@ -123,16 +122,14 @@ def _profile_worker(config):
             dist.barrier()
             if i:  # the first step warms up allocators, DDP buckets and the new shapes
                 steps[chunk_size].append(time.perf_counter() - t0)
-    threads = max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
     timed, metrics = {}, {}
     for name, data in (("eval_shared_s", split), ("eval_shared_full_s", full)):
         if data is None:  # taken from an earlier profile (--before-from)
             continue
         dist.barrier()
         t0 = time.perf_counter()
-        with cpu_threads(threads):
-            metrics[name] = evaluate_model(model, data, cfg.train.eval_batch_size, cfg.train.precision,
-                                           rank=rank, world=world)
+        metrics[name] = evaluate_model(model, data, cfg.train.eval_batch_size, cfg.train.precision,
+                                       rank=rank, world=world)
         dist.barrier()
         timed[name] = time.perf_counter() - t0
     if rank == 0:

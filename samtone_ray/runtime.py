@@ -82,17 +82,6 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-@contextlib.contextmanager
-def cpu_threads(n: int | None):
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 TRAIN_POLL_INTERVAL_S = 0.5
 
 
