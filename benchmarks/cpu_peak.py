@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from samtone_ray.runtime import cpu_threads  # noqa: E402
 from samtone_ray.tokenization import length_sorted_batches  # noqa: E402
 
 
@@ -85,9 +86,7 @@ def _best_time(fn, seconds: float) -> float:
 def gemm_peak(kind: str, threads: int, n: int = 2048, seconds: float = 2.0) -> float:
     """Best FLOP/s of an n x n x n GEMM: ``kind`` fp32 or bf16 (torch.matmul), or int8 (a dynamic
     int8 quantised Linear, the kernel ``--precision int8`` runs)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with cpu_threads(threads):
         torch.manual_seed(0)
         if kind == "int8":
             linear = torch.ao.nn.quantized.dynamic.Linear(n, n, dtype=torch.qint8)
@@ -99,8 +98,6 @@ def gemm_peak(kind: str, threads: int, n: int = 2048, seconds: float = 2.0) -> f
             fn = lambda: torch.matmul(a, b)  # noqa: E731
         with torch.no_grad():
             return 2.0 * n**3 / _best_time(fn, seconds)
-    finally:
-        torch.set_num_threads(old)
 
 
 def peak_table(kinds=("fp32", "bf16", "int8"), threads=(1, 2), seconds: float = 2.0) -> dict[str, dict[int, float]]:

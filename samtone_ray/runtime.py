@@ -82,6 +82,17 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    """torch's intra-op threads set to ``n`` inside the block, restored after it."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 TRAIN_POLL_INTERVAL_S = 0.5
 
 

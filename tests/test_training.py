@@ -380,6 +380,7 @@ def test_two_workers_evaluate_exactly_like_one_process(ray_cluster, tiny_model_d
     from ray.train.torch import TorchTrainer
 
     from samtone_ray.evaluation import evaluate_encoder
+    from samtone_ray.runtime import cpu_threads
     from samtone_ray.towers import DualEncoder
 
     _, dev = small_data
@@ -393,9 +394,7 @@ def test_two_workers_evaluate_exactly_like_one_process(ray_cluster, tiny_model_d
     shared = json.loads(out.read_text())
     # The oracle: one process encoding everything with encode_* and searching.
     model = DualEncoder.from_pretrained(tiny_model_dir, query_max_length=16, doc_max_length=32)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a one-CPU worker: the sums then add up in the same order
-    try:
+    with cpu_threads(1):  # as in a one-CPU worker: the sums then add up in the same order
         alone = evaluate_encoder(
             lambda t: model.encode_queries(t, batch_size=16),
             lambda t: model.encode_documents(t, batch_size=16),
@@ -403,8 +402,6 @@ def test_two_workers_evaluate_exactly_like_one_process(ray_cluster, tiny_model_d
             dev.queries,
             dev.qrels,
         )
-    finally:
-        torch.set_num_threads(threads)
     assert shared == alone
     assert shared["recall@100"] > 0
 
