@@ -63,11 +63,11 @@ def run_point(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from samtone_ray.batching import PairKeys, make_shard
-    from samtone_ray.config import from_dict
-    from samtone_ray.data import load_training_pairs
-    from samtone_ray.gradcache import grad_cache_step
-    from samtone_ray.training import batch_keys, build_model, shard_loss, train_step
+    from samtone_ray.data.batching import PairKeys, make_shard
+    from samtone_ray.core.config import from_dict
+    from samtone_ray.data.sources import load_training_pairs
+    from samtone_ray.train.gradcache import grad_cache_step
+    from samtone_ray.train.trainer import batch_keys, build_model, shard_loss, train_step
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device(args.device)
@@ -210,7 +210,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-path", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.data is None:
-        from samtone_ray.data import bundled_sample_path
+        from samtone_ray.data.sources import bundled_sample_path
 
         args.data = str(DEFAULT_DATA if DEFAULT_DATA.is_dir() else bundled_sample_path())
     return args
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.point:
         print(json.dumps(run_point(args)))
         return 0
-    from samtone_ray.files import atomic_write_json
+    from samtone_ray.core.files import atomic_write_json
 
     points: list[dict] = []
     largest = None

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from samtone_ray.runtime import cpu_threads  # noqa: E402
-from samtone_ray.tokenization import length_sorted_batches  # noqa: E402
+from samtone_ray.core.runtime import cpu_threads  # noqa: E402
+from samtone_ray.model.tokenization import length_sorted_batches  # noqa: E402
 
 
 def layer_flops(length: int, hidden: int) -> float:

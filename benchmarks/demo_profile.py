@@ -48,18 +48,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from samtone_ray.env import apply_defaults  # noqa: E402
+from samtone_ray.core.env import apply_defaults  # noqa: E402
 
 apply_defaults()
 
 import torch  # noqa: E402
 
-from samtone_ray.config import load_config  # noqa: E402
-from samtone_ray.data import load_data  # noqa: E402
-from samtone_ray.evaluation import evaluate_model  # noqa: E402
-from samtone_ray.files import atomic_write_json  # noqa: E402
-from samtone_ray.runtime import TRAIN_POLL_INTERVAL_S, connect_ray, resolve_precision  # noqa: E402
-from samtone_ray.training import build_model  # noqa: E402
+from samtone_ray.core.config import load_config  # noqa: E402
+from samtone_ray.data.sources import load_data  # noqa: E402
+from samtone_ray.evaluation.retrieval import evaluate_model  # noqa: E402
+from samtone_ray.core.files import atomic_write_json  # noqa: E402
+from samtone_ray.core.runtime import TRAIN_POLL_INTERVAL_S, connect_ray, resolve_precision  # noqa: E402
+from samtone_ray.train.trainer import build_model  # noqa: E402
 
 EPOCH_STEPS = 47  # the bundled sample's 3,008 training pairs in batches of 64
 
@@ -85,9 +85,9 @@ def _profile_worker(config):
     import ray.train.torch
     import torch.distributed as dist
 
-    from samtone_ray.batching import PairKeys, Schedule, make_shard
-    from samtone_ray.config import from_dict
-    from samtone_ray.training import batch_keys, build_model, linear_schedule, train_step
+    from samtone_ray.data.batching import PairKeys, Schedule, make_shard
+    from samtone_ray.core.config import from_dict
+    from samtone_ray.train.trainer import batch_keys, build_model, linear_schedule, train_step
 
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()

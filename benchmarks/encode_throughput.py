@@ -57,18 +57,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from samtone_ray.env import apply_defaults  # noqa: E402
+from samtone_ray.core.env import apply_defaults  # noqa: E402
 
 apply_defaults()
 
 import torch  # noqa: E402
 
 from benchmarks import cpu_peak  # noqa: E402
-from samtone_ray.encoding import EncodeOptions, run_encode  # noqa: E402
-from samtone_ray.runtime import autocast, connect_ray, device_name, prepare_inference, resolve_precision  # noqa: E402
-from samtone_ray.tokenization import token_lengths  # noqa: E402
-from samtone_ray.model_files import resolve_model_path  # noqa: E402
-from samtone_ray.towers import DualEncoder  # noqa: E402
+from samtone_ray.encode.job import EncodeOptions, run_encode  # noqa: E402
+from samtone_ray.core.runtime import autocast, connect_ray, device_name, prepare_inference, resolve_precision  # noqa: E402
+from samtone_ray.model.tokenization import token_lengths  # noqa: E402
+from samtone_ray.model.layout import resolve_model_path  # noqa: E402
+from samtone_ray.model.towers import DualEncoder  # noqa: E402
 
 # ../shared/data/debian beside the checkout (main), or beside the worktrees' parent.
 _REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.data is None:
-        from samtone_ray.data import bundled_sample_path
+        from samtone_ray.data.sources import bundled_sample_path
 
         args.data = bundled_sample_path() / "corpus.jsonl"
 

@@ -24,15 +24,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from samtone_ray.env import apply_defaults  # noqa: E402
+from samtone_ray.core.env import apply_defaults  # noqa: E402
 
 apply_defaults()
 
-from samtone_ray.data import bound_eval_corpus, load_beir, resolve_data_path  # noqa: E402
-from samtone_ray.evaluation import DEFAULT_TABLE_KEYS, evaluate_model  # noqa: E402
-from samtone_ray.files import atomic_write_json  # noqa: E402
-from samtone_ray.statistics import align, paired_test  # noqa: E402
-from samtone_ray.towers import DualEncoder  # noqa: E402
+from samtone_ray.data.sources import bound_eval_corpus, load_beir, resolve_data_path  # noqa: E402
+from samtone_ray.evaluation.retrieval import DEFAULT_TABLE_KEYS, evaluate_model  # noqa: E402
+from samtone_ray.core.files import atomic_write_json  # noqa: E402
+from samtone_ray.evaluation.statistics import align, paired_test  # noqa: E402
+from samtone_ray.model.towers import DualEncoder  # noqa: E402
 
 
 def main() -> int:

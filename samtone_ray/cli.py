@@ -12,14 +12,14 @@ import logging
 import sys
 from pathlib import Path
 
-from samtone_ray.env import apply_defaults
+from samtone_ray.core.env import apply_defaults
 
 apply_defaults()  # before anything imports ray, mlflow or transformers
 
 
 def _count_range(option: str, *, single: bool):
     """An argparse type for replica/actor counts, so a bad value is a usage error naming the flag."""
-    from samtone_ray.settings import parse_count_range
+    from samtone_ray.core.choices import parse_count_range
 
     def parse(text: str) -> tuple[int, int]:
         try:
@@ -49,7 +49,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from samtone_ray.config import load_config
+    from samtone_ray.core.config import load_config
 
     return load_config(args.config, args.overrides).with_output_dir()
 
@@ -60,11 +60,11 @@ def _echo(cfg) -> None:
 
 
 def cmd_eval(args) -> int:
-    from samtone_ray.data import bound_eval_corpus, load_beir
-    from samtone_ray.evaluation import bm25_run, format_metrics_table, retrieval_metrics
-    from samtone_ray.towers import DualEncoder
-    from samtone_ray.data import resolve_data_path
-    from samtone_ray.evaluation import evaluate_model as evaluate
+    from samtone_ray.data.sources import bound_eval_corpus, load_beir
+    from samtone_ray.evaluation.retrieval import bm25_run, format_metrics_table, retrieval_metrics
+    from samtone_ray.model.towers import DualEncoder
+    from samtone_ray.data.sources import resolve_data_path
+    from samtone_ray.evaluation.retrieval import evaluate_model as evaluate
 
     split = bound_eval_corpus(load_beir(resolve_data_path(args.data), args.split), args.max_docs)
     rows = {}
@@ -83,10 +83,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from samtone_ray.evaluation import format_metrics_table
-    from samtone_ray.data import load_data
-    from samtone_ray.evaluation import evaluate_model as evaluate
-    from samtone_ray.training import build_model, train
+    from samtone_ray.evaluation.retrieval import format_metrics_table
+    from samtone_ray.data.sources import load_data
+    from samtone_ray.evaluation.retrieval import evaluate_model as evaluate
+    from samtone_ray.train.trainer import build_model, train
 
     cfg = _load(args)
     _echo(cfg)
@@ -107,11 +107,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from samtone_ray.config import from_dict
-    from samtone_ray.evaluation import DEFAULT_TABLE_KEYS
-    from samtone_ray.leaderboard import format_leaderboard
-    from samtone_ray.search_layout import SearchLayout
-    from samtone_ray.tuning import tune
+    from samtone_ray.core.config import from_dict
+    from samtone_ray.evaluation.retrieval import DEFAULT_TABLE_KEYS
+    from samtone_ray.tune.leaderboard import format_leaderboard
+    from samtone_ray.tune.layout import SearchLayout
+    from samtone_ray.tune.tuner import tune
 
     if args.resume:
         state = SearchLayout(Path(args.resume)).state
@@ -143,7 +143,7 @@ def cmd_tune(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from samtone_ray import tracking
+    from samtone_ray.tracking import runs as tracking
 
     uri = tracking.tracking_uri(args.tracking_uri or "")
     names = [args.name] if args.name else tracking.registered_model_names(uri)
@@ -164,26 +164,26 @@ def cmd_models(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from samtone_ray.encoding import cli_encode
+    from samtone_ray.encode.job import cli_encode
 
     return cli_encode(args)
 
 
 def cmd_index(args) -> int:
-    from samtone_ray.indexing import cli_index
+    from samtone_ray.encode.index import cli_index
 
     return cli_index(args)
 
 
 def cmd_serve(args) -> int:
-    from samtone_ray.config import load_config
-    from samtone_ray.serving import cmd_serve as serve
+    from samtone_ray.core.config import load_config
+    from samtone_ray.serve.app import cmd_serve as serve
 
     return serve(args, load_config(args.config, args.overrides))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from samtone_ray.settings import PRECISIONS
+    from samtone_ray.core.choices import PRECISIONS
 
     parser = argparse.ArgumentParser(prog="samtone", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -273,19 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="for models:/ and runs:/ URIs in the manifest")
     p.set_defaults(func=cmd_index)
 
-    from samtone_ray.analysis_report import add_parser as add_analyze_parser
+    from samtone_ray.analysis.report import add_parser as add_analyze_parser
 
     add_analyze_parser(sub)
 
-    from samtone_ray.submit import add_parsers as add_submit_parsers
+    from samtone_ray.cluster.submit import add_parsers as add_submit_parsers
 
     add_submit_parsers(sub, _config_args)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from samtone_ray.config import ConfigError
-    from samtone_ray.data import DataError
+    from samtone_ray.core.config import ConfigError
+    from samtone_ray.data.sources import DataError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     # `samtone submit KIND ... -- ARGS`: everything after `--` goes to the submitted command as is.

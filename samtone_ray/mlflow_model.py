@@ -1,40 +1,17 @@
-"""The MLflow pyfunc wrapper of a saved DualEncoder: ``predict(texts) -> embeddings``.
+"""Deprecated import path, kept for one release: ``samtone_ray.mlflow_model.DualEncoderPyfunc``.
 
-The model travels as plain files (safetensors + configs) in the artifact ``model``. The logged
-``python_model.pkl`` holds only a reference to this class (``samtone_ray.mlflow_model.
-DualEncoderPyfunc``, an instance without state, pickled by reference), so loading imports the
-installed ``samtone_ray`` (pinned in the model's requirements) and runs no code from the
-artifact store. ``params={"tower": "query"}`` selects the query tower (default: documents).
+Models logged before 0.2 hold a pickled reference to the pyfunc class under this name, so loading
+them imports this module; the class now lives in :mod:`samtone_ray.tracking.pyfunc`. Re-register
+such models (``samtone models`` lists them) before 0.3 removes this module.
 """
 
-from __future__ import annotations
+import warnings
 
-import mlflow.pyfunc
-import numpy as np
+from samtone_ray.tracking.pyfunc import DualEncoderPyfunc  # noqa: F401
 
-
-class DualEncoderPyfunc(mlflow.pyfunc.PythonModel):
-    def load_context(self, context) -> None:
-        from samtone_ray.towers import DualEncoder
-
-        self.encoder = DualEncoder.from_pretrained(context.artifacts["model"])
-        self.encoder.eval()
-
-    def predict(self, context, model_input, params=None) -> np.ndarray:
-        texts = _texts(model_input)
-        tower = (params or {}).get("tower", "document")
-        if tower == "query":
-            return self.encoder.encode_queries(texts).numpy()
-        if tower in ("document", "doc"):
-            return self.encoder.encode_documents(texts).numpy()
-        raise ValueError(f"params.tower must be 'query' or 'document', got {tower!r}")
-
-
-def _texts(model_input) -> list[str]:
-    """Accept a list of strings, a 1-column DataFrame or a Series."""
-    if hasattr(model_input, "columns"):
-        if len(model_input.columns) != 1:
-            raise ValueError(f"expected one text column, got {list(model_input.columns)}")
-        model_input = model_input.iloc[:, 0]
-    return [str(t) for t in list(model_input)]
-
+warnings.warn(
+    "samtone_ray.mlflow_model is deprecated and goes in samtone-ray 0.3: this model was logged "
+    "by samtone-ray < 0.2; log it again to load it with later versions",
+    FutureWarning,
+    stacklevel=2,
+)

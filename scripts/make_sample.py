@@ -24,7 +24,7 @@ from pathlib import Path
 # Runs from a checkout whether or not the package is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from samtone_ray.data import iter_jsonl, load_beir, read_qrels  # noqa: E402
+from samtone_ray.data.sources import iter_jsonl, load_beir, read_qrels  # noqa: E402
 
 LICENCE = """\
 Debian package descriptions (Debian 12). Each description comes from its package's

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from samtone_ray.batching import Schedule
-from samtone_ray.data import load_training_pairs
+from samtone_ray.data.batching import Schedule
+from samtone_ray.data.sources import load_training_pairs
 
 
 def affected(queries: list[str], documents: list[str], schedule: Schedule) -> tuple[int, int]:

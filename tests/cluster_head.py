@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from samtone_ray.runtime import free_loopback_port as free_port  # test_cluster imports it from here
+from samtone_ray.core.runtime import free_loopback_port as free_port  # test_cluster imports it from here
 
 
 @dataclass

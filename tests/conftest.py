@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from samtone_ray.env import apply_defaults
+from samtone_ray.core.env import apply_defaults
 
 apply_defaults()
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # fast failure detection in tests
@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 def ray_cluster():
     import ray
 
-    from samtone_ray.runtime import start_local_ray
+    from samtone_ray.core.runtime import start_local_ray
 
     # Never joins another cluster on this machine (a test head, a user's), and its workers ask its
     # own state API, however many other clusters run.

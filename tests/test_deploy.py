@@ -88,7 +88,7 @@ def test_serving_reads_the_tracking_store_the_cluster_jobs_write(cluster_config)
 
 @pytest.mark.parametrize("path", SAMTONE_JOB_CONFIGS, ids=lambda p: p.name)
 def test_cluster_job_configs_keep_their_state_on_shared_storage(path):
-    from samtone_ray.config import load_config
+    from samtone_ray.core.config import load_config
 
     cfg = load_config(path)
     if not cfg.scaling.use_gpu:
@@ -215,7 +215,7 @@ def test_rayservice_serve_config_is_a_valid_serve_deploy_config():
         ServeDeploySchema, "model_validate"
     ) else ServeDeploySchema.parse_obj(yaml.safe_load(doc["spec"]["serveConfigV2"]))
     (app,) = serve.applications
-    assert app.import_path == "samtone_ray.serving:build_app" and app.args["model"] == "models:/samtone@champion"
+    assert app.import_path == "samtone_ray.serve.app:build_app" and app.args["model"] == "models:/samtone@champion"
     (deployment,) = app.deployments
     assert deployment.ray_actor_options.num_gpus == 1
 

@@ -27,11 +27,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from samtone_ray.data import bundled_sample_path, load_training_pairs  # noqa: E402
-from samtone_ray.files import atomic_write_json  # noqa: E402
-from samtone_ray.runtime import autocast, device_name  # noqa: E402
-from samtone_ray.model_files import resolve_model_path  # noqa: E402
-from samtone_ray.towers import DualEncoder  # noqa: E402
+from samtone_ray.data.sources import bundled_sample_path, load_training_pairs  # noqa: E402
+from samtone_ray.core.files import atomic_write_json  # noqa: E402
+from samtone_ray.core.runtime import autocast, device_name  # noqa: E402
+from samtone_ray.model.layout import resolve_model_path  # noqa: E402
+from samtone_ray.model.towers import DualEncoder  # noqa: E402
 
 DEFAULT_DATA = Path("/work/shared/data/debian")
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "gpu" / "encode_throughput.json"

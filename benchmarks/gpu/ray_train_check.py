@@ -16,9 +16,9 @@ from pathlib import Path
 
 import ray
 
-from samtone_ray.config import from_dict
-from samtone_ray.files import atomic_write_json
-from samtone_ray.training import train
+from samtone_ray.core.config import from_dict
+from samtone_ray.core.files import atomic_write_json
+from samtone_ray.train.trainer import train
 
 
 def main(argv: list[str] | None = None) -> int:

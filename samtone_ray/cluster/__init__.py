@@ -1,0 +1,1 @@
+"""Ray clusters: submitting samtone commands as jobs, and watching or stopping them."""

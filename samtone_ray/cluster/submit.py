@@ -1,0 +1,401 @@
+"""Submit samtone commands to a Ray cluster as jobs, and watch or stop them.
+
+Everything goes through Ray's ``JobSubmissionClient`` (the job server on the head's dashboard
+port). The config is loaded and validated here, on the submitting machine, before anything is
+sent; the job then runs the same ``samtone`` command on the cluster from an uploaded copy of the
+working directory. The submission id is derived from the command and the config, so a retried
+submit of the same job attaches to it instead of starting it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from samtone_ray.core.config import BUNDLED_SAMPLE, Config, ConfigError
+from samtone_ray.tracking.runs import SUBMISSION_ID_ENV
+
+log = logging.getLogger(__name__)
+
+KINDS = ("train", "tune", "encode")
+# Never uploaded: VCS data, environments, local runs and results, and files only the submitter
+# needs (Ray caps a working_dir at 100 MiB; the KubeRay CRDs alone are 3 MB).
+EXCLUDES = [
+    ".git", ".venv", "venv", ".samtone", "results", "benchmarks/results", "outputs", "mlruns", "mlartifacts",
+    "deploy/kuberay/crds", "__pycache__", "*.pyc", ".pytest_cache", "*.egg-info", "build", "dist",
+]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+
+
+class SubmitError(ConfigError):
+    """The job cannot run as asked on the cluster (the message says why and what to change)."""
+
+
+@dataclass
+class Submission:
+    submission_id: str
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    metadata: dict[str, str]
+    num_cpus: float
+    num_gpus: float
+    warnings: list[str]
+
+
+def cluster_address(address: str | None) -> str:
+    """The job server's URL: ``--address``, else $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS.
+
+    Never "auto": on a machine running several local clusters that would pick one at random.
+    """
+    for value in (address, *(os.environ.get(k) for k in ADDRESS_ENV)):
+        if value:
+            return value if "://" in value else f"http://{value}"
+    raise SubmitError(
+        "no cluster address: pass --address http://HEAD:8265 (the head's dashboard port, e.g. forwarded by "
+        "`ray dashboard cluster.yaml` or `kubectl port-forward svc/<cluster>-head-svc 8265`) or set RAY_API_SERVER_ADDRESS"
+    )
+
+
+def config_hash(kind: str, cfg: Config, args: list[str]) -> str:
+    payload = json.dumps({"kind": kind, "config": cfg.to_dict(), "args": args}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def submission_id_for(kind: str, name: str, digest: str) -> str:
+    slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "job"
+    return f"samtone-{kind}-{slug[:40]}-{digest[:12]}"
+
+
+def git_commit(directory: Path) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(directory), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def check_paths(cfg: Config, working_dir: Path, *, nodes: int) -> list[str]:
+    """Paths the cluster cannot see are errors; paths it may not keep are warnings (returned)."""
+    warnings = []
+    for key, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval), ("model.name_or_path", cfg.model.name_or_path)):
+        if value == BUNDLED_SAMPLE or "://" in value or Path(value).is_absolute():
+            continue
+        if key == "model.name_or_path" and not Path(value).exists():
+            continue  # an alias such as all-MiniLM-L6-v2, resolved on the cluster
+        # The job resolves it against its copy of the working directory, which lacks EXCLUDES.
+        target = (working_dir / value).resolve()
+        if not _inside(target, working_dir):
+            raise SubmitError(
+                f"{key}={value} is a relative path outside the working directory {working_dir}: the cluster cannot "
+                "see it. Use a path on storage every node mounts (absolute, or s3://...), or move it under the working directory."
+            )
+        rel = target.relative_to(working_dir)
+        for pattern in EXCLUDES:
+            if rel.as_posix().startswith(pattern + "/") or any(fnmatch.fnmatch(part, pattern) for part in rel.parts):
+                raise SubmitError(f"{key}={value} lies under {pattern}, which is not uploaded to the cluster")
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if cfg.tracking.enabled:
+        if not uri:
+            warnings.append(
+                "no MLflow tracking URI (tracking.uri / $MLFLOW_TRACKING_URI): runs go to a SQLite file inside the "
+                "job's temporary working directory on the head and are lost with it"
+            )
+        elif uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+            path = uri.split(":///", 1)[1] if ":///" in uri else uri.split(":", 1)[-1]
+            if not path.startswith("/"):
+                raise SubmitError(
+                    f"tracking uri {uri} is relative: on the cluster it would point into the job's temporary directory"
+                )
+            if nodes > 1:
+                raise SubmitError(
+                    f"tracking uri {uri} is a local file but the cluster has {nodes} nodes: workers on other nodes cannot "
+                    "reach it. Run an MLflow server every node can reach (cluster.yaml starts one on the head) and pass its http:// URI."
+                )
+    if not cfg.output_dir or not Path(cfg.output_dir).is_absolute():
+        warnings.append(
+            f"output_dir={cfg.output_dir or '(default)'} is relative: models and checkpoints stay in the job's temporary "
+            "working directory; set it to shared storage (NFS, or a path every node mounts)"
+        )
+    return warnings
+
+
+def build_submission(
+    kind: str,
+    cfg: Config,
+    *,
+    config_path: Path | None,
+    overrides: list[str],
+    extra_args: list[str],
+    working_dir: Path,
+    num_cpus: float,
+    num_gpus: float,
+    nodes: int = 1,
+    submission_id: str | None = None,
+) -> Submission:
+    """Everything sent to the job server, validated; pure apart from reading git."""
+    if kind not in KINDS:
+        raise SubmitError(f"unknown job kind {kind!r}; expected one of {', '.join(KINDS)}")
+    working_dir = working_dir.resolve()
+    if not working_dir.is_dir():
+        raise SubmitError(f"working directory {working_dir} does not exist")
+    warnings = check_paths(cfg, working_dir, nodes=nodes)
+    args = [kind]
+    if config_path is not None:
+        if not _inside(config_path, working_dir):
+            raise SubmitError(
+                f"--config {config_path} lies outside the working directory {working_dir}, which is all the job receives"
+            )
+        args += ["--config", config_path.resolve().relative_to(working_dir).as_posix()]
+    for item in overrides:
+        args += ["--set", item]
+    args += extra_args
+    digest = config_hash(kind, cfg, extra_args)
+    sid = submission_id or submission_id_for(kind, cfg.name, digest)
+    env_vars = {"HF_HUB_OFFLINE": "1", SUBMISSION_ID_ENV: sid}
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        env_vars["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
+    # `python -m` from the job's working directory runs the uploaded code, not whatever samtone
+    # version happens to be installed on the cluster.
+    entrypoint = "python -m samtone_ray.cli " + " ".join(shlex.quote(a) for a in args)
+    metadata = {
+        "samtone.kind": kind,
+        "samtone.name": cfg.name,
+        "config_hash": digest,
+        "git_commit": git_commit(working_dir),
+        "mlflow_experiment": cfg.tracking.experiment if cfg.tracking.enabled else "",
+    }
+    runtime_env = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env_vars}
+    return Submission(sid, entrypoint, runtime_env, metadata, num_cpus, num_gpus, warnings)
+
+
+def client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(cluster_address(address))
+
+
+def alive_nodes(address: str) -> int | None:
+    """Alive nodes of the cluster, from the dashboard's state API; None when it cannot say.
+
+    An empty answer also means "cannot say": a cluster always has its head, and a dashboard lists
+    no nodes for a few seconds after ``ray start``."""
+    try:
+        from ray.util.state import list_nodes
+
+        alive = list_nodes(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    except Exception as exc:  # the check is advisory: an old or locked-down dashboard must not block submits
+        log.debug("could not list the cluster's nodes: %s", exc)
+        return None
+    return len(alive) or None
+
+
+def submit(sub: Submission, jobs) -> tuple[str, bool]:
+    """Submit, or attach when this submission id exists already; returns (id, newly_submitted)."""
+    try:
+        jobs.get_job_info(sub.submission_id)
+        return sub.submission_id, False
+    except RuntimeError as exc:
+        if "404" not in str(exc):
+            raise
+    try:
+        jobs.submit_job(
+            entrypoint=sub.entrypoint,
+            submission_id=sub.submission_id,
+            runtime_env=sub.runtime_env,
+            metadata=sub.metadata,
+            entrypoint_num_cpus=sub.num_cpus,
+            entrypoint_num_gpus=sub.num_gpus,
+        )
+    except RuntimeError as exc:
+        if "already exists" in str(exc):  # a concurrent retry won the race: attach to it
+            return sub.submission_id, False
+        raise
+    return sub.submission_id, True
+
+
+def wait(jobs, submission_id: str, *, follow: bool, poll_s: float = 1.0, out=sys.stdout) -> str:
+    """Until the job ends: tail its logs (``follow``) or print its state changes; returns the final state."""
+    if follow:
+        async def tail() -> None:
+            async for lines in jobs.tail_job_logs(submission_id):
+                out.write(lines)
+                out.flush()
+
+        asyncio.run(tail())
+    last = None
+    while True:
+        status = str(jobs.get_job_status(submission_id).value)
+        if status != last and not follow:
+            print(f"{submission_id}: {status}", file=out, flush=True)
+        last = status
+        if status in TERMINAL:
+            return status
+        time.sleep(poll_s)
+
+
+# Ray's stop request goes to the job's supervisor actor, which a PENDING job does not have yet:
+# the request is dropped and the job stays PENDING until it starts or times out
+# (ray-project/ray#58353, open in Ray 2.60). So a pending job is stopped from inside the cluster
+# by a tiny job of its own (no resources, nothing uploaded, so it starts even when the cluster is
+# full): it marks the job STOPPED, then removes the supervisor actor so it never starts.
+# Uses Ray's job-manager internals: Ray is pinned, and tests/test_cluster.py runs it for real.
+_STOP_PENDING = """
+import asyncio, sys, ray
+from ray.dashboard.modules.job.common import JOB_ACTOR_NAME_TEMPLATE, SUPERVISOR_ACTOR_RAY_NAMESPACE, JobInfoStorageClient
+from ray.job_submission import JobStatus
+sid = sys.argv[1]
+ray.init(logging_level="ERROR")
+store = JobInfoStorageClient(ray._private.worker.global_worker.gcs_client)
+if asyncio.run(store.get_status(sid)) == JobStatus.PENDING:
+    asyncio.run(store.put_status(sid, JobStatus.STOPPED, message="stopped while pending (samtone jobs --stop)"))
+    try:
+        ray.kill(ray.get_actor(JOB_ACTOR_NAME_TEMPLATE.format(job_id=sid), namespace=SUPERVISOR_ACTOR_RAY_NAMESPACE), no_restart=True)
+    except ValueError:
+        pass  # no supervisor actor (yet): nothing will start the job now that it is STOPPED
+"""
+
+
+def stop(jobs, submission_id: str, *, timeout_s: float, grace_s: float = 5.0) -> str:
+    """Stop a job and wait until it has ended; returns its final (or last seen) state."""
+    jobs.stop_job(submission_id)
+    deadline = time.monotonic() + timeout_s
+    pending_since = time.monotonic()
+    helper = None
+    while True:
+        status = str(jobs.get_job_status(submission_id).value)
+        if status in TERMINAL or time.monotonic() > deadline:
+            return status
+        if status == "PENDING" and helper is None and time.monotonic() - pending_since > grace_s:
+            helper = jobs.submit_job(
+                entrypoint="python -c " + shlex.quote(_STOP_PENDING) + " " + shlex.quote(submission_id),
+                submission_id=f"{submission_id}-stop-{int(time.time())}",
+                entrypoint_num_cpus=0,
+                metadata={"samtone.kind": "stop", "samtone.target": submission_id},
+            )
+        time.sleep(0.5)
+
+
+def describe(info) -> str:
+    meta = info.metadata or {}
+    start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.start_time / 1000)) if info.start_time else "-"
+    took = f"{(info.end_time - info.start_time) / 1000:.0f}s" if info.end_time and info.start_time else "-"
+    return f"{info.submission_id:<48} {str(info.status.value):<10} {meta.get('samtone.kind', '-'):<7} {start:<20} {took:>6}"
+
+
+def exit_code(status: str) -> int:
+    return 0 if status == "SUCCEEDED" else 1
+
+
+# --------------------------------------------------------------------------- the commands
+
+
+def cmd_submit(args) -> int:
+    from samtone_ray.core.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # fails here, before anything is sent
+    address = cluster_address(args.address)
+    jobs = client(address)
+    sub = build_submission(
+        args.kind, cfg, config_path=args.config, overrides=args.overrides, extra_args=args.job_args,
+        working_dir=args.working_dir, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+        nodes=alive_nodes(address) or 1, submission_id=args.id,
+    )
+    for warning in sub.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    sid, new = submit(sub, jobs)
+    if new:
+        print(f"submitted {sid} to {address}: {sub.entrypoint}", flush=True)
+    else:
+        status = jobs.get_job_status(sid).value
+        print(f"{sid} was submitted before ({status}); not starting it twice. Attaching "
+              f"(to run it again, change the config or pass --id).", flush=True)
+    if args.no_wait:
+        return 0
+    status = wait(jobs, sid, follow=args.follow)
+    if args.follow:  # without --follow, wait() has printed every state change, the last included
+        print(f"{sid}: {status}", flush=True)
+    return exit_code(status)
+
+
+def cmd_jobs(args) -> int:
+    jobs = client(args.address)
+    if not args.id:
+        infos = sorted(jobs.list_jobs(), key=lambda i: i.start_time or 0)
+        infos = [i for i in infos if i.submission_id]  # drivers started by hand have none
+        if not infos:
+            print("no submitted jobs")
+            return 0
+        print(f"{'submission id':<48} {'status':<10} {'kind':<7} {'started':<20} {'took':>6}")
+        for info in infos:
+            print(describe(info))
+        return 0
+    if args.stop:
+        status = stop(jobs, args.id, timeout_s=args.timeout)
+        print(f"{args.id}: {status}")
+        return 0 if status in TERMINAL else 1
+    if args.logs:
+        print(jobs.get_job_logs(args.id), end="")
+        return 0
+    info = jobs.get_job_info(args.id)
+    print(describe(info))
+    print(f"  entrypoint: {info.entrypoint}")
+    if info.message:
+        print(f"  message:    {info.message}")
+    for key, value in sorted((info.metadata or {}).items()):
+        print(f"  {key}: {value}")
+    return 0
+
+
+def add_parsers(sub, config_args) -> None:
+    """``samtone submit`` and ``samtone jobs`` (called by cli.build_parser)."""
+    p = sub.add_parser(
+        "submit", help="run train/tune/encode on a Ray cluster through its job server",
+        usage="samtone submit {train,tune,encode} [options] [-- ARGS for the command]",
+    )
+    p.add_argument("kind", choices=KINDS)
+    config_args(p)
+    p.add_argument("--address", help="the job server, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)")
+    p.add_argument("--working-dir", type=Path, default=Path("."), help="uploaded to the cluster (default: .)")
+    p.add_argument("--num-cpus", type=float, default=0, help="CPUs reserved for the job's driver (workers reserve their own)")
+    p.add_argument("--num-gpus", type=float, default=0, help="GPUs reserved for the job's driver")
+    p.add_argument("--id", help="submission id (default: derived from the command and the config hash)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--follow", action="store_true", help="tail the job's logs; exit non-zero unless it SUCCEEDED")
+    mode.add_argument("--no-wait", action="store_true", help="return once submitted")
+    p.set_defaults(func=cmd_submit, job_args=[])  # arguments after `--` go to the command (see cli.main)
+
+    p = sub.add_parser("jobs", help="list submitted jobs; show, tail or stop one")
+    p.add_argument("id", nargs="?", help="a submission id (default: list them all)")
+    p.add_argument("--address", help="the job server, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--logs", action="store_true", help="print the job's logs")
+    what.add_argument("--stop", action="store_true", help="stop the job and wait until it has stopped")
+    p.add_argument("--timeout", type=float, default=60, help="seconds --stop waits for the job to end")
+    p.set_defaults(func=cmd_jobs)

@@ -1,0 +1,1 @@
+"""Configuration, choice types, atomic files, process defaults and where the work runs (precision, threads, Ray)."""

@@ -1,0 +1,480 @@
+"""Typed configuration: one dataclass tree, loaded from YAML, with dotted overrides.
+
+The dataclasses below are the schema and the only source of defaults. Every key is addressed by
+its dotted path (``train.batch_size``): the same names are used by ``--set`` overrides, MLflow
+params and Ray Tune search spaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from samtone_ray.core import choices as settings
+from samtone_ray.core.choices import Mode, Pooling, Precision, SameTower, Scheduler, SearchAlgorithm, TowerMode
+
+BUNDLED_SAMPLE = "bundled:debian"
+"""Placeholder for the Debian sample shipped inside the package (resolved by ``resolve_data_path``)."""
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the dotted key."""
+
+
+class CombinationError(ConfigError):
+    """Each value is valid alone but the combination is not (a search skips such trials)."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "all-MiniLM-L6-v2"
+    tower_mode: TowerMode = "shared"
+    pooling: Pooling = "mean"
+    projection_dim: int = 0
+    query_max_length: int = 32
+    doc_max_length: int = 128
+
+    def __post_init__(self) -> None:
+        with _as(ConfigError):
+            settings.validate_layout(
+                self.tower_mode, self.pooling, self.projection_dim, self.query_max_length, self.doc_max_length,
+                prefix="model.",
+            )
+
+
+@dataclass
+class DataConfig:
+    train: str = BUNDLED_SAMPLE
+    train_split: str = "train"
+    eval: str = BUNDLED_SAMPLE
+    eval_split: str = "dev"
+    num_hard_negatives: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_hard_negatives < 0:
+            raise ConfigError(f"data.num_hard_negatives must be >= 0, got {self.num_hard_negatives}")
+
+
+@dataclass
+class LossConfig:
+    same_tower: SameTower = "both"
+    bidirectional: bool = True
+    temperature: float = 0.05
+    mask_duplicates: bool = True
+    same_tower_weight: float = 1.0
+    """alpha >= 0 multiplies each same-tower term of a softmax denominator (1 = SamToNe, 0 = plain in-batch)."""
+    false_negative_margin: float | None = None
+    """Drop each negative whose cosine to the anchor exceeds the positive's plus this margin (null = off)."""
+    anchor_chunk_size: int = 0
+    """Anchors per loss chunk (0 = all at once): bounds the logits to [chunk, candidates] for big batches."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.anchor_chunk_size, bool) or self.anchor_chunk_size < 0:
+            raise ConfigError(f"loss.anchor_chunk_size must be an int >= 0 (0 = off), got {self.anchor_chunk_size!r}")
+        with _as(ConfigError):
+            settings.check_temperature(self.temperature, prefix="loss.")
+        with _as(CombinationError):
+            settings.check_loss_combination(self.same_tower, self.bidirectional, prefix="loss.")
+        with _as(ConfigError):
+            settings.check_loss_knobs(self.same_tower_weight, self.false_negative_margin, prefix="loss.")
+
+
+END_ONLY = -1
+"""``train.checkpoint_every`` value for a checkpoint at the end of training only."""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    """The GLOBAL batch: split evenly over the workers; negatives come from all of it."""
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    epochs: int = 1
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run all epochs)."""
+    warmup_ratio: float = 0.1
+    seed: int = 42
+    precision: Precision = "auto"
+    """auto = bf16 where the device multiplies bf16 natively (recent GPUs, AMX CPUs), else fp32.
+    int8 is inference-only and refused here."""
+    eval_every: int = 16
+    """Evaluate every N steps (0 = only at the end); ASHA decides on these evaluations. 16 puts
+    ASHA's first milestone a third of the way into the demo's 47-step epoch: at 25 it came after
+    more than half, and stopping a trial there saved too little to be worth the early stop."""
+    checkpoint_every: int = 0
+    """Checkpoint every N steps; 0 = with every evaluation (and at the end), so a lost worker
+    resumes from the last evaluation instead of step 0; -1 = at the end only."""
+    collective_timeout_s: int = 1800
+    """Process-group timeout: how long a worker waits in a collective for the others."""
+    chunk_size: int = 16
+    """Texts encoded per forward chunk, sorted by length so each chunk pads only to its own longest.
+    A pure speed knob: on a 2-core CPU (fp32, the demo) 16 made a step 26 % faster than 32 and 8 no
+    faster than 16 (benchmarks/results/demo_profile.json); GPUs want larger chunks (64-256)."""
+    micro_batch_size: int = 0
+    """Gradient cache (0 = off): encode the batch without a graph, then re-encode it with grad in
+    micro-batches of at most this many texts (whole chunks: >= chunk_size), so activation memory
+    no longer grows with batch_size. Same loss and gradients as without (gradcache.py)."""
+    eval_batch_size: int = 128
+    eval_max_docs: int = 1000
+    """Documents each evaluation searches (0 = the whole corpus): every document the eval qrels
+    judge plus a fixed random sample of the rest (independent of ``seed``), chosen once when the
+    data is loaded, so every trial, the zero-shot reference and the champion re-evaluation score
+    on the same documents. Fewer distractors raise the metrics: compare only at equal values."""
+    log_every: int = 10
+    """Log loss, learning rate and throughput to MLflow every N steps."""
+    fail_at_step: int = 0
+    """Fault injection for tests: the last worker kills itself once after this step (0 = never)."""
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "epochs", "chunk_size", "eval_batch_size", "log_every", "collective_timeout_s"):
+            _positive(f"train.{key}", getattr(self, key))
+        for key in ("max_steps", "eval_every", "fail_at_step", "micro_batch_size"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.checkpoint_every < END_ONLY:
+            raise ConfigError(f"train.checkpoint_every must be >= 0, or {END_ONLY} (end only), got {self.checkpoint_every}")
+        _positive("train.lr", self.lr)
+        if self.eval_max_docs < 0:
+            raise ConfigError(f"train.eval_max_docs must be >= 0 (0 = the whole corpus), got {self.eval_max_docs}")
+        if self.micro_batch_size and self.micro_batch_size < self.chunk_size:
+            raise ConfigError(
+                f"train.micro_batch_size must be 0 (off) or >= train.chunk_size={self.chunk_size} (a chunk "
+                f"is the smallest forward), got {self.micro_batch_size}"
+            )
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        with _as(ConfigError):
+            settings.check_precision(self.precision, prefix="train.", training=True)
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 3
+    """Worker-group restarts allowed; training resumes from the last checkpoint each time."""
+
+    def __post_init__(self) -> None:
+        _positive("scaling.num_workers", self.num_workers)
+        _positive("scaling.cpus_per_worker", self.cpus_per_worker)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""
+    """MLflow tracking URI; empty = $MLFLOW_TRACKING_URI, else SQLite under ``.samtone/``."""
+    experiment: str = "samtone"
+
+
+@dataclass
+class SearchConfig:
+    metric: str = "mrr@10"
+    mode: Mode = "max"
+    num_samples: int = 1
+    algorithm: SearchAlgorithm = "grid"
+    scheduler: Scheduler = "asha"
+    grace_period: int = 1
+    """ASHA: evaluations a trial always gets before it may be stopped."""
+    max_concurrent_trials: int | Literal["auto"] = "auto"
+    reference: str = ""
+    """Trial the leaderboard tests every other against: a trial id, or dotted settings
+    (``loss.same_tower=none,train.batch_size=64``: the best trial matching them); empty = the
+    best ``loss.same_tower=none`` trial when there is one, else the best trial."""
+    analyze: bool = False
+    """At the end, run ``samtone analyze`` on the best trial and its reference (``<output_dir>/analysis``)."""
+    space: dict[str, Any] = field(
+        default_factory=lambda: {"loss.same_tower": {"grid": ["none", "query", "doc", "both"]}}
+    )
+
+    def __post_init__(self) -> None:
+        _positive("search.num_samples", self.num_samples)
+        _positive("search.grace_period", self.grace_period)
+        if self.max_concurrent_trials != "auto":
+            _positive("search.max_concurrent_trials", self.max_concurrent_trials)
+
+
+@dataclass
+class RegistryConfig:
+    model_name: str = "samtone"
+    alias: str = "champion"
+    min_delta: float = 0.0
+    """The alias moves only when the candidate beats the incumbent by more than this."""
+    require_significance: bool = False
+    """Also require the paired difference vs the incumbent (same queries) to have a 95% CI above 0."""
+
+    def __post_init__(self) -> None:
+        if not self.min_delta >= 0:  # also refuses NaN
+            raise ConfigError(f"registry.min_delta must be >= 0, got {self.min_delta}")
+
+
+@dataclass
+class ServeConfig:
+    """``samtone serve``: batching, request limits and champion polling (see README "Serving")."""
+
+    max_batch_size: int = 64
+    """Texts per forward batch (each input of a request enters the batch on its own)."""
+    max_batch_tokens: int = 8192
+    """Padded tokens per forward batch as well (texts x longest); 0 = count texts only."""
+    batch_wait_timeout_s: float = 0.005
+    max_ongoing_requests: int = 256
+    """Requests per replica; must be >= max_batch_size, or batches of one-text requests never fill."""
+    max_pending_texts: int = 4096
+    """Texts admitted but not yet embedded, per replica; beyond it: 429 with Retry-After."""
+    max_inputs: int = 256
+    max_input_chars: int = 20000
+    max_body_bytes: int = 4_000_000
+    max_top_k: int = 100
+    poll_interval_s: float = 30.0
+    """Re-resolve a models:/NAME@ALIAS URI this often (0 = only on reconfigure)."""
+    index_batch_size: int = 128
+    precision: Precision = "fp32"
+    """fp32, bf16 (autocast; auto = bf16 where native) or int8 (dynamic int8 linear layers, CPU
+    only; speed and quality cost measured in README "Re-encoding a corpus")."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_batch_size", "max_ongoing_requests", "max_pending_texts",
+                    "max_inputs", "max_input_chars", "max_body_bytes", "max_top_k", "index_batch_size"):
+            _positive(f"serve.{key}", getattr(self, key))
+        for key in ("max_batch_tokens", "batch_wait_timeout_s", "poll_interval_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"serve.{key} must be >= 0, got {getattr(self, key)}")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ConfigError(
+                f"serve.max_ongoing_requests={self.max_ongoing_requests} must be >= serve.max_batch_size="
+                f"{self.max_batch_size}, or batches of one-text requests never fill"
+            )
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    output_dir: str = ""
+    """Where models, checkpoints and leaderboards go; empty = ``.samtone/runs/<name>-<timestamp>``."""
+    name: str = "samtone"
+
+    def __post_init__(self) -> None:
+        if self.train.batch_size % self.scaling.num_workers:
+            raise ConfigError(
+                f"train.batch_size={self.train.batch_size} is the global batch and must be divisible "
+                f"by scaling.num_workers={self.scaling.num_workers}"
+            )
+
+    def with_output_dir(self) -> "Config":
+        """This config with ``output_dir`` fixed (a fresh timestamped folder when empty)."""
+        if self.output_dir:
+            return self
+        import time
+
+        return self.with_overrides({"output_dir": f".samtone/runs/{self.name}-{time.strftime('%Y%m%d-%H%M%S')}"})
+
+    def per_worker_batch_size(self) -> int:
+        return self.train.batch_size // self.scaling.num_workers
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self, *, include: tuple[str, ...] = ("model", "data", "loss", "train", "scaling")) -> dict[str, Any]:
+        """Dotted key -> value for the training sections (the MLflow params)."""
+        return {k: v for k, v in flatten(self.to_dict()).items() if k.split(".")[0] in include}
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Config":
+        data = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(data, key, value)
+        return from_dict(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        # search.space is a leaf: its keys are themselves dotted paths.
+        if isinstance(value, dict) and dotted != "search.space":
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict; unknown keys and bad types name the key."""
+    return _build(Config, data or {}, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Load YAML (or the embedded defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    try:
+        return from_dict(data)
+    except ConfigError as exc:
+        raise type(exc)(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "loss.same_tower=none"]`` -> typed values (parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if parts[:2] == ["search", "space"] and len(parts) > 2:
+        data.setdefault("search", {}).setdefault("space", {})[".".join(parts[2:])] = value
+        return
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]} (valid keys under {prefix.rstrip('.') or 'the top level'}: "
+            f"{', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, hint, value)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # pragma: no cover - dataclass constructor errors
+        raise ConfigError(f"{prefix.rstrip('.')}: {exc}") from exc
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            # YAML reads `none` as a string but `null`/`~` as None; accept both spellings of "none".
+            if value is None and "none" in choices:
+                return "none"
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(key, option, value)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} fits none of: " + "; ".join(errors))
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key} must be null; got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false; got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer; got {value!r}")
+    if hint is float:
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+            except ValueError:
+                pass
+        if number is None:
+            raise ConfigError(f"{key} must be a number; got {value!r}")
+        require_finite(key, number)
+        return number
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string; got {value!r}")
+    if origin is dict:
+        if isinstance(value, dict):
+            require_finite(key, value)
+            return dict(value)
+        raise ConfigError(f"{key} must be a mapping; got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+@contextlib.contextmanager
+def _as(error: type[ConfigError]):
+    """Re-raise a settings validator's ValueError as ``error`` (its message already names the key)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise error(str(exc)) from None
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:  # also refuses NaN
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def require_finite(key: str, value: Any) -> None:
+    """Refuse NaN and infinities anywhere in ``value`` (nested lists/mappings: search.space)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number; got {value!r}")
+    if isinstance(value, dict):
+        for name, item in value.items():
+            require_finite(f"{key}.{name}", item)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            require_finite(f"{key}[{i}]", item)

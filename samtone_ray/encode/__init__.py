@@ -1,0 +1,1 @@
+"""Re-encoding corpora on Ray Data, exactly once, and the document index built from the embeddings."""

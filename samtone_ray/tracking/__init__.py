@@ -1,0 +1,1 @@
+"""MLflow at the edge: runs and metrics, the pyfunc model, model URIs and the champion registry."""

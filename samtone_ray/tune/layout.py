@@ -1,0 +1,69 @@
+"""Where a search keeps its files on disk: one definition for the search, its leaderboard and the CLI.
+
+    <output_dir>/search.json                the config and the MLflow parent run (what --resume reads)
+    <output_dir>/leaderboard.csv|png
+    <output_dir>/tune/                       Ray Tune's experiment (trial folders named by trial id)
+    <output_dir>/trials/<trial id>/          one trial: model/, mlflow_run_id, per_query.parquet, ray/
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from samtone_ray.evaluation.per_query import PER_QUERY_FILE
+
+STATE_FILE = "search.json"
+TUNE_NAME = "tune"  # Tune's RunConfig name: its experiment folder under output_dir
+
+
+@dataclass(frozen=True)
+class TrialLayout:
+    dir: Path
+
+    @property
+    def model(self) -> Path:
+        return self.dir / "model"  # written by training when the trial trained to its last step
+
+    @property
+    def run_id_file(self) -> Path:
+        return self.dir / "mlflow_run_id"
+
+    @property
+    def per_query(self) -> Path:
+        return self.dir / PER_QUERY_FILE  # per-query metrics of the trial's latest evaluation
+
+    @property
+    def ray_storage(self) -> Path:
+        return self.dir / "ray"  # Ray Train's checkpoints, so a restarted trial resumes
+
+    def run_id(self) -> str | None:
+        return self.run_id_file.read_text().strip() if self.run_id_file.exists() else None
+
+
+@dataclass(frozen=True)
+class SearchLayout:
+    root: Path
+
+    @property
+    def state(self) -> Path:
+        return self.root / STATE_FILE
+
+    @property
+    def leaderboard_csv(self) -> Path:
+        return self.root / "leaderboard.csv"
+
+    @property
+    def leaderboard_png(self) -> Path:
+        return self.root / "leaderboard.png"
+
+    @property
+    def tune_dir(self) -> Path:
+        return self.root / TUNE_NAME
+
+    def trial(self, trial_id: str) -> TrialLayout:
+        return TrialLayout(self.root / "trials" / str(trial_id))
+
+    def tune_results(self, trial_id: str) -> Path:
+        """Tune's record of every report of a trial (one JSON object per line)."""
+        return self.tune_dir / str(trial_id) / "result.json"

@@ -1,0 +1,261 @@
+"""The search leaderboard: one row per trial, printed, saved as CSV and plotted.
+
+For the search metric each trial with per-query values gets a 95% bootstrap interval, and a
+paired test against a reference trial (``search.reference``): the mean difference over the same
+queries, its interval and a randomisation p-value. "A beats B" is said only when that interval
+excludes 0 (samtone_ray/evaluation/statistics.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from samtone_ray.core.config import Config
+from samtone_ray.core.files import atomic_write_bytes, atomic_write_text
+from samtone_ray.tune.layout import SearchLayout
+from samtone_ray.tune.space import Space, overrides_of
+from samtone_ray.evaluation.statistics import align, bootstrap_ci, paired_test
+
+log = logging.getLogger(__name__)
+METRIC_COLUMNS = ("mrr@10", "ndcg@10", "recall@10", "recall@100", "p@1")
+SETTING_COLUMNS = {
+    "same_tower": "loss.same_tower",
+    "bidirectional": "loss.bidirectional",
+    "batch_size": "train.batch_size",
+    "temperature": "loss.temperature",
+    "lr": "train.lr",
+    "same_tower_weight": "loss.same_tower_weight",
+    "false_negative_margin": "loss.false_negative_margin",
+}
+STAT_COLUMNS = ("ci_low", "ci_high", "diff_vs_ref", "diff_low", "diff_high", "p_value", "verdict")
+
+
+def build_leaderboard(results, cfg: Config, space: Space) -> list[dict[str, Any]]:
+    """Rows from a Tune ResultGrid, plus the grid combinations skipped before the search."""
+    # Searched keys beyond the standard columns get a column of their own, named by dotted key.
+    extra = [k for k in (*space.grid_values, *space.sampled) if k not in SETTING_COLUMNS.values()]
+    rows = []
+    for result in results:
+        metrics = dict(result.metrics or {})
+        trial_cfg = cfg.with_overrides(overrides_of(result.config or {})) if "skipped" not in metrics else None
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        trial = SearchLayout(Path(cfg.output_dir).resolve()).trial(str(trial_id))
+        if result.error is not None:
+            status = "error"
+        elif "skipped" in metrics:
+            status = "skipped"
+        elif trial.model.exists():
+            status = "finished"
+        else:
+            status = "stopped"  # ASHA ended it before its last step
+        reason = {"reason": metrics["skipped"]} if status == "skipped" else {}
+        flat = trial_cfg.flat() if trial_cfg else overrides_of(result.config or {})
+        rows.append(
+            {
+                "trial": str(trial_id),
+                "settings": _settings(flat, extra),
+                "flat": flat,
+                # A skipped trial reports the worst value only because Tune requires the metric.
+                "metrics": {k: float(metrics[k]) for k in metrics if "@" in k} if status != "skipped" else {},
+                "steps": metrics.get("step"),
+                "pairs": metrics.get("pairs"),  # training pairs seen: ASHA compares trials at equal pairs
+                "status": status,
+                "seconds": float(metrics.get("time_total_s", math.nan)),
+                "run_id": trial.run_id(),
+                "model_dir": str(trial.model) if status == "finished" else None,
+                "per_query_file": trial.per_query if trial.per_query.exists() and status != "skipped" else None,
+            }
+            | reason
+        )
+    for combo, reason in space.skipped:
+        rows.append({"trial": "-", "settings": _settings(cfg.flat() | combo, extra), "flat": cfg.flat() | combo, "metrics": {},
+                     "steps": None, "pairs": None, "status": "skipped", "seconds": math.nan, "run_id": None,
+                     "model_dir": None, "per_query_file": None, "reason": reason})
+    metric = cfg.search.metric
+    sign = -1 if cfg.search.mode == "max" else 1
+    rows.sort(key=lambda r: (math.isnan(r["metrics"].get(metric, math.nan)), sign * r["metrics"].get(metric, 0.0)))
+    from samtone_ray.evaluation.per_query import read_per_query
+
+    per_query = {r["trial"]: read_per_query(r["per_query_file"], metric) for r in rows if r["per_query_file"]}
+    add_statistics(rows, per_query, metric, cfg.search.mode, cfg.search.reference)
+    return rows
+
+
+def add_statistics(
+    rows: list[dict[str, Any]], per_query: dict[str, dict[str, float]], metric: str, mode: str, reference: str = ""
+) -> dict[str, Any] | None:
+    """Give each row with per-query values (``per_query[trial]``) its interval (``ci``) and, against
+    the reference trial, its paired test (``vs_reference``) and ``verdict``; returns the reference row.
+
+    ``rows`` are ordered best first. ``reference`` is ``search.reference`` (see config.py).
+    """
+    for row in rows:
+        values = per_query.get(row["trial"])
+        row["ci"] = bootstrap_ci(list(values.values())) if values else None
+        row["vs_reference"], row["verdict"] = None, None
+    ref = pick_reference([r for r in rows if r["trial"] in per_query], reference)
+    if ref is None:
+        return None
+    ref["verdict"] = "reference"
+    for row in rows:
+        if row is ref or row["trial"] not in per_query:
+            continue
+        try:
+            test = paired_test(*align(per_query[row["trial"]], per_query[ref["trial"]]))
+        except ValueError as exc:  # evaluated on other queries: nothing to pair
+            log.warning("trial %s vs reference %s: %s", row["trial"], ref["trial"], exc)
+            continue
+        row["vs_reference"] = test
+        if not test.excludes_zero():
+            row["verdict"] = "no sig. diff"
+        else:
+            row["verdict"] = "beats ref" if (test.diff > 0) == (mode == "max") else "worse than ref"
+    return ref
+
+
+def pick_reference(rows: list[dict[str, Any]], spec: str) -> dict[str, Any] | None:
+    """The reference among ``rows`` (best first): a trial id, the best trial matching dotted
+    settings ``k=v,k=v``, or by default the best ``loss.same_tower=none`` trial, else the best.
+    Finished trials are preferred to stopped ones."""
+    rows = sorted(rows, key=lambda r: r["status"] != "finished")  # stable: best first within each
+    if spec and "=" not in spec:
+        found = [r for r in rows if r["trial"] == spec]
+    else:
+        wanted = dict(item.split("=", 1) for item in (spec or "loss.same_tower=none").split(",") if item)
+        found = [r for r in rows if all(str(r["flat"].get(k.strip())).lower() == v.strip().lower() for k, v in wanted.items())]
+    if spec and not found:
+        log.warning("search.reference=%r matches no evaluated trial; the best trial is the reference", spec)
+    return (found or rows or [None])[0]
+
+
+def _settings(flat: dict[str, Any], extra: list[str]) -> dict[str, Any]:
+    return {name: flat.get(key) for name, key in SETTING_COLUMNS.items()} | {key: flat.get(key) for key in extra}
+
+
+def _columns(rows: list[dict[str, Any]], metric: str) -> list[str]:
+    settings = list(rows[0]["settings"]) if rows else list(SETTING_COLUMNS)
+    metrics = list(dict.fromkeys([metric, *METRIC_COLUMNS]))
+    return ["trial", *settings, metric, *STAT_COLUMNS, *metrics[1:], "steps", "pairs", "status", "seconds"]
+
+
+def _flat_row(row: dict[str, Any], columns: list[str]) -> dict[str, Any]:
+    out = {"trial": row["trial"], **row["settings"], "steps": row["steps"], "pairs": row["pairs"], "status": row["status"],
+           "seconds": row["seconds"]}
+    for key in columns:
+        if "@" in key:
+            out[key] = row["metrics"].get(key, math.nan)
+    ci, test = row.get("ci"), row.get("vs_reference")
+    out |= {"ci_low": ci.low if ci else None, "ci_high": ci.high if ci else None, "verdict": row.get("verdict")}
+    if test:
+        out |= {"diff_vs_ref": test.diff, "diff_low": test.low, "diff_high": test.high, "p_value": test.p_value}
+    return out
+
+
+def format_leaderboard(rows: list[dict[str, Any]], metric: str) -> str:
+    columns = _columns(rows, metric)
+    cells = [columns]
+    for row in rows:
+        flat = _flat_row(row, columns)
+        cells.append([_fmt(flat.get(c)) for c in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines + significance_lines(rows, metric))
+
+
+def _label(row: dict[str, Any]) -> str:
+    shown = ", ".join(f"{k}={v}" for k, v in row["settings"].items() if v is not None)
+    return f"trial {row['trial']} ({shown})"
+
+
+def significance_lines(rows: list[dict[str, Any]], metric: str) -> list[str]:
+    """The reference, then one line per trial whose paired interval vs the reference excludes 0."""
+    ref = next((r for r in rows if r.get("verdict") == "reference"), None)
+    if ref is None:
+        return []
+    n = next((r["vs_reference"].queries for r in rows if r.get("vs_reference")), 0)
+    out = ["", f"reference: {_label(ref)}; paired {metric} differences over {n} queries, 95% bootstrap CI, "
+           "randomisation p (\"beats\" only when the CI excludes 0):"]
+    for row in rows:
+        test = row.get("vs_reference")
+        if row.get("verdict") == "beats ref":
+            out.append(f"  {_label(row)} beats the reference: {test.diff:+.4f} [{test.low:+.4f}, {test.high:+.4f}], p={test.p_value:.3g}")
+        elif row.get("verdict") == "worse than ref":
+            out.append(f"  the reference beats {_label(row)}: {-test.diff:+.4f} [{-test.high:+.4f}, {-test.low:+.4f}], p={test.p_value:.3g}")
+    if len(out) == 2:
+        out.append("  no trial differs from the reference with a CI excluding 0")
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        # Metrics and temperatures to 4 decimals, seconds to 1, learning rates in 3 significant digits.
+        if abs(value) >= 1:
+            return f"{value:.1f}"
+        return f"{value:.4f}" if abs(value) >= 0.001 else f"{value:.3g}"
+    return str(value)
+
+
+def write_leaderboard(
+    rows: list[dict[str, Any]], out_dir: Path, metric: str, references: dict[str, float] | None = None
+) -> None:
+    """``leaderboard.csv`` and ``leaderboard.png`` under ``out_dir``, each written atomically.
+
+    ``references`` (e.g. zero-shot and BM25 values of ``metric``) are drawn as lines on the plot.
+    """
+    columns = _columns(rows, metric)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(_flat_row(row, columns))
+    layout = SearchLayout(out_dir)
+    atomic_write_text(layout.leaderboard_csv, buffer.getvalue())
+    plot_leaderboard(rows, layout.leaderboard_png, metric, references or {})
+
+
+def plot_leaderboard(rows: list[dict[str, Any]], path: Path, metric: str, references: dict[str, float]) -> None:
+    """Each evaluated trial's metric with its 95% interval, best first; stopped trials hollow and
+    labelled with the pairs they saw; reference systems (zero-shot, BM25) as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if metric in r["metrics"] and r["status"] in ("finished", "stopped")]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(shown) + 3), 4.5))
+    for i, row in enumerate(shown):
+        value, ci = row["metrics"][metric], row.get("ci")
+        err = [[value - ci.low], [ci.high - value]] if ci else None
+        stopped = row["status"] == "stopped"
+        color = "tab:orange" if row.get("verdict") == "reference" else "tab:blue"
+        ax.errorbar([i], [value], yerr=err, fmt="o", capsize=4, color=color,
+                    markerfacecolor="white" if stopped else color, markersize=7)
+    for (name, value), style in zip(references.items(), ("--", ":", "-.")):
+        ax.axhline(value, linestyle=style, color="gray", label=f"{name} ({value:.3f})")
+    ax.set_xticks(range(len(shown)))
+    ax.set_xticklabels([_tick(r) for r in shown], rotation=30, ha="right", fontsize="small")
+    ax.set_ylabel(f"{metric} (95% bootstrap CI over queries)")
+    ax.set_title(f"{metric} by trial (hollow: stopped early, orange: reference)", fontsize="medium")
+    if references:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
+
+
+def _tick(row: dict[str, Any]) -> str:
+    s = row["settings"]
+    label = f"{s['same_tower']}{'' if s['bidirectional'] else ' q->d'} b{s['batch_size']}"
+    extra = [f"{k.split('.')[-1]}={v}" for k, v in s.items() if "." in k and v is not None]
+    label += "".join(f"\n{e}" for e in extra)
+    return label + (f"\nstopped @{row['pairs']} pairs" if row["status"] == "stopped" else "")

@@ -1,0 +1,112 @@
+"""What `samtone submit` would send, checked without a cluster (tests/test_cluster.py sends it)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from samtone_ray.cli import build_parser, main
+from samtone_ray.core.config import load_config
+from samtone_ray.cluster.submit import EXCLUDES, SubmitError, build_submission, cluster_address
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _build(overrides=(), *, config=None, nodes=1, kind="train", extra=(), working_dir=ROOT):
+    cfg = load_config(config, list(overrides))
+    return build_submission(kind, cfg, config_path=config, overrides=list(overrides), extra_args=list(extra),
+                            working_dir=working_dir, num_cpus=0, num_gpus=0, nodes=nodes)
+
+
+def test_the_entrypoint_reruns_the_same_command_from_the_uploaded_copy():
+    sub = _build(["train.lr=1e-4", "name=my run"], config=ROOT / "jobs" / "train_debian.yaml", extra=["--no-baseline"])
+    argv = shlex.split(sub.entrypoint)
+    assert argv[:4] == ["python", "-m", "samtone_ray.cli", "train"]
+    assert argv[4:] == ["--config", "jobs/train_debian.yaml", "--set", "train.lr=1e-4", "--set", "name=my run",
+                        "--no-baseline"]
+    assert sub.runtime_env["working_dir"] == str(ROOT) and set(EXCLUDES) >= {".git", ".venv", ".samtone"}
+    assert sub.runtime_env["env_vars"]["SAMTONE_SUBMISSION_ID"] == sub.submission_id
+    assert sub.runtime_env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    assert sub.metadata["samtone.kind"] == "train" and sub.metadata["mlflow_experiment"] == "samtone"
+    assert sub.submission_id.startswith("samtone-train-my-run-")
+
+
+def test_the_submission_id_follows_the_config_not_the_spelling():
+    a = _build(["train.lr=1e-4"])
+    assert _build(["train.lr=0.0001"]).submission_id == a.submission_id  # same resolved config
+    assert _build(["train.lr=2e-4"]).submission_id != a.submission_id
+    assert _build(["train.lr=1e-4"], kind="tune").submission_id != a.submission_id
+    assert _build(["train.lr=1e-4"], extra=["--no-baseline"]).submission_id != a.submission_id
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.train=../elsewhere"], "data.train=../elsewhere is a relative path outside the working directory"),
+        (["data.eval=../../x"], "data.eval=../../x"),
+        (["tracking.uri=sqlite:///rel/mlflow.db"], "is relative"),
+        (["data.train=.samtone/data"], "lies under .samtone, which is not uploaded"),
+    ],
+)
+def test_paths_the_cluster_cannot_see_are_refused(overrides, message):
+    with pytest.raises(SubmitError, match=re.escape(message)):
+        _build(overrides)
+
+
+def test_a_local_tracking_store_is_refused_on_a_multi_node_cluster(tmp_path):
+    uri = f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"
+    assert _build([uri, f"output_dir={tmp_path}"], nodes=1).warnings == []
+    with pytest.raises(SubmitError, match="3 nodes"):
+        _build([uri], nodes=3)
+
+
+def test_the_submitters_tracking_uri_goes_to_the_job(monkeypatch):
+    # The job logs to the store the submitter names (cluster.yaml: the head's MLflow server), not
+    # to a SQLite file in its temporary working directory; nothing is contacted to build this.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.5:5000")
+    sub = _build([])
+    assert sub.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://10.0.0.5:5000"
+    assert not any("tracking URI" in w for w in sub.warnings)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert "MLFLOW_TRACKING_URI" not in _build([]).runtime_env["env_vars"]
+
+
+def test_state_left_in_the_jobs_temporary_directory_is_a_warning(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    warnings = _build([]).warnings
+    assert any("output_dir" in w for w in warnings) and any("tracking URI" in w for w in warnings)
+
+
+def test_a_config_outside_the_working_directory_is_refused(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("train: {lr: 1.0e-4}\n")
+    with pytest.raises(SubmitError, match="outside the working directory"):
+        _build(config=config)
+
+
+def test_the_address_is_explicit(monkeypatch):
+    for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SubmitError, match="--address"):
+        cluster_address(None)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:8265")
+    assert cluster_address(None) == "http://127.0.0.1:8265"
+    assert cluster_address("http://h:1") == "http://h:1"
+
+
+def test_arguments_after_double_dash_go_to_the_command_and_only_for_submit(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--", "--no-baseline"])
+    assert "unrecognized arguments" in capsys.readouterr().err
+    args = build_parser().parse_args(["submit", "encode", "--no-wait"])
+    assert args.job_args == [] and args.kind == "encode"
+
+
+def test_bad_config_fails_before_any_connection(capsys):
+    # A bad value and an address where nothing listens: the config error comes first (exit code 2),
+    # before any connection is tried.
+    assert main(["submit", "train", "--set", "train.batch_size=0", "--address", "http://127.0.0.1:9"]) == 2
+    assert "train.batch_size" in capsys.readouterr().err
