@@ -152,30 +152,6 @@ def positives(qrels: Mapping[str, Mapping[str, int]]) -> dict[str, list[str]]:
     return {qid: docs for qid, docs in out.items() if docs}
 
 
-def sample_ids(ids: Sequence[str], size: int, rng: np.random.Generator) -> list[str]:
-    """A random order of ``ids`` (sorted first, so the draw depends on the set, not its order),
-    cut to ``size`` (0 = all)."""
-    ordered = sorted(ids)
-    order = rng.permutation(len(ordered))
-    if size:
-        order = order[:size]
-    return [ordered[i] for i in order]
-
-
-def bound_corpus(doc_ids: Sequence[str], required: set[str], max_docs: int, rng: np.random.Generator) -> list[str]:
-    """The searched corpus: every ``required`` document, plus a fixed random sample of the rest
-    up to ``max_docs`` in all (0 = the whole corpus). Returned in ``doc_ids`` order."""
-    missing = required.difference(doc_ids)
-    if missing:
-        raise ValueError(f"{len(missing)} required documents are not in the corpus, e.g. {sorted(missing)[:5]}")
-    if not max_docs or max_docs >= len(doc_ids):
-        return list(doc_ids)
-    room = max_docs - len(required)
-    rest = [did for did in doc_ids if did not in required]
-    keep = required | (set(sample_ids(rest, room, rng)) if room > 0 else set())
-    return [did for did in doc_ids if did in keep]
-
-
 def analyze_embeddings(
     query_emb: np.ndarray,
     doc_emb: np.ndarray,

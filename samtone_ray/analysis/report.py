@@ -27,6 +27,7 @@ import numpy as np
 
 from samtone_ray.analysis import embedding_space as analysis
 from samtone_ray.core.files import atomic_write_bytes, atomic_write_json
+from samtone_ray.data.sampling import bound_corpus, sample_ids
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,9 @@ def draw_sample(split, settings: AnalysisSettings) -> Sample:
     judged = analysis.positives(split.qrels)
     if not judged:
         raise DataError("the split has no query with a relevant document (qrels relevance > 0)")
-    query_ids = analysis.sample_ids(list(judged), settings.max_queries, rng)
+    query_ids = sample_ids(list(judged), settings.max_queries, rng)
     required = {did for qid in query_ids for did in judged[qid]}
-    doc_ids = analysis.bound_corpus(list(split.corpus), required, settings.max_docs, rng)
+    doc_ids = bound_corpus(list(split.corpus), required, settings.max_docs, rng)
     row = {did: i for i, did in enumerate(doc_ids)}
     relevant = [[row[did] for did in judged[qid]] for qid in query_ids]
     # The t-SNE shows the pictured queries' own positives (so aligned towers show as pairs side by

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from samtone_ray.data.pairs import TABLE_TYPES, PairTable, TrainingPairs  # noqa: F401 (TrainingPairs re-exported)
+from samtone_ray.data.sampling import bound_corpus
 
 PathLike = str | Path
 
@@ -278,15 +279,13 @@ def bound_eval_corpus(split: BeirSplit, max_docs: int) -> BeirSplit:
 
     Kept: every document the qrels judge (so no relevant document is ever missing from the
     search), plus a fixed random sample of the others up to ``max_docs`` in all. The sample
-    depends only on the set of document ids and ``EVAL_SAMPLE_SEED`` (``analysis.bound_corpus``),
+    depends only on the set of document ids and ``EVAL_SAMPLE_SEED`` (``sampling.bound_corpus``),
     not on the run's seed or the corpus order, so every evaluation that loads the same data with
     the same cap (each trial, the zero-shot reference, the champion re-evaluation) searches the
     same documents. When the judged documents alone number more than ``max_docs``, all of them
     are kept (and a warning says so). Documents stay in corpus order.
     """
     import numpy as np
-
-    from samtone_ray.analysis.embedding_space import bound_corpus
 
     if max_docs < 0:
         raise ValueError(f"max_docs must be >= 0 (0 = the whole corpus), got {max_docs}")
