@@ -257,7 +257,7 @@ def main() -> int:
         "demo_share_now": {k: round(v / total_now, 3) for k, v in demo.items() if not k.endswith("_before")},
         "note": "Not counted: per-trial model build/load, the final save_pretrained + MLflow log_model, "
                 "checkpoint writes, Tune bookkeeping; the gap to a measured demo wall time is their sum. "
-                "The machine is shared: other helpers' unlocked work and a niced background search may "
+                "The machine is shared: other helpers' unlocked work and a niced background tuning run may "
                 "have been running.",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

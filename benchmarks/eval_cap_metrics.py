@@ -2,7 +2,7 @@
 corpus and on bounded ones (every judged document plus a fixed sample of the rest).
 
 Fewer distractors can only move relevant documents up, so every metric rises; what matters for
-a search is whether the differences between models survive. For each model and cap this prints
+a tuning run is whether the differences between models survive. For each model and cap this prints
 and writes the metrics, and for the first two models their paired mrr@10 difference over the
 same queries (95% bootstrap interval).
 
@@ -74,7 +74,7 @@ def main() -> int:
         "data": f"{args.data} [{args.split}]", "queries": len(split.qrels), "corpus": len(split.corpus),
         "precision": args.precision, "rows": rows, "paired_a_minus_b": paired,
         "note": "Shared 2-core machine: seconds are indicative only (other helpers and a niced background "
-                "search may have been running).",
+                "tuning run may have been running).",
     })
     return 0
 

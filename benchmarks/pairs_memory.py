@@ -247,7 +247,7 @@ def main() -> None:
         "benchmark": "pairs_memory",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "note": "2-core machine shared with other jobs (a niced background search may have been running): "
+        "note": "2-core machine shared with other jobs (a niced background tuning run may have been running): "
                 "times are indicative, memory figures are per process and not affected",
         "settings": vars(args) | {"out": str(args.out)},
         "runs": runs,

@@ -3,7 +3,7 @@
     python dashboards/generate.py        # rewrites dashboards/*.json
 
 tests/test_dashboards.py checks the JSON files are current and that every metric they use is listed
-in dashboards/README.md; tests/test_cluster.py runs every expression against a real Prometheus.
+in dashboards/README.md; tests/cluster/test_jobs.py runs every expression against a real Prometheus.
 Expressions may use Grafana's ``$__rate_interval`` and nothing else from Grafana.
 """
 
@@ -43,10 +43,10 @@ TRAINING = [
           gpu=True),
 ]
 
-SEARCH = [
-    panel("Trials by state", "none", ("max by (search, state) (ray_samtone_search_trials)", "{{search}} {{state}}"),
+TUNING = [
+    panel("Trials by state", "none", ("max by (tune, state) (ray_samtone_tune_trials)", "{{tune}} {{state}}"),
           description="running / finished / stopped (early, by ASHA) / error / skipped (invalid combination)."),
-    panel("Best metric so far", "none", ("max by (search, metric) (ray_samtone_search_best)", "{{search}} {{metric}}")),
+    panel("Best metric so far", "none", ("max by (tune, metric) (ray_samtone_tune_best)", "{{tune}} {{metric}}")),
     panel("Eval MRR@10 per trial", "none", ('max by (run) (ray_samtone_train_eval{metric="mrr@10"})', "{{run}}"),
           description="One line per trial (its MLflow run id)."),
     panel("Pairs per second per trial", "none", (f"sum by (run) (rate(ray_samtone_train_pairs_total[{RATE}]))", "{{run}}")),
@@ -89,7 +89,7 @@ ENCODING = [
 
 DASHBOARDS = {
     "samtone-training": ("samtone: training", TRAINING),
-    "samtone-search": ("samtone: search", SEARCH),
+    "samtone-tuning": ("samtone: tuning", TUNING),
     "samtone-serving": ("samtone: serving", SERVING),
     "samtone-encoding": ("samtone: re-encoding", ENCODING),
 }

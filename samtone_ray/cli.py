@@ -110,29 +110,29 @@ def cmd_tune(args) -> int:
     from samtone_ray.core.config import from_dict
     from samtone_ray.evaluation.retrieval import DEFAULT_TABLE_KEYS
     from samtone_ray.tune.leaderboard import format_leaderboard
-    from samtone_ray.tune.layout import SearchLayout
+    from samtone_ray.tune.layout import TuneLayout
     from samtone_ray.tune.tuner import tune
 
     if args.resume:
-        state = SearchLayout(Path(args.resume)).state
-        if not state.exists():
-            print(f"error: nothing to resume: {state} does not exist", file=sys.stderr)
+        layout = TuneLayout(Path(args.resume))
+        if not layout.saved_state.exists():
+            print(f"error: nothing to resume: {layout.state} does not exist", file=sys.stderr)
             return 2
-        cfg = from_dict(json.loads(state.read_text())["config"])
+        cfg = from_dict(layout.read_state()["config"])
     else:
         cfg = _load(args)
     _echo(cfg)
     outcome = tune(cfg, resume=bool(args.resume), zero_shot=not args.no_baseline)
-    print(f"\n# leaderboard ({cfg.search.metric}, {cfg.data.eval} [{cfg.data.eval_split}])")
+    print(f"\n# leaderboard ({cfg.tune.metric}, {cfg.data.eval} [{cfg.data.eval_split}])")
     print(f"eval corpus: {outcome.eval_corpus}")
-    print(format_leaderboard(outcome.leaderboard, cfg.search.metric))
+    print(format_leaderboard(outcome.leaderboard, cfg.tune.metric))
     if outcome.zero_shot is not None:
         print(f"zero-shot {cfg.model.name_or_path}: " + ", ".join(f"{k}={outcome.zero_shot[k]:.4f}" for k in DEFAULT_TABLE_KEYS))
     print(f"\nleaderboard: {outcome.output_dir / 'leaderboard.csv'}")
     if outcome.best is not None:
         s = outcome.best["settings"]
         print(f"best: trial {outcome.best['trial']} (same_tower={s['same_tower']}, bidirectional={s['bidirectional']}, "
-              f"batch_size={s['batch_size']}) {cfg.search.metric}={outcome.best['metrics'][cfg.search.metric]:.4f}")
+              f"batch_size={s['batch_size']}) {cfg.tune.metric}={outcome.best['metrics'][cfg.tune.metric]:.4f}")
     if outcome.champion and "error" in outcome.champion:
         print(f"champion: not decided: {outcome.champion['error']}", file=sys.stderr)
         return 1
@@ -208,9 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true", help="skip the zero-shot evaluation before training")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("tune", help="search negative strategies etc. with Ray Tune; register the champion")
+    p = sub.add_parser("tune", help="tune negative strategies etc. with Ray Tune; register the champion")
     _config_args(p)
-    p.add_argument("--resume", metavar="OUTPUT_DIR", help="resume an interrupted search from its output_dir")
+    p.add_argument("--resume", metavar="OUTPUT_DIR", help="resume an interrupted tuning run from its output_dir")
     p.add_argument("--no-baseline", action="store_true", help="skip the zero-shot reference evaluation")
     p.set_defaults(func=cmd_tune)
 

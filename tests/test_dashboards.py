@@ -1,5 +1,5 @@
 """Dashboard files: current with their generator, well formed, every metric documented.
-(The expressions are run against a real Prometheus in tests/test_cluster.py.)"""
+(The expressions are run against a real Prometheus in tests/cluster/test_jobs.py.)"""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_the_four_workloads_have_their_panels():
     titles = {json.loads(p.read_text())["uid"]: {x["title"] for x in json.loads(p.read_text())["panels"]} for p in JSON_FILES}
     assert {"Loss", "Pairs per second", "Tokens per second", "Data-wait share", "Eval MRR@10",
             "Step time per worker (median)", "GPU utilisation", "GPU memory used"} <= titles["samtone-training"]
-    assert {"Trials by state", "Best metric so far"} <= titles["samtone-search"]
+    assert {"Trials by state", "Best metric so far"} <= titles["samtone-tuning"]
     assert {"Requests per second", "Latency p50 / p99", "Errors by status", "Batch size (texts)",
             "Model version served"} <= titles["samtone-serving"]
     assert {"Rows per second", "Rows done vs total", "Failed blocks"} <= titles["samtone-encoding"]
@@ -71,10 +71,10 @@ def test_every_metric_used_is_documented_in_the_readme():
 
 
 def test_the_declared_project_metrics_are_the_documented_ones():
-    # The names declared by training/search, serving and re-encoding, exported with Ray's prefix.
-    source = "".join((ROOT / "samtone_ray" / f).read_text() for f in ("metrics.py", "serving.py", "encoding.py"))
+    # The names declared by training/tuning, serving and re-encoding, exported with Ray's prefix.
+    source = "".join((ROOT / "samtone_ray" / f).read_text() for f in ("core/telemetry.py", "serve/app.py", "encode/job.py"))
     declared = set(re.findall(r'(?:Counter|Gauge|Histogram)\(\s*"(samtone_[a-z_]+)"', source))
-    assert {n.split("_")[1] for n in declared} >= {"train", "search", "serve", "encode"}, declared
+    assert {n.split("_")[1] for n in declared} >= {"train", "tune", "serve", "encode"}, declared
     readme = (DASHBOARDS / "README.md").read_text()
     for name in declared:
         assert f"ray_{name}" in readme, f"ray_{name} is declared but not documented"

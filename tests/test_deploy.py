@@ -252,7 +252,7 @@ def test_jobs_serve_yaml_is_what_print_config_writes(capsys, cluster_config):
 
 def test_the_rayservice_serves_what_print_config_writes(capsys):
     path = KUBERAY / "rayservice-serve.yaml"
-    # One store on Kubernetes too: the one the RayJobs log to (and the search registers the champion in).
+    # One store on Kubernetes too: the one the RayJobs log to (and the tuning run registers the champion in).
     stores = {
         yaml.safe_load(yaml.safe_load(p.read_text())["spec"]["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"]
         for p in KUBERAY.glob("rayjob-*.yaml")

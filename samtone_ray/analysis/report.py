@@ -134,12 +134,12 @@ def analyze_models(
     data_label: str = "",
     tracking_uri: str | None = None,
     experiment: str = "samtone",
-    search_run_id: str | None = None,
+    tune_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Analyse each ``(label, model directory or DualEncoder, identity)`` on ``split``; write the
     JSON and PNGs into ``out_dir``; with ``tracking_uri``, log them to a new MLflow run tagged
-    ``samtone.kind=analyze`` (and ``samtone.search_run_id`` when a search asked for it; a run of its
-    own, not a child, so a search's children stay one per trial). Returns the JSON payload."""
+    ``samtone.kind=analyze`` (and ``samtone.tune_run_id`` when a tuning run asked for it; a run of its
+    own, not a child, so a tuning run's children stay one per trial). Returns the JSON payload."""
     from samtone_ray.model.towers import DualEncoder
 
     labels = [label for label, _, _ in models]
@@ -188,7 +188,7 @@ def analyze_models(
     _write_png(out / SIMILARITIES_PNG, plot_similarities(raws, payload["models"]))
     _write_png(out / TOP1_PNG, plot_top1(raws, payload["models"]))
     if tracking_uri:
-        payload["mlflow_run_id"] = _log_to_mlflow(payload, out, tracking_uri, experiment, search_run_id)
+        payload["mlflow_run_id"] = _log_to_mlflow(payload, out, tracking_uri, experiment, tune_run_id)
     return payload
 
 
@@ -314,12 +314,12 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _log_to_mlflow(payload: dict[str, Any], out: Path, uri: str, experiment: str, search_run_id: str | None) -> str:
+def _log_to_mlflow(payload: dict[str, Any], out: Path, uri: str, experiment: str, tune_run_id: str | None) -> str:
     from samtone_ray.tracking import runs as tracking
 
     params = {f"analyze.{k}": v for k, v in payload["settings"].items()} | {"analyze.data": payload["data"]}
     params |= {f"analyze.model.{slug(label)}": m["model"].get("uri", "") for label, m in payload["models"].items()}
-    tags = {"samtone.kind": "analyze"} | ({"samtone.search_run_id": search_run_id} if search_run_id else {})
+    tags = {"samtone.kind": "analyze"} | ({"samtone.tune_run_id": tune_run_id} if tune_run_id else {})
     run_id = tracking.start_run(uri, experiment, "analyze", params, tags=tags)
     logger = tracking.RunLogger(uri, run_id)
     try:
@@ -335,7 +335,7 @@ def _log_to_mlflow(payload: dict[str, Any], out: Path, uri: str, experiment: str
 
 
 # --------------------------------------------------------------------------------------------
-# Entry points: the CLI command and the end-of-search hook
+# Entry points: the CLI command and the end-of-tuning hook
 # --------------------------------------------------------------------------------------------
 
 
@@ -427,21 +427,21 @@ def default_reference(board: list[dict[str, Any]], best: dict[str, Any]) -> dict
     return next((r for r in finished if wanted(r)), None)
 
 
-def analyze_search(
+def analyze_tuning(
     cfg,
     board: list[dict[str, Any]],
     best: dict[str, Any] | None,
     eval_split,
     out_dir: str | Path,
     tracking_uri: str | None = None,
-    search_run_id: str | None = None,
+    tune_run_id: str | None = None,
     reference: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
-    """End of ``samtone tune`` (``search.analyze: true``): analyse the best trial's model beside a
+    """End of ``samtone tune`` (``tune.analyze: true``): analyse the best trial's model beside a
     reference (``reference``, else ``default_reference``, else the zero-shot base model) on the
-    search's eval split, into ``out_dir`` and an MLflow run tagged with the search's run id."""
+    tuning run's eval split, into ``out_dir`` and an MLflow run tagged with the tuning run's parent run id."""
     if best is None or not best.get("model_dir"):
-        log.warning("search.analyze: no finished trial to analyse")
+        log.warning("tune.analyze: no finished trial to analyse")
         return None
     reference = reference or default_reference(board, best)
     models = []
@@ -452,8 +452,8 @@ def analyze_search(
     if reference is None:
         from samtone_ray.train.trainer import build_model
 
-        # The base model as the search's zero-shot reference row saw it (same lengths and layout).
+        # The base model as the tuning run's zero-shot reference row saw it (same lengths and layout).
         models.append((f"zero-shot {cfg.model.name_or_path}", build_model(cfg), {"uri": cfg.model.name_or_path}))
     settings = AnalysisSettings(batch_size=cfg.train.eval_batch_size, precision=cfg.train.precision, seed=cfg.train.seed)
     return analyze_models(models, eval_split, out_dir, settings, data_label=f"{cfg.data.eval}:{cfg.data.eval_split}",
-                          tracking_uri=tracking_uri, experiment=cfg.tracking.experiment, search_run_id=search_run_id)
+                          tracking_uri=tracking_uri, experiment=cfg.tracking.experiment, tune_run_id=tune_run_id)

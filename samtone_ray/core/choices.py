@@ -2,7 +2,7 @@
 
 ``config.py`` (the YAML schema), ``towers.py`` and ``losses.py`` all import the ``Literal`` types
 and call the validators below, so a setting is accepted or refused by the same rule whether it
-comes from a config file, a search space or a direct call. Validators raise ``ValueError`` naming
+comes from a config file, a tuning space or a direct call. Validators raise ``ValueError`` naming
 the setting as ``prefix + name`` (``config.py`` passes ``"model."`` and re-raises as ConfigError).
 Pure Python: importing this module loads neither torch nor Ray.
 """
@@ -20,7 +20,7 @@ SameTower = Literal["none", "query", "doc", "both"]
 Precision = Literal["auto", "fp32", "bf16", "int8"]
 """``int8`` (dynamic int8 quantisation of the encoders' linear layers, CPU only) is for inference
 (evaluation, re-encoding, serving), never training: ``check_precision`` refuses it there."""
-SearchAlgorithm = Literal["grid", "random", "optuna"]
+TuneAlgorithm = Literal["grid", "random", "optuna"]
 Scheduler = Literal["asha", "none"]
 Mode = Literal["max", "min"]
 

@@ -2,7 +2,7 @@
 
 The dataclasses below are the schema and the only source of defaults. Every key is addressed by
 its dotted path (``train.batch_size``): the same names are used by ``--set`` overrides, MLflow
-params and Ray Tune search spaces.
+params and the tuning space (``tune.space``).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from samtone_ray.core import choices as settings
-from samtone_ray.core.choices import Mode, Pooling, Precision, SameTower, Scheduler, SearchAlgorithm, TowerMode
+from samtone_ray.core.choices import Mode, Pooling, Precision, SameTower, Scheduler, TowerMode, TuneAlgorithm
 
 BUNDLED_SAMPLE = "bundled:debian"
 """Placeholder for the Debian sample shipped inside the package (resolved by ``resolve_data_path``)."""
@@ -30,7 +31,7 @@ class ConfigError(ValueError):
 
 
 class CombinationError(ConfigError):
-    """Each value is valid alone but the combination is not (a search skips such trials)."""
+    """Each value is valid alone but the combination is not (a tuning run skips such trials)."""
 
 
 @dataclass
@@ -177,11 +178,11 @@ class TrackingConfig:
 
 
 @dataclass
-class SearchConfig:
+class TuneConfig:
     metric: str = "mrr@10"
     mode: Mode = "max"
     num_samples: int = 1
-    algorithm: SearchAlgorithm = "grid"
+    algorithm: TuneAlgorithm = "grid"
     scheduler: Scheduler = "asha"
     grace_period: int = 1
     """ASHA: evaluations a trial always gets before it may be stopped."""
@@ -197,10 +198,10 @@ class SearchConfig:
     )
 
     def __post_init__(self) -> None:
-        _positive("search.num_samples", self.num_samples)
-        _positive("search.grace_period", self.grace_period)
+        _positive("tune.num_samples", self.num_samples)
+        _positive("tune.grace_period", self.grace_period)
         if self.max_concurrent_trials != "auto":
-            _positive("search.max_concurrent_trials", self.max_concurrent_trials)
+            _positive("tune.max_concurrent_trials", self.max_concurrent_trials)
 
 
 @dataclass
@@ -263,7 +264,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     output_dir: str = ""
@@ -297,7 +298,7 @@ class Config:
 
     def with_overrides(self, overrides: dict[str, Any]) -> "Config":
         data = self.to_dict()
-        for key, value in overrides.items():
+        for key, value in _migrate_overrides(overrides).items():
             _set_dotted(data, key, value)
         return from_dict(data)
 
@@ -309,17 +310,68 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        # search.space is a leaf: its keys are themselves dotted paths.
-        if isinstance(value, dict) and dotted != "search.space":
+        # tune.space is a leaf: its keys are themselves dotted paths.
+        if isinstance(value, dict) and dotted != "tune.space":
             out.update(flatten(value, dotted + "."))
         else:
             out[dotted] = value
     return out
 
 
-def from_dict(data: dict[str, Any]) -> Config:
-    """Build and validate a Config from a nested dict; unknown keys and bad types name the key."""
-    return _build(Config, data or {}, "")
+def from_dict(data: dict[str, Any], *, source: str | Path | None = None) -> Config:
+    """Build and validate a Config from a nested dict; unknown keys and bad types name the key.
+
+    ``source`` (a file the dict was read from) is named by the warning about a renamed section."""
+    return _build(Config, migrate_sections(data or {}, source), "")
+
+
+RENAMED_SECTIONS = {"search": "tune"}
+"""Old section name -> new name. The old name is still read, with a FutureWarning, until
+samtone-ray 0.3: ``search`` (hyperparameter search) became ``tune`` so that "search" means top-k
+retrieval only."""
+
+
+def _renamed_warning(old: str, new: str, where: str) -> None:
+    warnings.warn(f"{where}the config section '{old}' is now '{new}'; '{old}' goes in samtone-ray 0.3",
+                  FutureWarning, stacklevel=4)
+
+
+def migrate_sections(data: dict[str, Any], source: str | Path | None = None) -> dict[str, Any]:
+    """``data`` with every renamed section (``RENAMED_SECTIONS``) under its new name, warning once
+    per old name found; both names at once is a ConfigError. ``data`` itself is not modified."""
+    if not isinstance(data, dict):
+        return data
+    where = f"{source}: " if source else ""
+    for old, new in RENAMED_SECTIONS.items():
+        if old not in data:
+            continue
+        if new in data:
+            raise ConfigError(
+                f"{where}both sections '{old}' and '{new}' are set: '{old}' is the old name of '{new}'; keep only '{new}'"
+            )
+        _renamed_warning(old, new, where)
+        data = {(new if key == old else key): value for key, value in data.items()}
+    return data
+
+
+def _migrate_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Dotted overrides with a renamed section's old name (``search.metric``) under the new one
+    (``tune.metric``), with the same FutureWarning; old and new spellings of one key is a ConfigError."""
+    out: dict[str, Any] = {}
+    renamed: dict[str, list[str]] = {}
+    for key, value in overrides.items():
+        section, dot, rest = key.partition(".")
+        if section in RENAMED_SECTIONS:
+            new_key = RENAMED_SECTIONS[section] + dot + rest
+            if new_key in overrides:
+                raise ConfigError(f"both {key} and {new_key} are set: '{section}' is the old name of "
+                                  f"'{RENAMED_SECTIONS[section]}'; keep only {new_key}")
+            renamed.setdefault(section, []).append(key)
+            key = new_key
+        out[key] = value
+    for section, keys in renamed.items():
+        _renamed_warning(section, RENAMED_SECTIONS[section], f"override {', '.join(keys)}: ")
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
@@ -335,9 +387,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = migrate_sections(data, path)  # before the overrides, which use the new names
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    for key, value in (overrides or {}).items():
+    for key, value in _migrate_overrides(overrides or {}).items():
         _set_dotted(data, key, value)
     try:
         return from_dict(data)
@@ -358,8 +411,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
-    if parts[:2] == ["search", "space"] and len(parts) > 2:
-        data.setdefault("search", {}).setdefault("space", {})[".".join(parts[2:])] = value
+    if parts[:2] == ["tune", "space"] and len(parts) > 2:
+        data.setdefault("tune", {}).setdefault("space", {})[".".join(parts[2:])] = value
         return
     node = data
     for part in parts[:-1]:
@@ -469,7 +522,7 @@ def _positive(key: str, value: float) -> None:
 
 
 def require_finite(key: str, value: Any) -> None:
-    """Refuse NaN and infinities anywhere in ``value`` (nested lists/mappings: search.space)."""
+    """Refuse NaN and infinities anywhere in ``value`` (nested lists/mappings: tune.space)."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{key} must be a finite number; got {value!r}")
     if isinstance(value, dict):

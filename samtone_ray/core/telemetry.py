@@ -6,8 +6,8 @@ built-in metrics and ``dashboards/README.md`` lists every name. They are declare
 process that records them, so importing this module never needs a Ray connection.
 
 Training: rank 0 records the global figures of a step (the loss and token count are already
-all-reduced there); every rank records its own step time and data wait. Search: a Tune callback
-on the driver counts trials by state and tracks the best value of the search metric.
+all-reduced there); every rank records its own step time and data wait. Tuning: a Tune callback
+on the driver counts trials by state and tracks the best value of the tuned metric.
 """
 
 from __future__ import annotations
@@ -67,19 +67,19 @@ class TrainMetrics:
 
 
 @functools.lru_cache(maxsize=None)
-def _search_metrics():
+def _tune_metrics():
     from ray.util.metrics import Gauge
 
     return {
-        "trials": Gauge("samtone_search_trials", "Trials of a search by state.", tag_keys=("search", "state")),
-        "best": Gauge("samtone_search_best", "Best value of the search metric so far.", tag_keys=("search", "metric")),
+        "trials": Gauge("samtone_tune_trials", "Trials of a tuning run by state.", tag_keys=("tune", "state")),
+        "best": Gauge("samtone_tune_best", "Best value of the tuned metric so far.", tag_keys=("tune", "metric")),
     }
 
 
-SEARCH_STATES = ("running", "finished", "stopped", "error", "skipped")
+TUNE_STATES = ("running", "finished", "stopped", "error", "skipped")
 
 
-def search_callback(search: str, metric: str, mode: str, layout):
+def tune_callback(tune: str, metric: str, mode: str, layout):
     """A Tune callback publishing trial counts by state and the best metric so far.
 
     A trial that completes with a saved model finished; one without was stopped early by the
@@ -87,7 +87,7 @@ def search_callback(search: str, metric: str, mode: str, layout):
     """
     from ray.tune import Callback
 
-    class SearchMetrics(Callback):
+    class TuneMetrics(Callback):
         def __init__(self) -> None:
             self.state: dict[str, str] = {}
             self.best: float | None = None
@@ -95,12 +95,12 @@ def search_callback(search: str, metric: str, mode: str, layout):
 
         def _publish(self) -> None:
             if self._m is None:
-                self._m = _search_metrics()
-            for state in SEARCH_STATES:
+                self._m = _tune_metrics()
+            for state in TUNE_STATES:
                 count = sum(1 for s in self.state.values() if s == state)
-                self._m["trials"].set(count, {"search": search, "state": state})
+                self._m["trials"].set(count, {"tune": tune, "state": state})
             if self.best is not None:
-                self._m["best"].set(self.best, {"search": search, "metric": metric})
+                self._m["best"].set(self.best, {"tune": tune, "metric": metric})
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self.state[trial.trial_id] = "running"
@@ -117,7 +117,7 @@ def search_callback(search: str, metric: str, mode: str, layout):
             if "skipped" in (trial.last_result or {}):
                 self.state[trial.trial_id] = "skipped"
             else:
-                finished = layout.trial(trial.trial_id).model.exists()  # a SearchLayout
+                finished = layout.trial(trial.trial_id).model.exists()  # a TuneLayout
                 self.state[trial.trial_id] = "finished" if finished else "stopped"
             self._publish()
 
@@ -125,4 +125,4 @@ def search_callback(search: str, metric: str, mode: str, layout):
             self.state[trial.trial_id] = "error"
             self._publish()
 
-    return SearchMetrics()
+    return TuneMetrics()

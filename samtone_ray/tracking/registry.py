@@ -1,4 +1,4 @@
-"""The model registry: every search's best model becomes a version; the alias moves only on a win.
+"""The model registry: every tuning run's best model becomes a version; the alias moves only on a win.
 
 Like with like: the candidate and the incumbent champion are both re-evaluated here, from their
 registered artifacts, on the *current* eval data, with the same code path, device and precision
@@ -71,7 +71,7 @@ def promote_best(cfg: Config, uri: str, best: dict[str, Any], eval_split) -> dic
     from samtone_ray.tracking import runs as tracking
     from samtone_ray.evaluation.statistics import align, paired_test
 
-    name, alias, metric = cfg.registry.model_name, cfg.registry.alias, cfg.search.metric
+    name, alias, metric = cfg.registry.model_name, cfg.registry.alias, cfg.tune.metric
     c = tracking.client(uri)
     exists, incumbent_version = champion_version(c, name, alias)
     held = f"@{alias} stays on v{incumbent_version}" if incumbent_version else f"@{alias} stays unset"
@@ -105,11 +105,11 @@ def promote_best(cfg: Config, uri: str, best: dict[str, Any], eval_split) -> dic
     except Exception as exc:
         raise PromotionError(f"champion decision aborted ({type(exc).__name__}: {exc}); {held}") from exc
     margin = cfg.registry.min_delta
-    promoted = beats(candidate, incumbent, cfg.search.mode, margin)
+    promoted = beats(candidate, incumbent, cfg.tune.mode, margin)
     by = f" by more than {margin:g}" if margin else ""
     if paired is not None and cfg.registry.require_significance:
         # registry.require_significance: the paired 95% interval must lie on the better side of 0.
-        promoted = promoted and (paired.low > 0 if cfg.search.mode == "max" else paired.high < 0)
+        promoted = promoted and (paired.low > 0 if cfg.tune.mode == "max" else paired.high < 0)
         by += " with a paired 95% CI excluding 0"
     if paired is not None:
         print(f"candidate - incumbent {metric}: {paired.diff:+.4f} [{paired.low:+.4f}, {paired.high:+.4f}] "

@@ -297,7 +297,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         do_eval, do_ckpt = eval_and_checkpoint_due(state.step, schedule.total_steps, cfg.train)
         if do_eval or do_ckpt:
             metrics: dict[str, Any] = {"step": state.step, "epoch": epoch, "loss": global_loss} | window.summary()
-            metrics["pairs"] = state.step * cfg.train.batch_size  # ASHA's clock in a search
+            metrics["pairs"] = state.step * cfg.train.batch_size  # ASHA's clock in a tuning run
             # Collect every rank's RNG state first: no rank may sit in a collective while another
             # one evaluates.
             rngs = _gather_rng_states() if do_ckpt else None

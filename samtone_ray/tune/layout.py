@@ -1,6 +1,7 @@
-"""Where a search keeps its files on disk: one definition for the search, its leaderboard and the CLI.
+"""Where a tuning run keeps its files on disk: one definition for the tuner, its leaderboard and the CLI.
 
-    <output_dir>/search.json                the config and the MLflow parent run (what --resume reads)
+    <output_dir>/tune.json                  the config and the MLflow parent run (what --resume reads;
+                                            search.json in studies from before the rename)
     <output_dir>/leaderboard.csv|png
     <output_dir>/tune/                       Ray Tune's experiment (trial folders named by trial id)
     <output_dir>/trials/<trial id>/          one trial: model/, mlflow_run_id, per_query.parquet, ray/
@@ -8,12 +9,17 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from samtone_ray.core.config import migrate_sections
 from samtone_ray.evaluation.per_query import PER_QUERY_FILE
 
-STATE_FILE = "search.json"
+STATE_FILE = "tune.json"
+LEGACY_STATE_FILE = "search.json"
+"""The state file's name before tuning was called "tune": read by --resume when tune.json is absent."""
 TUNE_NAME = "tune"  # Tune's RunConfig name: its experiment folder under output_dir
 
 
@@ -42,12 +48,27 @@ class TrialLayout:
 
 
 @dataclass(frozen=True)
-class SearchLayout:
+class TuneLayout:
     root: Path
 
     @property
     def state(self) -> Path:
+        """Where the state is written."""
         return self.root / STATE_FILE
+
+    @property
+    def saved_state(self) -> Path:
+        """Where the state is read from: ``tune.json``, else a study's older ``search.json`` when
+        only that exists (the next write goes to ``tune.json``)."""
+        legacy = self.root / LEGACY_STATE_FILE
+        return legacy if not self.state.exists() and legacy.exists() else self.state
+
+    def read_state(self) -> dict[str, Any]:
+        """The saved state, its config's sections under their current names (see ``migrate_sections``)."""
+        path = self.saved_state
+        state = json.loads(path.read_text())
+        state["config"] = migrate_sections(state["config"], path)
+        return state
 
     @property
     def leaderboard_csv(self) -> Path:

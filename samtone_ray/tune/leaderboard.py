@@ -1,7 +1,7 @@
-"""The search leaderboard: one row per trial, printed, saved as CSV and plotted.
+"""The tuning leaderboard: one row per trial, printed, saved as CSV and plotted.
 
-For the search metric each trial with per-query values gets a 95% bootstrap interval, and a
-paired test against a reference trial (``search.reference``): the mean difference over the same
+For the tuned metric (``tune.metric``) each trial with per-query values gets a 95% bootstrap interval, and a
+paired test against a reference trial (``tune.reference``): the mean difference over the same
 queries, its interval and a randomisation p-value. "A beats B" is said only when that interval
 excludes 0 (samtone_ray/evaluation/statistics.py).
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 from samtone_ray.core.config import Config
 from samtone_ray.core.files import atomic_write_bytes, atomic_write_text
-from samtone_ray.tune.layout import SearchLayout
+from samtone_ray.tune.layout import TuneLayout
 from samtone_ray.tune.space import Space, overrides_of
 from samtone_ray.evaluation.statistics import align, bootstrap_ci, paired_test
 
@@ -36,15 +36,15 @@ STAT_COLUMNS = ("ci_low", "ci_high", "diff_vs_ref", "diff_low", "diff_high", "p_
 
 
 def build_leaderboard(results, cfg: Config, space: Space) -> list[dict[str, Any]]:
-    """Rows from a Tune ResultGrid, plus the grid combinations skipped before the search."""
-    # Searched keys beyond the standard columns get a column of their own, named by dotted key.
+    """Rows from a Tune ResultGrid, plus the grid combinations skipped before the tuning run."""
+    # Tuned keys beyond the standard columns get a column of their own, named by dotted key.
     extra = [k for k in (*space.grid_values, *space.sampled) if k not in SETTING_COLUMNS.values()]
     rows = []
     for result in results:
         metrics = dict(result.metrics or {})
         trial_cfg = cfg.with_overrides(overrides_of(result.config or {})) if "skipped" not in metrics else None
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        trial = SearchLayout(Path(cfg.output_dir).resolve()).trial(str(trial_id))
+        trial = TuneLayout(Path(cfg.output_dir).resolve()).trial(str(trial_id))
         if result.error is not None:
             status = "error"
         elif "skipped" in metrics:
@@ -76,13 +76,13 @@ def build_leaderboard(results, cfg: Config, space: Space) -> list[dict[str, Any]
         rows.append({"trial": "-", "settings": _settings(cfg.flat() | combo, extra), "flat": cfg.flat() | combo, "metrics": {},
                      "steps": None, "pairs": None, "status": "skipped", "seconds": math.nan, "run_id": None,
                      "model_dir": None, "per_query_file": None, "reason": reason})
-    metric = cfg.search.metric
-    sign = -1 if cfg.search.mode == "max" else 1
+    metric = cfg.tune.metric
+    sign = -1 if cfg.tune.mode == "max" else 1
     rows.sort(key=lambda r: (math.isnan(r["metrics"].get(metric, math.nan)), sign * r["metrics"].get(metric, 0.0)))
     from samtone_ray.evaluation.per_query import read_per_query
 
     per_query = {r["trial"]: read_per_query(r["per_query_file"], metric) for r in rows if r["per_query_file"]}
-    add_statistics(rows, per_query, metric, cfg.search.mode, cfg.search.reference)
+    add_statistics(rows, per_query, metric, cfg.tune.mode, cfg.tune.reference)
     return rows
 
 
@@ -92,7 +92,7 @@ def add_statistics(
     """Give each row with per-query values (``per_query[trial]``) its interval (``ci``) and, against
     the reference trial, its paired test (``vs_reference``) and ``verdict``; returns the reference row.
 
-    ``rows`` are ordered best first. ``reference`` is ``search.reference`` (see config.py).
+    ``rows`` are ordered best first. ``reference`` is ``tune.reference`` (see config.py).
     """
     for row in rows:
         values = per_query.get(row["trial"])
@@ -129,7 +129,7 @@ def pick_reference(rows: list[dict[str, Any]], spec: str) -> dict[str, Any] | No
         wanted = dict(item.split("=", 1) for item in (spec or "loss.same_tower=none").split(",") if item)
         found = [r for r in rows if all(str(r["flat"].get(k.strip())).lower() == v.strip().lower() for k, v in wanted.items())]
     if spec and not found:
-        log.warning("search.reference=%r matches no evaluated trial; the best trial is the reference", spec)
+        log.warning("tune.reference=%r matches no evaluated trial; the best trial is the reference", spec)
     return (found or rows or [None])[0]
 
 
@@ -216,7 +216,7 @@ def write_leaderboard(
     writer.writeheader()
     for row in rows:
         writer.writerow(_flat_row(row, columns))
-    layout = SearchLayout(out_dir)
+    layout = TuneLayout(out_dir)
     atomic_write_text(layout.leaderboard_csv, buffer.getvalue())
     plot_leaderboard(rows, layout.leaderboard_png, metric, references or {})
 

@@ -1,4 +1,4 @@
-"""The search space of ``search.space``: parsing, validation before any trial, Tune objects.
+"""The tuning space of ``tune.space``: parsing, validation before any trial, Tune objects.
 
 Keys are dotted training keys (``loss.same_tower``); each value is one of
 ``{grid: [...]}``, ``{choice: [...]}``, ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``,
@@ -6,7 +6,7 @@ Keys are dotted training keys (``loss.same_tower``); each value is one of
 
 Values that are invalid on their own (unknown key, wrong type, NaN or infinity, a batch size the
 workers cannot split) fail here, before any trial. Combinations that are only invalid together (same_tower=doc
-with bidirectional=false) are skipped with a logged reason: grid combinations before the search,
+with bidirectional=false) are skipped with a logged reason: grid combinations before the tuning run,
 combinations of sampled (``choice``, ...) values by the trial that draws them.
 """
 
@@ -22,7 +22,7 @@ from samtone_ray.core.config import CombinationError, Config, ConfigError, requi
 
 log = logging.getLogger(__name__)
 
-SEARCHABLE = ("model", "data", "loss", "train", "scaling")
+TUNABLE = ("model", "data", "loss", "train", "scaling")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 GRID_KEY = "grid"  # Tune param holding one valid combination of the grid keys
 
@@ -66,12 +66,12 @@ def overrides_of(params: dict[str, Any]) -> dict[str, Any]:
 def parse_space(space: dict[str, Any], base: Config) -> Space:
     """Validate every key and value against ``base``; expand the grid into valid combinations."""
     if not space:
-        raise ConfigError("search.space is empty: name at least one dotted training key to search")
-    valid_keys = set(base.flat(include=SEARCHABLE))
+        raise ConfigError("tune.space is empty: name at least one dotted training key to tune")
+    valid_keys = set(base.flat(include=TUNABLE))
     grid_values: dict[str, list] = {}
     result = Space(grid=[], skipped=[])
     for key, spec in space.items():
-        where = f"search.space.{key}"
+        where = f"tune.space.{key}"
         if key not in valid_keys:
             raise ConfigError(f"{where}: unknown training key {key!r}")
         # NaN passes or fails the comparisons below by accident (every comparison with NaN is
@@ -117,7 +117,7 @@ def parse_space(space: dict[str, Any], base: Config) -> Space:
                 continue
             result.grid.append(combo)
         if not result.grid:
-            raise ConfigError("search.space: every grid combination is invalid: " + "; ".join(r for _, r in result.skipped))
+            raise ConfigError("tune.space: every grid combination is invalid: " + "; ".join(r for _, r in result.skipped))
     return result
 
 

@@ -1,4 +1,4 @@
-"""Ray Tune search over training settings, one Ray Train run per trial, MLflow parent/child runs.
+"""Tuning: Ray Tune over training settings, one Ray Train run per trial, MLflow parent/child runs.
 
 Ray 2.60 (Train V2) supports Tune over Train only through a *function* trainable that builds a
 ``TorchTrainer`` with ``TuneReportCallback``; each trial does exactly that, so a trial is a full
@@ -19,13 +19,13 @@ from typing import Any
 from samtone_ray.core.config import CombinationError, Config, ConfigError, from_dict
 from samtone_ray.evaluation.retrieval import DEFAULT_K_VALUES, METRIC_NAMES
 from samtone_ray.core.files import atomic_write_json, atomic_write_text
-from samtone_ray.tune.layout import TUNE_NAME, SearchLayout
+from samtone_ray.tune.layout import TUNE_NAME, TuneLayout
 from samtone_ray.tune.space import Space, overrides_of, parse_space
 
 log = logging.getLogger(__name__)
 
 
-def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -> None:
+def run_trial(params: dict[str, Any], *, base: dict, refs: dict, study: dict) -> None:
     """The Tune function trainable: resolve this trial's config, then one Ray Train run."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -41,12 +41,12 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -
         reason = str(exc)
     if reason:
         # Only reachable with sampled (choice, ...) keys: grid combinations are checked up front.
-        # Tune refuses a report without the search metric, so the skip reports the worst value.
+        # Tune refuses a report without the tuned metric, so the skip reports the worst value.
         log.warning("trial %s skipped: %s", trial_id, reason)
-        tune.report({search["metric"]: -math.inf if search["mode"] == "max" else math.inf, "skipped": reason})
+        tune.report({study["metric"]: -math.inf if study["mode"] == "max" else math.inf, "skipped": reason})
         return
-    trial = SearchLayout(Path(search["dir"])).trial(trial_id)
-    uri = search.get("tracking_uri")
+    trial = TuneLayout(Path(study["dir"])).trial(trial_id)
+    uri = study.get("tracking_uri")
     run_id = trial.run_id()
     if uri and run_id:
         # A trial restarted by `tune --resume` continues its run, as Ray Train continues its
@@ -57,8 +57,8 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -
             uri,
             cfg.tracking.experiment,
             trial_id,
-            cfg.flat() | search["eval_params"],  # eval_docs / eval_docs_total: what its metrics searched
-            parent_run_id=search["parent_run_id"],
+            cfg.flat() | study["eval_params"],  # eval_docs / eval_docs_total: what its metrics searched
+            parent_run_id=study["parent_run_id"],
             tags={"samtone.kind": "trial", "samtone.trial_id": trial_id},
         )
         atomic_write_text(trial.run_id_file, run_id)
@@ -82,17 +82,17 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, search: dict) -
 
 
 def report_gap(cfg: Config) -> str | None:
-    """Why some Tune report of a trial run with ``cfg`` would lack ``search.metric``, or None.
+    """Why some Tune report of a trial run with ``cfg`` would lack ``tune.metric``, or None.
 
     Tune rejects such a report before any scheduler sees it, failing the trial. Training reports
     at every evaluation and every checkpoint, so each checkpoint must coincide with an evaluation.
     """
-    t, metric = cfg.train, cfg.search.metric
+    t, metric = cfg.train, cfg.tune.metric
     produced = [f"{name}@{k}" for name in METRIC_NAMES for k in DEFAULT_K_VALUES]
     if metric not in produced:
-        return f"search.metric={metric!r} is not an evaluation metric; choose one of {', '.join(produced)}"
+        return f"tune.metric={metric!r} is not an evaluation metric; choose one of {', '.join(produced)}"
     if not cfg.data.eval:
-        return "data.eval is empty: a search ranks trials by evaluating them, so it needs eval data"
+        return "data.eval is empty: a tuning run ranks trials by evaluating them, so it needs eval data"
     if t.checkpoint_every > 0 and (not t.eval_every or t.checkpoint_every % t.eval_every):
         return (
             f"train.checkpoint_every={t.checkpoint_every} is not a multiple of train.eval_every={t.eval_every}: "
@@ -116,12 +116,12 @@ def _check_reports(cfg: Config, space: Space) -> None:
         else:
             valid.append(combo)
     if space.grid and not valid:
-        raise ConfigError("search.space: no grid combination can report search.metric: " + space.skipped[-1][1])
+        raise ConfigError("tune.space: no grid combination can report tune.metric: " + space.skipped[-1][1])
     space.grid = valid
 
 
 def asha_pairs(cfg: Config, space: Space) -> int:
-    """ASHA's first milestone, in training pairs: ``search.grace_period`` times the least common
+    """ASHA's first milestone, in training pairs: ``tune.grace_period`` times the least common
     multiple of every trial's evaluation interval (``eval_every * batch_size`` pairs).
 
     ASHA's milestones are this value times powers of 2, so every trial evaluates exactly at every
@@ -140,13 +140,13 @@ def asha_pairs(cfg: Config, space: Space) -> int:
             combos = [cfg.with_overrides(space.fixed | c) for c in space.grid or [{}]]
             values[key] = [c.flat()[key] for c in combos]
     intervals = [b * e for b in values["train.batch_size"] for e in values["train.eval_every"] if e]
-    return cfg.search.grace_period * (math.lcm(*intervals) if intervals else 1)
+    return cfg.tune.grace_period * (math.lcm(*intervals) if intervals else 1)
 
 
 def max_concurrent(cfg: Config, resources: dict[str, float]) -> int:
     """How many trials fit the cluster at once, each needing its full worker group."""
-    if cfg.search.max_concurrent_trials != "auto":
-        return int(cfg.search.max_concurrent_trials)
+    if cfg.tune.max_concurrent_trials != "auto":
+        return int(cfg.tune.max_concurrent_trials)
     s = cfg.scaling
     # Less one CPU: each trial's driver holds a sliver (0.01) of a CPU beside its workers.
     fits = [(resources.get("CPU", 0) - 1) // (s.num_workers * s.cpus_per_worker)]
@@ -156,7 +156,7 @@ def max_concurrent(cfg: Config, resources: dict[str, float]) -> int:
 
 
 @dataclass
-class SearchOutcome:
+class TuneOutcome:
     leaderboard: list[dict[str, Any]]
     best: dict[str, Any] | None
     champion: dict[str, Any] | None
@@ -167,8 +167,8 @@ class SearchOutcome:
     """What every evaluation searched (``BeirSplit.corpus_summary``)."""
 
 
-def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = False) -> SearchOutcome:
-    """Run (or resume) a search; returns the leaderboard, the best trial and the champion decision.
+def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = False) -> TuneOutcome:
+    """Run (or resume) a tuning run; returns the leaderboard, the best trial and the champion decision.
 
     ``zero_shot`` also scores the untrained base model on the eval data, as a reference row.
     """
@@ -177,18 +177,19 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
     from samtone_ray.core.runtime import check_ray_cluster, connect_ray
 
     cfg = cfg.with_output_dir()
-    space = parse_space(cfg.search.space, cfg)  # fail before anything starts; logs skipped combinations
+    space = parse_space(cfg.tune.space, cfg)  # fail before anything starts; logs skipped combinations
     _check_reports(cfg, space)
     out = Path(cfg.output_dir).resolve()
-    state_path = SearchLayout(out).state
+    layout = TuneLayout(out)
+    state_path = layout.saved_state  # tune.json, or an older study's search.json
     if resume:
         if not state_path.exists():
             raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
-        state = json.loads(state_path.read_text())
+        state = layout.read_state()
     else:
         if state_path.exists():
             raise FileExistsError(
-                f"{out} already holds a search; resume it with `samtone tune --resume {out}` "
+                f"{out} already holds a tuning run; resume it with `samtone tune --resume {out}` "
                 "or choose another output_dir"
             )
         state = {"config": cfg.to_dict(), "parent_run_id": None, "started": time.time()}
@@ -196,27 +197,27 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
     connect_ray()
     pairs, eval_split = data or load_data(cfg)
     if eval_split is None:
-        raise ConfigError("a search ranks trials by evaluating them: it needs eval data (data.eval)")
+        raise ConfigError("a tuning run ranks trials by evaluating them: it needs eval data (data.eval)")
     uri = tracking.tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else None
     check_ray_cluster(uri, str(out))  # a multi-node cluster cannot share SQLite or a node-local output_dir
     if uri and not state["parent_run_id"]:
         state["parent_run_id"] = tracking.start_run(
-            uri, cfg.tracking.experiment, f"{cfg.name}-search", _search_params(cfg, space) | eval_split.corpus_params(),
-            tags={"samtone.kind": "search"},
+            uri, cfg.tracking.experiment, f"{cfg.name}-tune", _tune_params(cfg, space) | eval_split.corpus_params(),
+            tags={"samtone.kind": "tune"},
         )
     elif uri:
         tracking.client(uri).update_run(state["parent_run_id"], status="RUNNING")  # resumed
     try:
-        return _search(cfg, space, state, out, uri, (pairs, eval_split), resume=resume, zero_shot=zero_shot)
+        return _tune(cfg, space, state, out, uri, (pairs, eval_split), resume=resume, zero_shot=zero_shot)
     except BaseException:
-        # No parent run left RUNNING forever: the search's run says it failed.
+        # No parent run left RUNNING forever: the tuning run's parent says it failed.
         if uri:
             tracking.RunLogger(uri, state["parent_run_id"]).finish("FAILED")
         raise
 
 
-def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, data, *, resume: bool,
-            zero_shot: bool) -> SearchOutcome:
+def _tune(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, data, *, resume: bool,
+          zero_shot: bool) -> TuneOutcome:
     import ray
     from ray import tune as rtune
 
@@ -224,13 +225,13 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
     from samtone_ray.evaluation.retrieval import bm25_run, retrieval_metrics
     from samtone_ray.evaluation.retrieval import evaluate_model as evaluate
     from samtone_ray.tune.leaderboard import build_leaderboard, write_leaderboard
-    from samtone_ray.core.telemetry import search_callback
+    from samtone_ray.core.telemetry import tune_callback
     from samtone_ray.data.pairs import PairTable
     from samtone_ray.tracking.registry import PromotionError, promote_best
     from samtone_ray.train.trainer import build_model
 
     pairs, eval_split = data
-    layout = SearchLayout(out)
+    layout = TuneLayout(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(layout.state, state)
     baseline = bm25 = None
@@ -248,8 +249,8 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
             run_trial,
             base=cfg.to_dict(),
             refs={"pairs": ray.put(PairTable.of(pairs)), "eval": ray.put(eval_split)},
-            search={"dir": str(out), "tracking_uri": uri, "parent_run_id": state["parent_run_id"],
-                    "metric": cfg.search.metric, "mode": cfg.search.mode, "eval_params": eval_split.corpus_params()},
+            study={"dir": str(out), "tracking_uri": uri, "parent_run_id": state["parent_run_id"],
+                   "metric": cfg.tune.metric, "mode": cfg.tune.mode, "eval_params": eval_split.corpus_params()},
         ),
         # The trial function only drives a TorchTrainer, whose workers hold the real resources.
         {"CPU": 0.01},
@@ -261,11 +262,11 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
     else:
         tuner = rtune.Tuner(
             trainable,
-            param_space=space.tune_space(cfg.search.algorithm),
+            param_space=space.tune_space(cfg.tune.algorithm),
             tune_config=_tune_config(cfg, space),
             run_config=rtune.RunConfig(
                 name=TUNE_NAME, storage_path=str(out), verbose=1,
-                callbacks=[search_callback(cfg.name, cfg.search.metric, cfg.search.mode, layout)],
+                callbacks=[tune_callback(cfg.name, cfg.tune.metric, cfg.tune.mode, layout)],
             ),
         )
     results = tuner.fit()
@@ -274,28 +275,28 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
     if parent:
         _close_trial_runs(uri, board)
     references = {"zero-shot": baseline, "BM25": bm25} if baseline else {}
-    write_leaderboard(board, out, cfg.search.metric, {k: v[cfg.search.metric] for k, v in references.items()})
+    write_leaderboard(board, out, cfg.tune.metric, {k: v[cfg.tune.metric] for k, v in references.items()})
     best = _best(board, cfg)
     champion = None
     if best is not None and uri:
         try:
             champion = promote_best(cfg, uri, best, eval_split)
         except PromotionError as exc:
-            # The search's results stand (leaderboard written, trials logged); only the decision
+            # The tuning run's results stand (leaderboard written, trials logged); only the decision
             # is refused, and the run says so.
             log.error("%s", exc)
             print(f"error: {exc}", file=sys.stderr)
             champion = {"promoted": False, "version": None, "error": str(exc)}
-    if cfg.search.analyze:
-        from samtone_ray.analysis.report import analyze_search
+    if cfg.tune.analyze:
+        from samtone_ray.analysis.report import analyze_tuning
 
-        analyze_search(cfg, board, best, eval_split, out / "analysis", uri, state["parent_run_id"])
+        analyze_tuning(cfg, board, best, eval_split, out / "analysis", uri, state["parent_run_id"])
     if parent:
         parent.log_artifact(layout.leaderboard_csv)
         parent.log_artifact(layout.leaderboard_png)
-        summary = {"search_seconds": time.time() - started, "trials": len(board)}
+        summary = {"tune_seconds": time.time() - started, "trials": len(board)}
         if best is not None:
-            summary[f"best_{cfg.search.metric}"] = best["metrics"][cfg.search.metric]
+            summary[f"best_{cfg.tune.metric}"] = best["metrics"][cfg.tune.metric]
         if champion:
             summary |= {k: v for k, v in champion.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             parent.set_tags({"champion.promoted": champion["promoted"], "champion.version": champion["version"]})
@@ -303,7 +304,7 @@ def _search(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, 
         if champion and "error" in champion:
             parent.set_tags({"champion.error": champion["error"]})
         parent.finish("FAILED" if champion and "error" in champion else "FINISHED")
-    return SearchOutcome(board, best, champion, state["parent_run_id"], out, baseline, eval_split.corpus_summary())
+    return TuneOutcome(board, best, champion, state["parent_run_id"], out, baseline, eval_split.corpus_summary())
 
 
 def _tune_config(cfg: Config, space: Space):
@@ -311,7 +312,7 @@ def _tune_config(cfg: Config, space: Space):
     from ray import tune as rtune
     from ray.tune.schedulers import ASHAScheduler
 
-    s = cfg.search
+    s = cfg.tune
     scheduler = None
     if s.scheduler == "asha":
         # ASHA's clock is the training pairs seen, not the report count: trials with different
@@ -342,11 +343,11 @@ def _trial_dirname(trial) -> str:
 
 def _best(board: list[dict[str, Any]], cfg: Config) -> dict[str, Any] | None:
     """The best trial that trained to the end (early-stopped trials have no final model)."""
-    metric = cfg.search.metric
+    metric = cfg.tune.metric
     finished = [r for r in board if r["status"] == "finished" and not math.isnan(r["metrics"].get(metric, math.nan))]
     if not finished:
         return None
-    sign = 1 if cfg.search.mode == "max" else -1
+    sign = 1 if cfg.tune.mode == "max" else -1
     return max(finished, key=lambda r: sign * r["metrics"][metric])
 
 
@@ -368,8 +369,8 @@ def _close_trial_runs(uri: str, board: list[dict[str, Any]]) -> None:
             c.set_terminated(row["run_id"], status=RUN_STATUS[row["status"]])
 
 
-def _search_params(cfg: Config, space: Space) -> dict[str, Any]:
-    params = {f"search.{k}": v for k, v in cfg.to_dict()["search"].items() if k != "space"}
-    params["search.space"] = json.dumps(cfg.search.space)
-    params["search.skipped"] = json.dumps([c for c, _ in space.skipped])
+def _tune_params(cfg: Config, space: Space) -> dict[str, Any]:
+    params = {f"tune.{k}": v for k, v in cfg.to_dict()["tune"].items() if k != "space"}
+    params["tune.space"] = json.dumps(cfg.tune.space)
+    params["tune.skipped"] = json.dumps([c for c, _ in space.skipped])
     return params | cfg.flat()

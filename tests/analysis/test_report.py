@@ -1,5 +1,5 @@
 """`samtone analyze` end to end (subprocess, real MLflow SQLite store) against an in-test naive
-computation, the sample it draws, and the end-of-search hook."""
+computation, the sample it draws, and the end-of-tuning hook."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from samtone_ray.analysis.report import AnalysisSettings, analyze_search, default_reference, draw_sample
+from samtone_ray.analysis.report import AnalysisSettings, analyze_tuning, default_reference, draw_sample
 from samtone_ray.data.sources import load_beir
 from samtone_ray.model.towers import DualEncoder
 
@@ -173,25 +173,25 @@ def test_default_reference_sets_in_batch_against_same_tower():
     assert default_reference([row("t1", "query")], row("t1", "query")) is None
 
 
-def test_analyze_search_hook_compares_best_with_reference_or_zero_shot(tiny_model_dir, tiny_beir, tmp_path):
+def test_analyze_tuning_hook_compares_best_with_reference_or_zero_shot(tiny_model_dir, tiny_beir, tmp_path):
     from samtone_ray.core.config import load_config
 
-    cfg = load_config(None, {"model.name_or_path": str(tiny_model_dir), "search.analyze": True})
+    cfg = load_config(None, {"model.name_or_path": str(tiny_model_dir), "tune.analyze": True})
     split = load_beir(tiny_beir, "dev")
     board = [row("t1", "query", model_dir=str(tiny_model_dir)), row("t2", "none", model_dir=str(tiny_model_dir))]
-    payload = analyze_search(cfg, board, board[0], split, tmp_path / "a")
+    payload = analyze_tuning(cfg, board, board[0], split, tmp_path / "a")
     assert list(payload["models"]) == ["best t1 (same_tower=query)", "reference t2 (same_tower=none)"]
     # Same weights under both labels: the analyses agree number for number.
     a, b = payload["models"].values()
     assert a["alignment"] == pytest.approx(b["alignment"], abs=1e-6)
-    payload = analyze_search(cfg, board[:1], board[0], split, tmp_path / "b")
+    payload = analyze_tuning(cfg, board[:1], board[0], split, tmp_path / "b")
     assert list(payload["models"])[1] == f"zero-shot {tiny_model_dir}"
     assert (tmp_path / "b" / "tsne.png").read_bytes()[:8] == PNG_MAGIC
-    assert analyze_search(cfg, [], None, split, tmp_path / "c") is None
+    assert analyze_tuning(cfg, [], None, split, tmp_path / "c") is None
     assert not np.isnan(a["uniformity"]["both"])
 
 
-def test_tune_with_search_analyze_writes_the_analysis_and_its_run(ray_cluster, tiny_model_dir, tiny_beir, tmp_path):
+def test_tune_with_tune_analyze_writes_the_analysis_and_its_run(ray_cluster, tiny_model_dir, tiny_beir, tmp_path):
     from mlflow import MlflowClient
 
     from samtone_ray.core.config import from_dict
@@ -205,7 +205,7 @@ def test_tune_with_search_analyze_writes_the_analysis_and_its_run(ray_cluster, t
         "train": {"batch_size": 4, "max_steps": 2, "eval_every": 0},
         "scaling": {"num_workers": 1},
         "tracking": {"uri": uri, "experiment": "tests"},
-        "search": {"scheduler": "none", "analyze": True, "space": {"loss.same_tower": {"grid": ["query"]}}},
+        "tune": {"scheduler": "none", "analyze": True, "space": {"loss.same_tower": {"grid": ["query"]}}},
     })
     outcome = tune(cfg)
     payload = json.loads((outcome.output_dir / "analysis" / "analysis.json").read_text())
@@ -213,5 +213,5 @@ def test_tune_with_search_analyze_writes_the_analysis_and_its_run(ray_cluster, t
     assert list(payload["models"]) == [f"best {outcome.best['trial']} (same_tower=query)", f"zero-shot {tiny_model_dir}"]
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id], "tags.`samtone.kind` = 'analyze'")
-    assert run.data.tags["samtone.search_run_id"] == outcome.parent_run_id and run.info.status == "FINISHED"
-    assert "mlflow.parentRunId" not in run.data.tags  # the search's children stay one per trial
+    assert run.data.tags["samtone.tune_run_id"] == outcome.parent_run_id and run.info.status == "FINISHED"
+    assert "mlflow.parentRunId" not in run.data.tags  # the tuning run's children stay one per trial

@@ -1,5 +1,5 @@
 """`samtone submit` / `samtone jobs` against a REAL Ray head started here, and the Grafana
-dashboards against a REAL Prometheus scraping that head while a tiny search runs on it.
+dashboards against a REAL Prometheus scraping that head while a tiny tuning run runs on it.
 
 One head for the module (loopback, ports of its own, token auth disabled, one logical GPU so the
 pending path can be tested); the CLI runs in subprocesses exactly as a user runs it.
@@ -315,26 +315,26 @@ def panels_without_data(prom_url: str, dashboard: Path, start: float) -> tuple[l
     return missing, skipped, checked
 
 
-def test_training_and_search_dashboards_have_data_in_prometheus(head, prometheus, tiny_model_dir, tiny_beir, tmp_path):
+def test_training_and_tuning_dashboards_have_data_in_prometheus(head, prometheus, tiny_model_dir, tiny_beir, tmp_path):
     start = time.time()
     proc = samtone(
         "submit", "tune", "--address", head.address, "--follow",
         *train_settings(tiny_model_dir, tiny_beir, tmp_path, name="dashboards", **{
             # Long enough (seconds) for several 1 s scrapes of every trial's counters.
             "train.max_steps": 120, "train.eval_every": 60, "train.log_every": 20,
-            "search.space": '{"loss.same_tower": {"grid": [none, both]}}',
+            "tune.space": '{"loss.same_tower": {"grid": [none, both]}}',
         }),
         "--", "--no-baseline",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     time.sleep(3)  # the last export and scrape
     missing, skipped, checked = [], [], 0
-    for name in ("samtone-training.json", "samtone-search.json"):
+    for name in ("samtone-training.json", "samtone-tuning.json"):
         m, s, c = panels_without_data(prometheus, DASHBOARDS / name, start)
         missing += m
         skipped += s
         checked += c
-    print(f"\n{checked} training/search expressions returned data; GPU panels run, data not required: {skipped}")
+    print(f"\n{checked} training/tuning expressions returned data; GPU panels run, data not required: {skipped}")
     assert not missing, "no data for:\n" + "\n".join(missing)
     assert checked >= 12
 

@@ -23,10 +23,10 @@ def test_defaults_are_the_dataclass_defaults():
 @pytest.mark.parametrize("path", SAMTONE_JOB_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_job_config_validates(path):
     cfg = load_config(path)
-    if cfg.search.space:
+    if cfg.tune.space:
         from samtone_ray.tune.space import parse_space
 
-        parse_space(cfg.search.space, cfg)
+        parse_space(cfg.tune.space, cfg)
 
 
 def test_yaml_and_overrides_are_typed(tmp_path):
@@ -38,7 +38,7 @@ def test_yaml_and_overrides_are_typed(tmp_path):
     assert cfg.loss.bidirectional is False and cfg.model.projection_dim == 16
     flat = cfg.flat()
     assert flat["train.lr"] == pytest.approx(1e-4) and flat["loss.same_tower"] == "none"
-    assert not any(k.startswith(("search.", "registry.")) for k in flat)
+    assert not any(k.startswith(("tune.", "registry.")) for k in flat)
 
 
 @pytest.mark.parametrize(
@@ -72,10 +72,10 @@ def test_nan_and_infinite_floats_fail_at_load(override):
         load_config(None, [override])
 
 
-def test_nan_inside_the_search_space_fails_at_load(tmp_path):
+def test_nan_inside_the_tuning_space_fails_at_load(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("search:\n  space:\n    train.lr: {uniform: [1.0e-5, .nan]}\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml.*search\.space\.train\.lr\.uniform\[1\].*finite"):
+    path.write_text("tune:\n  space:\n    train.lr: {uniform: [1.0e-5, .nan]}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml.*tune\.space\.train\.lr\.uniform\[1\].*finite"):
         load_config(path)
 
 
@@ -93,10 +93,10 @@ def test_directly_built_config_refuses_nan():
     ("train.seed", {"randint": [0, float("inf")]}),
     ("train.weight_decay", float("nan")),
 ])
-def test_searched_nan_or_infinite_values_fail_before_any_trial(key, spec):
+def test_tuned_nan_or_infinite_values_fail_before_any_trial(key, spec):
     from samtone_ray.tune.space import parse_space
 
-    with pytest.raises(ConfigError, match=f"search\\.space\\.{key.replace('.', '[.]')}.*finite"):
+    with pytest.raises(ConfigError, match=f"tune\\.space\\.{key.replace('.', '[.]')}.*finite"):
         parse_space({key: spec}, Config())
 
 
@@ -112,15 +112,69 @@ def test_loss_knobs_load_validate_and_reach_the_params():
         load_config(None, ["loss.false_negative_margin=wide"])
 
 
-def test_loss_knobs_are_searchable():
+def test_loss_knobs_are_tunable():
     from samtone_ray.tune.space import parse_space
 
     space = parse_space({"loss.same_tower_weight": {"grid": [0.0, 0.5, 1.0]},
                          "loss.false_negative_margin": {"grid": [None, 0.1]}}, Config())
     assert len(space.grid) == 6
     assert {"loss.same_tower_weight": 0.0, "loss.false_negative_margin": None} in space.grid
-    with pytest.raises(ConfigError, match=r"search\.space\.loss\.same_tower_weight.*>= 0"):
+    with pytest.raises(ConfigError, match=r"tune\.space\.loss\.same_tower_weight.*>= 0"):
         parse_space({"loss.same_tower_weight": {"uniform": [-1.0, 1.0]}}, Config())
+
+
+# ----------------------------------------------------------------- the old section name 'search'
+
+
+def test_the_old_section_search_is_read_as_tune_with_a_future_warning_naming_the_file(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("search:\n  metric: ndcg@10\n  space:\n    loss.same_tower: {grid: [none, both]}\n")
+    with pytest.warns(FutureWarning, match=r"old\.yaml: the config section 'search' is now 'tune'; 'search' goes in samtone-ray 0\.3"):
+        cfg = load_config(path, ["tune.num_samples=2"])  # the new name in an override still applies
+    assert cfg.tune.metric == "ndcg@10" and cfg.tune.num_samples == 2
+    assert cfg.tune.space == {"loss.same_tower": {"grid": ["none", "both"]}}
+    assert "search" not in cfg.to_dict() and cfg.to_dict()["tune"]["metric"] == "ndcg@10"
+
+
+def test_the_old_section_in_a_dict_and_in_overrides_is_read_as_tune_with_a_future_warning():
+    from samtone_ray.core.config import from_dict
+
+    with pytest.warns(FutureWarning, match="the config section 'search' is now 'tune'"):
+        assert from_dict({"search": {"grace_period": 3}}).tune.grace_period == 3
+    with pytest.warns(FutureWarning, match=r"override search\.metric, search\.space\.train\.lr: the config section "
+                                           r"'search' is now 'tune'") as caught:
+        cfg = load_config(None, ["search.metric=recall@10", "search.space.train.lr=0.0001"])
+    assert len(caught) == 1  # one warning per command line, naming every old key
+    assert cfg.tune.metric == "recall@10" and cfg.tune.space == {"train.lr": 0.0001}
+    with pytest.warns(FutureWarning, match="'search' is now 'tune'"):
+        assert Config().with_overrides({"search.mode": "min"}).tune.mode == "min"
+    with pytest.warns(FutureWarning, match="'search' is now 'tune'"):
+        assert load_config(None, {"search": {"num_samples": 4}}).tune.num_samples == 4
+
+
+def test_the_new_section_name_warns_nothing(tmp_path):
+    import warnings
+
+    path = tmp_path / "new.yaml"
+    path.write_text("tune:\n  metric: ndcg@10\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = load_config(path, ["tune.num_samples=2", "tune.space.train.lr=1e-4"])
+        cfg = cfg.with_overrides({"tune.mode": "min"})
+    assert (cfg.tune.metric, cfg.tune.num_samples, cfg.tune.mode) == ("ndcg@10", 2, "min")
+
+
+def test_both_section_names_at_once_is_an_error_naming_both(tmp_path):
+    from samtone_ray.core.config import from_dict
+
+    path = tmp_path / "both.yaml"
+    path.write_text("search:\n  metric: ndcg@10\ntune:\n  metric: mrr@10\n")
+    with pytest.raises(ConfigError, match=r"both\.yaml: both sections 'search' and 'tune' are set.*keep only 'tune'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="both sections 'search' and 'tune' are set"):
+        from_dict({"search": {}, "tune": {}})
+    with pytest.raises(ConfigError, match=r"both search\.metric and tune\.metric are set"):
+        load_config(None, ["search.metric=ndcg@10", "tune.metric=mrr@10"])
 
 
 def test_doc_side_negatives_need_both_directions():

@@ -135,7 +135,7 @@ def test_leaderboard_tests_every_trial_against_the_none_trial_and_says_beats_onl
     assert ci.low < ci.mean < ci.high
 
 
-def test_search_reference_picks_a_trial_by_id_or_settings_else_the_best():
+def test_tune_reference_picks_a_trial_by_id_or_settings_else_the_best():
     from samtone_ray.tune.leaderboard import pick_reference
 
     rows = [_row("a", "both", 0.5), _row("b", "query", 0.4, status="stopped"), _row("c", "query", 0.3)]

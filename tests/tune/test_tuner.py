@@ -1,4 +1,4 @@
-"""Ray Tune search end to end (real Ray, real MLflow SQLite), champion rule, resume, space errors."""
+"""Tuning end to end (real Ray Tune, real MLflow SQLite), champion rule, resume, space errors."""
 
 from __future__ import annotations
 
@@ -17,30 +17,30 @@ from samtone_ray.core.config import ConfigError, from_dict
 from samtone_ray.data.sources import bundled_sample_path, iter_jsonl, load_beir
 from samtone_ray.tracking.registry import beats
 from samtone_ray.evaluation.per_query import read_per_query
-from samtone_ray.tune.layout import SearchLayout
+from samtone_ray.tune.layout import TuneLayout
 from samtone_ray.tune.space import overrides_of, parse_space
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-# ----------------------------------------------------------------- search-space errors (no Ray)
+# ----------------------------------------------------------------- tuning-space errors (no Ray)
 
 
 @pytest.mark.parametrize(
     "space,needle",
     [
-        ({"loss.same_towr": {"grid": ["none"]}}, "search.space.loss.same_towr"),
-        ({"loss.same_tower": {"grid": []}}, "search.space.loss.same_tower"),
-        ({"train.batch_size": {"grid": [64, 33]}}, "search.space.train.batch_size"),
-        ({"loss.same_tower": {"grid": ["none", "sideways"]}}, "search.space.loss.same_tower"),
-        ({"loss.temperature": {"loguniform": [0, 0.1]}}, "search.space.loss.temperature"),
-        ({"loss.temperature": {"normal": [0, 1]}}, "search.space.loss.temperature"),
-        ({"train.lr": {"uniform": [1e-4]}}, "search.space.train.lr"),
-        ({"registry.model_name": {"grid": ["a"]}}, "search.space.registry.model_name"),
-        ({}, "search.space"),
+        ({"loss.same_towr": {"grid": ["none"]}}, "tune.space.loss.same_towr"),
+        ({"loss.same_tower": {"grid": []}}, "tune.space.loss.same_tower"),
+        ({"train.batch_size": {"grid": [64, 33]}}, "tune.space.train.batch_size"),
+        ({"loss.same_tower": {"grid": ["none", "sideways"]}}, "tune.space.loss.same_tower"),
+        ({"loss.temperature": {"loguniform": [0, 0.1]}}, "tune.space.loss.temperature"),
+        ({"loss.temperature": {"normal": [0, 1]}}, "tune.space.loss.temperature"),
+        ({"train.lr": {"uniform": [1e-4]}}, "tune.space.train.lr"),
+        ({"registry.model_name": {"grid": ["a"]}}, "tune.space.registry.model_name"),
+        ({}, "tune.space"),
     ],
 )
-def test_bad_search_spaces_fail_before_any_trial_naming_the_key(space, needle):
+def test_bad_tuning_spaces_fail_before_any_trial_naming_the_key(space, needle):
     base = from_dict({"scaling": {"num_workers": 2}})
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         parse_space(space, base)
@@ -60,7 +60,7 @@ def test_invalid_combinations_are_skipped_with_a_reason():
 
 
 @pytest.mark.parametrize("algorithm", ["grid", "random", "optuna"])
-def test_search_spaces_convert_for_every_algorithm(algorithm):
+def test_tuning_spaces_convert_for_every_algorithm(algorithm):
     from ray.tune.search.optuna import OptunaSearch
 
     base = from_dict({})
@@ -87,14 +87,14 @@ def test_search_spaces_convert_for_every_algorithm(algorithm):
         ({"train": {"checkpoint_every": 3, "eval_every": 2}}, "train.checkpoint_every=3"),
         ({"train": {"checkpoint_every": 2, "eval_every": 0}}, "train.checkpoint_every=2"),
         ({"data": {"eval": ""}}, "data.eval"),
-        ({"search": {"metric": "mrr@5"}}, "search.metric"),
+        ({"tune": {"metric": "mrr@5"}}, "tune.metric"),
     ],
 )
-def test_searches_whose_reports_would_lack_the_metric_fail_before_starting(tmp_path, settings, needle):
+def test_tuning_runs_whose_reports_would_lack_the_metric_fail_before_starting(tmp_path, settings, needle):
     from samtone_ray.tune.tuner import tune
 
     cfg = from_dict({"output_dir": str(tmp_path / "out"), "tracking": {"uri": f"sqlite:///{tmp_path / 'm.db'}"},
-                     "search": {"space": {"loss.same_tower": "none"}}})
+                     "tune": {"space": {"loss.same_tower": "none"}}})
     cfg = cfg.with_overrides({f"{sec}.{k}": v for sec, kv in settings.items() for k, v in kv.items()})
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         tune(cfg)
@@ -122,7 +122,7 @@ def test_grid_combinations_whose_reports_would_lack_the_metric_are_skipped_up_fr
 def test_asha_milestones_fall_on_every_trials_evaluations(batch_sizes, eval_every, grace, first):
     from samtone_ray.tune.tuner import asha_pairs
 
-    base = from_dict({"train": {"eval_every": eval_every}, "search": {"grace_period": grace}})
+    base = from_dict({"train": {"eval_every": eval_every}, "tune": {"grace_period": grace}})
     space = parse_space({"train.batch_size": {"grid": batch_sizes}}, base)
     assert asha_pairs(base, space) == first
     for milestone in (first << k for k in range(6)):  # ASHA's milestones with reduction factor 2
@@ -132,15 +132,15 @@ def test_asha_milestones_fall_on_every_trials_evaluations(batch_sizes, eval_ever
 
 def test_cli_rejects_a_bad_space_before_starting_ray(tmp_path):
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text(yaml.safe_dump({"search": {"space": {"train.batch_size": {"grid": [64, 3]}}}}))
+    cfg.write_text(yaml.safe_dump({"tune": {"space": {"train.batch_size": {"grid": [64, 3]}}}}))
     proc = subprocess.run([sys.executable, "-m", "samtone_ray.cli", "tune", "--config", str(cfg)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
-    assert "search.space.train.batch_size" in proc.stderr
+    assert "tune.space.train.batch_size" in proc.stderr
     assert not (tmp_path / ".samtone").exists()  # nothing started, nothing written
 
 
-def test_the_leaderboard_and_the_search_share_a_layout_module_not_each_other():
+def test_the_leaderboard_and_the_tuner_share_a_layout_module_not_each_other():
     import ast
 
     import samtone_ray.tune.leaderboard as leaderboard
@@ -148,6 +148,39 @@ def test_the_leaderboard_and_the_search_share_a_layout_module_not_each_other():
     tree = ast.parse(Path(leaderboard.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert "samtone_ray.tune.tuner" not in imported and "samtone_ray.tune.layout" in imported
+
+
+def _legacy_state(out: Path, config: dict, parent_run_id: str | None = None) -> None:
+    """The state of a study started before the rename: ``search.json``, its config's section ``search``."""
+    config = dict(config)
+    config["search"] = config.pop("tune")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "search.json").write_text(json.dumps({"config": config, "parent_run_id": parent_run_id, "started": 0.0}))
+
+
+def test_the_state_is_tune_json_and_an_older_studys_search_json_is_read_when_alone(tmp_path):
+    from samtone_ray.tune.layout import TuneLayout
+
+    layout = TuneLayout(tmp_path)
+    assert layout.state.name == layout.saved_state.name == "tune.json"
+    _legacy_state(tmp_path, from_dict({"tune": {"metric": "ndcg@10"}}).to_dict())
+    assert layout.saved_state.name == "search.json" and layout.state.name == "tune.json"  # read old, write new
+    with pytest.warns(FutureWarning, match=r"search\.json: the config section 'search' is now 'tune'"):
+        state = layout.read_state()
+    assert "search" not in state["config"] and from_dict(state["config"]).tune.metric == "ndcg@10"
+    (tmp_path / "tune.json").write_text(json.dumps({"config": from_dict({}).to_dict(), "parent_run_id": "p"}))
+    assert layout.saved_state.name == "tune.json" and layout.read_state()["parent_run_id"] == "p"
+
+
+def test_cli_resume_finds_an_older_studys_search_json(tmp_path):
+    # A grid that fails validation: the resume stops before Ray, after reading the old state.
+    _legacy_state(tmp_path / "out", from_dict({"output_dir": str(tmp_path / "out"),
+                                               "tune": {"space": {"train.batch_size": {"grid": [64, 3]}}}}).to_dict())
+    proc = subprocess.run([sys.executable, "-m", "samtone_ray.cli", "tune", "--resume", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "nothing to resume" not in proc.stderr and "tune.space.train.batch_size" in proc.stderr
+    assert "search.json: the config section 'search' is now 'tune'" in proc.stderr
 
 
 def test_champion_rule_is_strict_and_mode_aware():
@@ -158,7 +191,7 @@ def test_champion_rule_is_strict_and_mode_aware():
     assert not beats(0.48, 0.5, "min", min_delta=0.02) and beats(0.47, 0.5, "min", min_delta=0.02)
 
 
-# ----------------------------------------------------------------- a tiny real search
+# ----------------------------------------------------------------- a tiny real tuning run
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +223,7 @@ def tiny_beir(tmp_path_factory):
     return root
 
 
-def _search_cfg(tiny_model_dir, tiny_beir, out, uri, **extra):
+def _tune_cfg(tiny_model_dir, tiny_beir, out, uri, **extra):
     cfg = {
         "name": "t",
         "output_dir": str(out),
@@ -199,7 +232,7 @@ def _search_cfg(tiny_model_dir, tiny_beir, out, uri, **extra):
         "train": {"batch_size": 8, "lr": 1e-3, "max_steps": 4, "eval_every": 2, "log_every": 1},
         "scaling": {"num_workers": 1},
         "tracking": {"uri": uri, "experiment": "tests"},
-        "search": {
+        "tune": {
             "scheduler": "asha",
             "space": {"loss.same_tower": {"grid": ["none", "both"]}, "train.batch_size": {"grid": [4, 8]}},
         },
@@ -211,18 +244,18 @@ def _search_cfg(tiny_model_dir, tiny_beir, out, uri, **extra):
 
 
 @pytest.fixture(scope="module")
-def search(ray_cluster, tiny_model_dir, tiny_beir, tmp_path_factory):
+def tuned(ray_cluster, tiny_model_dir, tiny_beir, tmp_path_factory):
     from samtone_ray.tune.tuner import tune
 
-    root = tmp_path_factory.mktemp("search")
+    root = tmp_path_factory.mktemp("tuned")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     # Every evaluation searches the 20 queries' judged documents plus a fixed sample: 60 of 150.
-    cfg = _search_cfg(tiny_model_dir, tiny_beir, root / "out", uri, train={"eval_max_docs": 60})
+    cfg = _tune_cfg(tiny_model_dir, tiny_beir, root / "out", uri, train={"eval_max_docs": 60})
     return tune(cfg), cfg, uri
 
 
-def test_search_runs_every_valid_trial_and_writes_the_leaderboard(search):
-    outcome, cfg, _ = search
+def test_tuning_runs_every_valid_trial_and_writes_the_leaderboard(tuned):
+    outcome, cfg, _ = tuned
     trials = [r for r in outcome.leaderboard if r["trial"] != "-"]
     assert len(trials) == 4
     assert {(r["settings"]["same_tower"], r["settings"]["batch_size"]) for r in trials} == {
@@ -239,7 +272,7 @@ def test_search_runs_every_valid_trial_and_writes_the_leaderboard(search):
     assert (outcome.output_dir / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
     # Each trial's per-query values are its reported metric's, with an interval around it.
     for r in trials:
-        values = read_per_query(SearchLayout(outcome.output_dir).trial(r["trial"]).per_query, "mrr@10")
+        values = read_per_query(TuneLayout(outcome.output_dir).trial(r["trial"]).per_query, "mrr@10")
         assert len(values) == 20 and sum(values.values()) / 20 == pytest.approx(r["metrics"]["mrr@10"])
         assert r["ci"].low <= r["metrics"]["mrr@10"] <= r["ci"].high
     refs = [r for r in trials if r["verdict"] == "reference"]
@@ -250,12 +283,12 @@ def test_search_runs_every_valid_trial_and_writes_the_leaderboard(search):
     assert outcome.best["metrics"]["mrr@10"] == max(r["metrics"]["mrr@10"] for r in finished)
 
 
-def test_asha_compares_trials_at_equal_training_pairs(search):
-    outcome, cfg, _ = search
+def test_asha_compares_trials_at_equal_training_pairs(tuned):
+    outcome, cfg, _ = tuned
     trials = [r for r in outcome.leaderboard if r["trial"] != "-"]
     first_milestone = 16  # grace 1 x lcm(2 steps x 4 pairs, 2 steps x 8 pairs)
     for row in trials:
-        results = SearchLayout(outcome.output_dir).tune_results(row["trial"])
+        results = TuneLayout(outcome.output_dir).tune_results(row["trial"])
         reports = [json.loads(line) for line in results.read_text().splitlines()]
         batch = row["settings"]["batch_size"]
         assert all(r["pairs"] == r["step"] * batch for r in reports)  # ASHA's clock is in every report
@@ -279,8 +312,8 @@ def test_a_skipped_draw_reports_the_metric_and_is_a_skipped_row(ray_cluster, tin
     from samtone_ray.tune.tuner import tune
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = _search_cfg(tiny_model_dir, tiny_beir, tmp_path / "out", uri,
-                      search={"algorithm": algorithm, "num_samples": 2, "scheduler": "asha", "space": space})
+    cfg = _tune_cfg(tiny_model_dir, tiny_beir, tmp_path / "out", uri,
+                      tune={"algorithm": algorithm, "num_samples": 2, "scheduler": "asha", "space": space})
     outcome = tune(cfg)
     rows = [r for r in outcome.leaderboard if r["trial"] != "-"]
     assert len(rows) == 2
@@ -289,13 +322,13 @@ def test_a_skipped_draw_reports_the_metric_and_is_a_skipped_row(ray_cluster, tin
     assert outcome.best is None and outcome.champion is None
 
 
-def test_a_search_failing_after_its_parent_run_started_marks_it_failed(ray_cluster, tiny_model_dir, tiny_beir, tmp_path):
+def test_a_tuning_run_failing_after_its_parent_run_started_marks_it_failed(ray_cluster, tiny_model_dir, tiny_beir, tmp_path):
     from mlflow import MlflowClient
 
     from samtone_ray.tune.tuner import tune
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = _search_cfg(tiny_model_dir, tiny_beir, tmp_path / "out", uri, search={"space": {"loss.same_tower": "none"}})
+    cfg = _tune_cfg(tiny_model_dir, tiny_beir, tmp_path / "out", uri, tune={"space": {"loss.same_tower": "none"}})
     cfg = cfg.with_overrides({"model.name_or_path": str(tmp_path / "no-such-model")})
     with pytest.raises(Exception, match="no-such-model"):
         tune(cfg, zero_shot=True)  # the zero-shot reference fails once the parent run exists
@@ -304,7 +337,7 @@ def test_a_search_failing_after_its_parent_run_started_marks_it_failed(ray_clust
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
-def test_stopped_trials_release_their_workers(search, ray_cluster):
+def test_stopped_trials_release_their_workers(tuned, ray_cluster):
     total = ray_cluster.cluster_resources()["CPU"]
     # Ray Train's PlacementGroupCleaner frees a stopped trial's workers once it sees the trial's
     # controller gone; on a loaded 2-core machine that poll can lag by tens of seconds.
@@ -314,14 +347,14 @@ def test_stopped_trials_release_their_workers(search, ray_cluster):
     assert ray_cluster.available_resources().get("CPU", 0) == total
 
 
-def test_mlflow_has_a_parent_run_with_a_child_per_trial(search):
+def test_mlflow_has_a_parent_run_with_a_child_per_trial(tuned):
     from mlflow import MlflowClient
 
-    outcome, cfg, uri = search
+    outcome, cfg, uri = tuned
     c = MlflowClient(uri)
     parent = c.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED"
-    assert json.loads(parent.data.params["search.space"]) == cfg.search.space
+    assert json.loads(parent.data.params["tune.space"]) == cfg.tune.space
     assert outcome.eval_corpus == "60 of 150 documents (relevant + fixed sample)"
     assert (parent.data.params["eval_docs"], parent.data.params["eval_docs_total"]) == ("60", "150")
     children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
@@ -338,7 +371,7 @@ def test_mlflow_has_a_parent_run_with_a_child_per_trial(search):
     assert {"leaderboard.csv", "leaderboard.png"} <= artifacts
 
 
-def test_best_model_is_registered_as_champion(search):
+def test_best_model_is_registered_as_champion(tuned):
     import mlflow
     from mlflow import MlflowClient
 
@@ -346,12 +379,12 @@ def test_best_model_is_registered_as_champion(search):
     from samtone_ray.evaluation.retrieval import evaluate_model
     from samtone_ray.model.towers import DualEncoder
 
-    outcome, cfg, uri = search
+    outcome, cfg, uri = tuned
     c = MlflowClient(uri, registry_uri=uri)
     champion = c.get_model_version_by_alias("tiny", "champion")
     assert int(champion.version) == outcome.champion["version"] and outcome.champion["promoted"]
     assert champion.run_id == outcome.best["run_id"]
-    # The champion rule scored the candidate on the search's bounded corpus: the saved model,
+    # The champion rule scored the candidate on the tuning run's bounded corpus: the saved model,
     # evaluated here on the documents load_data picks, gives the same number.
     assert (champion.tags["eval_docs"], champion.tags["eval_docs_total"]) == ("60", "150")
     _, split = load_data(cfg)
@@ -365,27 +398,27 @@ def test_best_model_is_registered_as_champion(search):
     assert emb.shape == (1, 32)
 
 
-def test_models_command_lists_versions_and_aliases(search, capsys):
+def test_models_command_lists_versions_and_aliases(tuned, capsys):
     from samtone_ray.cli import main
 
-    _, _, uri = search
+    _, _, uri = tuned
     assert main(["models", "tiny", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
     assert "champion" in out and "mrr@10" in out
 
 
-def test_a_failed_trial_is_an_error_row_and_a_failed_run_and_the_search_goes_on(ray_cluster, tiny_model_dir, tiny_beir, tmp_path):
+def test_a_failed_trial_is_an_error_row_and_a_failed_run_and_the_tuning_goes_on(ray_cluster, tiny_model_dir, tiny_beir, tmp_path):
     from mlflow import MlflowClient
 
     from samtone_ray.tune.tuner import tune
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # fail_at_step=1 with no restarts allowed: that trial dies before its first report.
-    cfg = _search_cfg(
+    cfg = _tune_cfg(
         tiny_model_dir, tiny_beir, tmp_path / "out", uri,
         scaling={"max_failures": 0},
-        search={"scheduler": "none", "max_concurrent_trials": 1,
-                "space": {"loss.same_tower": "none", "train.fail_at_step": {"grid": [0, 1]}}},
+        tune={"scheduler": "none", "max_concurrent_trials": 1,
+              "space": {"loss.same_tower": "none", "train.fail_at_step": {"grid": [0, 1]}}},
     )
     outcome = tune(cfg)
     rows = {r["settings"]["train.fail_at_step"]: r for r in outcome.leaderboard}
@@ -394,27 +427,27 @@ def test_a_failed_trial_is_an_error_row_and_a_failed_run_and_the_search_goes_on(
     c = MlflowClient(uri)
     failed = c.get_run(rows[1]["run_id"])
     assert failed.info.status == "FAILED" and failed.data.tags["samtone.status"] == "error"
-    # The searched key outside the standard columns has a leaderboard column of its own.
+    # The tuned key outside the standard columns has a leaderboard column of its own.
     header = (outcome.output_dir / "leaderboard.csv").read_text().splitlines()[0].split(",")
     assert header[1:9] == ["same_tower", "bidirectional", "batch_size", "temperature", "lr", "same_tower_weight",
                            "false_negative_margin", "train.fail_at_step"]
     assert c.get_run(rows[0]["run_id"]).info.status == "FINISHED"
 
 
-# ----------------------------------------------------------------- resume after an interrupted search
+# ----------------------------------------------------------------- resume after an interrupted tuning run
 
 
-def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluster, tiny_model_dir, tiny_beir, tmp_path):
+def test_interrupted_tuning_run_resumes_without_rerunning_finished_trials(ray_cluster, tiny_model_dir, tiny_beir, tmp_path):
     from mlflow import MlflowClient
 
     from samtone_ray.tune.tuner import tune
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = _search_cfg(
+    cfg = _tune_cfg(
         tiny_model_dir, tiny_beir, tmp_path / "out", uri,
-        search={"scheduler": "none", "max_concurrent_trials": 1, "space": {"loss.same_tower": {"grid": ["none", "both"]}}},
+        tune={"scheduler": "none", "max_concurrent_trials": 1, "space": {"loss.same_tower": {"grid": ["none", "both"]}}},
     )
-    config_file = tmp_path / "search.yaml"
+    config_file = tmp_path / "tune.yaml"
     config_file.write_text(yaml.safe_dump(cfg.to_dict()))
     env = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "samtone_ray.cli", "tune", "--config", str(config_file)],
@@ -424,14 +457,21 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
     deadline = time.time() + 600
     while time.time() < deadline and not _terminated_trials(tmp_path / "out" / "tune"):
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-search, as on a lost head node
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run, as on a lost head node
     proc.wait()
     first_done = _terminated_trials(tmp_path / "out" / "tune")
     assert first_done, "no trial finished before the interruption"
-    assert len(first_done) < 2, "the search ended before it could be interrupted"
+    assert len(first_done) < 2, "the tuning run ended before it could be interrupted"
     stamps = {t: (trials / t / "model").stat().st_mtime_ns for t in first_done}
+    # A study started before the rename resumes too: its state was search.json, section 'search'.
+    state = json.loads((tmp_path / "out" / "tune.json").read_text())
+    (tmp_path / "out" / "tune.json").unlink()
+    _legacy_state(tmp_path / "out", state["config"], state["parent_run_id"])
 
-    outcome = tune(cfg, resume=True)
+    with pytest.warns(FutureWarning, match=r"search\.json: the config section 'search' is now 'tune'"):
+        outcome = tune(cfg, resume=True)
+    assert outcome.parent_run_id == state["parent_run_id"]  # the same MLflow parent run, continued
+    assert json.loads((tmp_path / "out" / "tune.json").read_text())["config"]["tune"] == cfg.to_dict()["tune"]
     rows = [r for r in outcome.leaderboard if r["trial"] != "-"]
     assert len(rows) == 2 and all(r["status"] == "finished" for r in rows)
     for t in first_done:  # finished before the kill: not trained again
