@@ -67,7 +67,9 @@ def run_point(args: argparse.Namespace) -> dict:
     from samtone_ray.core.config import from_dict
     from samtone_ray.data.sources import load_training_pairs
     from samtone_ray.train.gradcache import grad_cache_step
-    from samtone_ray.train.trainer import batch_keys, build_model, shard_loss, train_step
+    from samtone_ray.train.trainer import batch_keys, shard_loss, train_step
+    from samtone_ray.model.losses import SamToNeLoss
+    from samtone_ray.model.towers import DualEncoder
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device(args.device)
@@ -84,7 +86,7 @@ def run_point(args: argparse.Namespace) -> dict:
     pairs = load_training_pairs(args.data, "train")
     indices = np.arange(args.point) % len(pairs)  # a small set wraps: masking removes the repeats
     torch.manual_seed(0)
-    model = build_model(cfg).to(device)
+    model = DualEncoder.from_config(cfg.model).to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     pair_keys = PairKeys.build(pairs, 0) if cfg.loss.mask_duplicates else None
@@ -95,11 +97,11 @@ def run_point(args: argparse.Namespace) -> dict:
     def step(shard, keys) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         if args.mode == "cache":
-            loss_fn = functools.partial(shard_loss, loss_cfg=cfg.loss, keys=keys, rank=0)
+            loss_fn = functools.partial(shard_loss, loss_fn=SamToNeLoss(cfg.loss), keys=keys, rank=0)
             loss = grad_cache_step(model, shard, loss_fn, micro_batch_size=cfg.train.micro_batch_size,
                                    precision=cfg.train.precision)
         else:
-            loss = train_step(model, shard, cfg.loss, keys=keys, rank=0, precision=cfg.train.precision)
+            loss = train_step(model, shard, SamToNeLoss(cfg.loss), keys=keys, rank=0, precision=cfg.train.precision)
             loss.backward()
         optimizer.step()
         return loss

@@ -22,7 +22,7 @@ AMX), then multiplies them by the demo's counts:
   The champion rule's evaluations (the candidate, and the incumbent when there is one,
   re-evaluated from the registry on the driver) cost the same.
 
-The demo's counts (``demo_counts``) follow its measured runs (README): 4 trials, the first trains
+The demo's counts (``demo_counts``) follow its measured runs (benchmarks/README.md, "How long `make demo` takes"): 4 trials, the first trains
 all 47 steps (evaluated every ``train.eval_every`` steps and at the end), ASHA stops the other three
 at their first evaluation; 1 zero-shot evaluation, 4 worker groups. The champion rule adds evaluations of its
 own (the candidate and the incumbent re-evaluated from the registry: ``champion_evals``).
@@ -59,7 +59,7 @@ from samtone_ray.data.sources import load_data  # noqa: E402
 from samtone_ray.evaluation.retrieval import evaluate_model  # noqa: E402
 from samtone_ray.core.files import atomic_write_json  # noqa: E402
 from samtone_ray.core.runtime import TRAIN_POLL_INTERVAL_S, connect_ray, resolve_precision  # noqa: E402
-from samtone_ray.train.trainer import build_model  # noqa: E402
+from samtone_ray.model.towers import DualEncoder  # noqa: E402
 
 EPOCH_STEPS = 47  # the bundled sample's 3,008 training pairs in batches of 64
 
@@ -87,7 +87,8 @@ def _profile_worker(config):
 
     from samtone_ray.data.batching import PairKeys, Schedule, make_shard
     from samtone_ray.core.config import from_dict
-    from samtone_ray.train.trainer import batch_keys, build_model, linear_schedule, train_step
+    from samtone_ray.train.trainer import batch_keys, linear_schedule, train_step
+    from samtone_ray.model.losses import SamToNeLoss
 
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
@@ -95,7 +96,7 @@ def _profile_worker(config):
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
     pairs, split, full = ray.get(config["pairs"]), ray.get(config["eval"]), ray.get(config["eval_full"])
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg)
+    model = DualEncoder.from_config(cfg.model)
     ddp = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = linear_schedule(optimizer, 47, cfg.train.warmup_ratio)
@@ -113,7 +114,7 @@ def _profile_worker(config):
                                num_negatives=0, chunk_size=chunk_size)
             dist.barrier()
             t0 = time.perf_counter()
-            loss = train_step(ddp, shard, cfg.loss, keys=batch_keys(keys, indices), rank=rank,
+            loss = train_step(ddp, shard, SamToNeLoss(cfg.loss), keys=batch_keys(keys, indices), rank=rank,
                               precision=cfg.train.precision)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -197,7 +198,7 @@ def main() -> int:
             if before and name == "zero_shot_full_s":
                 continue
             t0 = time.perf_counter()
-            zero_shot[name] = evaluate_model(build_model(cfg), data, cfg.train.eval_batch_size, cfg.train.precision)
+            zero_shot[name] = evaluate_model(DualEncoder.from_config(cfg.model), data, cfg.train.eval_batch_size, cfg.train.precision)
             parts[name] = time.perf_counter() - t0
             print(f"{name}: {parts[name]:.1f} s, mrr@10={zero_shot[name]['mrr@10']:.4f}", flush=True)
 

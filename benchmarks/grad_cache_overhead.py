@@ -35,7 +35,9 @@ from samtone_ray.data.sources import bundled_sample_path, load_training_pairs  #
 from samtone_ray.core.files import atomic_write_json  # noqa: E402
 from samtone_ray.train.gradcache import grad_cache_step  # noqa: E402
 from samtone_ray.model.tokenization import as_token_chunks  # noqa: E402
-from samtone_ray.train.trainer import build_model, shard_loss, train_step  # noqa: E402
+from samtone_ray.train.trainer import shard_loss, train_step  # noqa: E402
+from samtone_ray.model.losses import SamToNeLoss  # noqa: E402
+from samtone_ray.model.towers import DualEncoder  # noqa: E402
 
 DEFAULT_DATA = Path("/work/shared/data/debian")
 RESULTS = Path(__file__).resolve().parent / "results" / "grad_cache_overhead.json"
@@ -60,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     cfg = from_dict({"model": {"name_or_path": args.model}, "scaling": {"num_workers": 1}})
     pairs = load_training_pairs(DEFAULT_DATA if DEFAULT_DATA.is_dir() else bundled_sample_path(), "train")
-    model = build_model(cfg).train()
-    loss_fn = functools.partial(shard_loss, loss_cfg=cfg.loss, keys=None, rank=0)
+    model = DualEncoder.from_config(cfg.model).train()
+    loss_fn = functools.partial(shard_loss, loss_fn=SamToNeLoss(cfg.loss), keys=None, rank=0)
     seconds: dict[str, list[float]] = {"plain": [], "cache": [], "forward_no_graph": []}
     for rep in range(args.reps):
         indices = np.arange(rep * args.batch_size, (rep + 1) * args.batch_size) % len(pairs)
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             model.zero_grad(set_to_none=True)
             t0 = time.process_time()
             if name == "plain":
-                train_step(model, shard, cfg.loss, keys=None, rank=0).backward()
+                train_step(model, shard, SamToNeLoss(cfg.loss), keys=None, rank=0).backward()
             elif name == "cache":
                 grad_cache_step(model, shard, loss_fn, micro_batch_size=args.micro_batch_size)
             else:

@@ -78,7 +78,9 @@ from samtone_ray.data.pairs import PairTable  # noqa: E402
 from samtone_ray.train.gradcache import grad_cache_step  # noqa: E402
 from samtone_ray.core.runtime import device_name  # noqa: E402
 from samtone_ray.model.layout import resolve_model_path  # noqa: E402
-from samtone_ray.train.trainer import batch_keys, build_model, shard_loss, train_step  # noqa: E402
+from samtone_ray.train.trainer import batch_keys, shard_loss, train_step  # noqa: E402
+from samtone_ray.model.losses import SamToNeLoss  # noqa: E402
+from samtone_ray.model.towers import DualEncoder  # noqa: E402
 
 DEFAULT_DATA = Path("/work/shared/data/debian")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "train_throughput.json"
@@ -132,7 +134,7 @@ class ProjectSystem:
         """``cfg.train.micro_batch_size`` > 0 runs the gradient-cache step (gradcache.py)."""
         self.name, self.cfg, self.pairs, self.device = name, cfg, pairs, device
         torch.manual_seed(seed)
-        self.model = build_model(cfg).to(device)
+        self.model = DualEncoder.from_config(cfg.model).to(device)
         self.model.train()
         self.optimizer = _optimizer(self.model, device)
         self.keys = PairKeys.build(pairs, 0) if mask_duplicates else None
@@ -153,12 +155,12 @@ class ProjectSystem:
         keys = batch_keys(self.keys, indices)
         self.optimizer.zero_grad(set_to_none=True)
         if cfg.train.micro_batch_size:
-            loss_fn = functools.partial(shard_loss, loss_cfg=cfg.loss, keys=keys, rank=0)
+            loss_fn = functools.partial(shard_loss, loss_fn=SamToNeLoss(cfg.loss), keys=keys, rank=0)
             loss = grad_cache_step(
                 self.model, shard, loss_fn, micro_batch_size=cfg.train.micro_batch_size, precision=cfg.train.precision
             )
         else:
-            loss = train_step(self.model, shard, cfg.loss, keys=keys, rank=0, precision=cfg.train.precision)
+            loss = train_step(self.model, shard, SamToNeLoss(cfg.loss), keys=keys, rank=0, precision=cfg.train.precision)
             loss.backward()
         self.optimizer.step()
         _sync(self.device)

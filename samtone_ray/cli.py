@@ -86,7 +86,8 @@ def cmd_train(args) -> int:
     from samtone_ray.evaluation.retrieval import format_metrics_table
     from samtone_ray.data.sources import load_data
     from samtone_ray.evaluation.retrieval import evaluate_model as evaluate
-    from samtone_ray.train.trainer import build_model, train
+    from samtone_ray.model.towers import DualEncoder
+    from samtone_ray.train.trainer import train
 
     cfg = _load(args)
     _echo(cfg)
@@ -94,7 +95,7 @@ def cmd_train(args) -> int:
     rows = {}
     if data[1] is not None and not args.no_baseline:
         print("evaluating the base model zero-shot ...", flush=True)
-        rows["zero-shot"] = evaluate(build_model(cfg), data[1], cfg.train.eval_batch_size, cfg.train.precision)
+        rows["zero-shot"] = evaluate(DualEncoder.from_config(cfg.model), data[1], cfg.train.eval_batch_size, cfg.train.precision)
     outcome = train(cfg, data=data)
     if data[1] is not None:
         rows["fine-tuned"] = {k: v for k, v in outcome.metrics.items() if "@" in k}
@@ -137,8 +138,11 @@ def cmd_tune(args) -> int:
         print(f"champion: not decided: {outcome.champion['error']}", file=sys.stderr)
         return 1
     if outcome.champion:
-        print(f"champion: models:/{cfg.registry.model_name}@{cfg.registry.alias} "
+        from samtone_ray.tracking.model_uri import alias_uri
+
+        print(f"champion: {alias_uri(cfg.registry.model_name, cfg.registry.alias)} "
               f"(version {outcome.champion['version'] if outcome.champion['promoted'] else outcome.champion['incumbent_version']})")
+    print("\n" + next_steps(cfg, outcome, None if verbose else TuneLayout(outcome.output_dir).ray_log))
     return 0
 
 

@@ -22,8 +22,8 @@ ALLOWED = {
     "encode": {"core", "model", "data", "evaluation", "tracking"},
     "serve": {"core", "model", "data", "encode", "tracking"},
     "cluster": {"core", "tracking"},
-    # The analyses score models that ``train`` builds; ``tune`` may run them after a tuning run.
-    "analysis": {"core", "model", "data", "tracking", "train"},
+    # ``tune`` may run the analyses after a tuning run.
+    "analysis": {"core", "model", "data", "tracking"},
     "tune": {"core", "model", "data", "evaluation", "tracking", "train", "analysis"},
 }
 # Deprecated re-exports kept for one release (deployed Serve configs, pickled MLflow models).

@@ -450,10 +450,10 @@ def analyze_tuning(
             label = f"{role} {row['trial']} (same_tower={_strategy(row)})"
             models.append((label, row["model_dir"], {"uri": row["model_dir"], "trial": row["trial"], "run_id": row.get("run_id")}))
     if reference is None:
-        from samtone_ray.train.trainer import build_model
+        from samtone_ray.model.towers import DualEncoder
 
         # The base model as the tuning run's zero-shot reference row saw it (same lengths and layout).
-        models.append((f"zero-shot {cfg.model.name_or_path}", build_model(cfg), {"uri": cfg.model.name_or_path}))
+        models.append((f"zero-shot {cfg.model.name_or_path}", DualEncoder.from_config(cfg.model), {"uri": cfg.model.name_or_path}))
     settings = AnalysisSettings(batch_size=cfg.train.eval_batch_size, precision=cfg.train.precision, seed=cfg.train.seed)
     return analyze_models(models, eval_split, out_dir, settings, data_label=f"{cfg.data.eval}:{cfg.data.eval_split}",
                           tracking_uri=tracking_uri, experiment=cfg.tracking.experiment, tune_run_id=tune_run_id)

@@ -64,21 +64,29 @@ class DataConfig:
             raise ConfigError(f"data.num_hard_negatives must be >= 0, got {self.num_hard_negatives}")
 
 
+HYPERPARAMETER = {"hyperparameter": True}
+"""Field metadata of the settings that change what a model learns: they are logged as the loss's
+MLflow params and get a leaderboard column of their own (``hyperparameter_keys``)."""
+
+
 @dataclass
 class LossConfig:
-    same_tower: SameTower = "both"
-    bidirectional: bool = True
-    temperature: float = 0.05
+    same_tower: SameTower = field(default="both", metadata=HYPERPARAMETER)
+    bidirectional: bool = field(default=True, metadata=HYPERPARAMETER)
+    temperature: float = field(default=0.05, metadata=HYPERPARAMETER)
     mask_duplicates: bool = True
-    same_tower_weight: float = 1.0
+    same_tower_weight: float = field(default=1.0, metadata=HYPERPARAMETER)
     """alpha >= 0 multiplies each same-tower term of a softmax denominator (1 = SamToNe, 0 = plain in-batch)."""
-    false_negative_margin: float | None = None
+    false_negative_margin: float | None = field(default=None, metadata=HYPERPARAMETER)
     """Drop each negative whose cosine to the anchor exceeds the positive's plus this margin (null = off)."""
     anchor_chunk_size: int = 0
     """Anchors per loss chunk (0 = all at once): bounds the logits to [chunk, candidates] for big batches."""
 
+    def hyperparameters(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("hyperparameter")}
+
     def __post_init__(self) -> None:
-        if isinstance(self.anchor_chunk_size, bool) or self.anchor_chunk_size < 0:
+        if type(self.anchor_chunk_size) is not int or self.anchor_chunk_size < 0:
             raise ConfigError(f"loss.anchor_chunk_size must be an int >= 0 (0 = off), got {self.anchor_chunk_size!r}")
         with _as(ConfigError):
             settings.check_temperature(self.temperature, prefix="loss.")
@@ -94,9 +102,9 @@ END_ONLY = -1
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64
+    batch_size: int = field(default=64, metadata=HYPERPARAMETER)
     """The GLOBAL batch: split evenly over the workers; negatives come from all of it."""
-    lr: float = 5e-5
+    lr: float = field(default=5e-5, metadata=HYPERPARAMETER)
     weight_decay: float = 0.01
     epochs: int = 1
     max_steps: int = 0
@@ -277,6 +285,13 @@ class Config:
                 f"train.batch_size={self.train.batch_size} is the global batch and must be divisible "
                 f"by scaling.num_workers={self.scaling.num_workers}"
             )
+
+    @staticmethod
+    def hyperparameter_keys() -> list[str]:
+        """Dotted keys of the fields marked ``HYPERPARAMETER``, in schema order (loss, then train)."""
+        return [f"{section.name}.{f.name}" for section in dataclasses.fields(Config)
+                if dataclasses.is_dataclass(section.default_factory)
+                for f in dataclasses.fields(section.default_factory) if f.metadata.get("hyperparameter")]
 
     def with_output_dir(self) -> "Config":
         """This config with ``output_dir`` fixed (a fresh timestamped folder when empty)."""

@@ -34,6 +34,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from samtone_ray.core.choices import POOLINGS, Pooling
+from samtone_ray.core.config import ModelConfig
 
 if TYPE_CHECKING:
     from samtone_ray.model.towers import DualEncoder
@@ -95,7 +96,7 @@ def load_model_dir(cls: type[DualEncoder], root: Path) -> tuple[DualEncoder, tup
         return _load_sentence_transformers(cls, root)
     if (root / "config.json").is_file():
         encoder, tokenizer = AutoModel.from_pretrained(root), AutoTokenizer.from_pretrained(root)
-        return cls(encoder, tokenizer), (32, 128)
+        return cls(encoder, tokenizer), (ModelConfig.query_max_length, ModelConfig.doc_max_length)
     raise ValueError(f"{root} holds no model: expected {SAMTONE_CONFIG}, modules.json or config.json")
 
 

@@ -41,13 +41,14 @@ similarities and never removes the positive.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samtone_ray.core.choices import SameTower, validate_loss_config
+from samtone_ray.core.config import LossConfig
 
 
 def _check_keys(name: str, keys: torch.Tensor | None, shape: tuple[int, ...],
@@ -123,31 +124,38 @@ def contrastive_loss(
     q: torch.Tensor,
     d: torch.Tensor,
     *,
-    same_tower: SameTower = "both",
-    bidirectional: bool = True,
-    temperature: float = 0.05,
-    same_tower_weight: float = 1.0,
-    false_negative_margin: float | None = None,
     hard_negatives: torch.Tensor | None = None,
     query_keys: torch.Tensor | None = None,
     doc_keys: torch.Tensor | None = None,
     hard_negative_keys: torch.Tensor | None = None,
     anchor_offset: int = 0,
     num_anchors: int | None = None,
-    anchor_chunk_size: int | None = None,
+    **settings,
+) -> torch.Tensor:
+    """The functional form: ``SamToNeLoss(**settings)(q, d, ...)``; ``settings`` are the fields of
+    :class:`~samtone_ray.core.config.LossConfig` (``same_tower``, ``temperature``, ...), with its
+    defaults. Code that computes the loss more than once builds a :class:`SamToNeLoss` once."""
+    return SamToNeLoss(**settings)(q, d, hard_negatives, query_keys, doc_keys, hard_negative_keys,
+                                   anchor_offset, num_anchors)
+
+
+def _samtone_loss(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    settings: LossConfig,
+    hard_negatives: torch.Tensor | None,
+    query_keys: torch.Tensor | None,
+    doc_keys: torch.Tensor | None,
+    hard_negative_keys: torch.Tensor | None,
+    anchor_offset: int,
+    num_anchors: int | None,
 ) -> torch.Tensor:
     """SamToNe loss (see module docstring) as a scalar, float32 for half/bf16/fp32 inputs.
 
+    ``settings`` were validated when the LossConfig was built; only the tensors are checked here.
+
     Args:
         q, d: [B, D] L2-normalised query / positive-document embeddings; row i is a pair.
-        same_tower: which same-tower negatives join the softmax: "none", "query" (q_j in q->d),
-            "doc" (d_j in d->q, needs bidirectional), "both".
-        bidirectional: also average in the d->q direction.
-        temperature: tau > 0; logits are similarities / tau.
-        same_tower_weight: alpha >= 0, multiplies each same-tower term of a denominator (1 =
-            SamToNe, 0 = exactly the plain in-batch loss).
-        false_negative_margin: m, or None (off): drop each anchor's negatives whose similarity
-            exceeds the similarity to its positive plus m (module docstring).
         hard_negatives: [B, K, D]; all B*K are candidates for every query anchor (q->d only).
         query_keys, doc_keys: [B] integer ids of the texts (equal ids = equal texts); candidates
             of pairs sharing the anchor pair's query or document are removed from the softmax
@@ -158,13 +166,16 @@ def contrastive_loss(
             (default: all B) against all B candidates. With q, d, hard negatives and keys
             all-gathered, each worker passes its own row range; the mean of equal-size shard
             losses equals the full-batch loss.
-        anchor_chunk_size: bound memory: anchors are processed this many at a time, each chunk's
-            gradients computed in the same pass and its logits freed, so no logits tensor is larger
-            than [chunk, candidates] and only one chunk's is alive at a time. Same value and
-            gradients as unchunked (up to float summation order), no recomputation; no double
-            backward. None = all anchors at once.
+
+    ``settings.anchor_chunk_size`` bounds memory: anchors are processed this many at a time, each
+    chunk's gradients computed in the same pass and its logits freed, so no logits tensor is
+    larger than [chunk, candidates]. Same value and gradients as unchunked (up to float summation
+    order), no recomputation, no double backward.
     """
-    validate_loss_config(same_tower, bidirectional, temperature, same_tower_weight, false_negative_margin)
+    same_tower, bidirectional = settings.same_tower, settings.bidirectional
+    temperature, same_tower_weight = settings.temperature, settings.same_tower_weight
+    false_negative_margin = settings.false_negative_margin
+    anchor_chunk_size = settings.anchor_chunk_size or None
     if q.ndim != 2 or q.shape != d.shape:
         raise ValueError(f"q and d must both be [B, D] with equal shapes, got q {tuple(q.shape)} "
                          f"and d {tuple(d.shape)}")
@@ -183,8 +194,6 @@ def contrastive_loss(
         if doc_keys is None:
             raise ValueError("hard_negative_keys need doc_keys: a hard negative is removed when "
                              "its key equals the doc key of a positive of the anchor's query")
-    if anchor_chunk_size is not None and not (type(anchor_chunk_size) is int and anchor_chunk_size >= 1):
-        raise ValueError(f"anchor_chunk_size must be None or an integer >= 1, got {anchor_chunk_size!r}")
     if num_anchors is None:
         num_anchors = batch - anchor_offset
     if not (0 <= anchor_offset and 1 <= num_anchors and anchor_offset + num_anchors <= batch):
@@ -287,7 +296,7 @@ def _same_tower_bias(num_cross: int, num_same: int, log_alpha: float, like: torc
 
 
 class SamToNeLoss(nn.Module):
-    """SamToNe contrastive loss as a module; see :func:`contrastive_loss` for the semantics.
+    """SamToNe contrastive loss as a module; see the module docstring for the formula.
 
     loss = mean_i -log softmax_i(q->d) [+ mean_i -log softmax_i(d->q), averaged], where the
     q->d softmax for anchor q_i runs over {d_j} + {hard negatives} + {q_j : j != i} (same_tower
@@ -296,6 +305,10 @@ class SamToNeLoss(nn.Module):
     same-tower terms are weighted by ``same_tower_weight``; ``false_negative_margin`` drops
     negatives scoring above the positive plus the margin.
     Reference: Moiseev et al. 2023, arXiv:2306.02516.
+
+    The settings are a :class:`~samtone_ray.core.config.LossConfig` (the ``loss:`` section of a
+    config): its defaults are the only ones, and it validates them once, when it is built. Pass
+    one (``SamToNeLoss.from_config(cfg.loss)``) or its fields as keywords.
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -307,17 +320,13 @@ class SamToNeLoss(nn.Module):
         (torch.Size([]), torch.float32)
     """
 
-    def __init__(self, same_tower: SameTower = "both", bidirectional: bool = True,
-                 temperature: float = 0.05, same_tower_weight: float = 1.0,
-                 false_negative_margin: float | None = None, anchor_chunk_size: int | None = None) -> None:
+    def __init__(self, config: LossConfig | None = None, **settings) -> None:
         super().__init__()
-        validate_loss_config(same_tower, bidirectional, temperature, same_tower_weight, false_negative_margin)
-        self.same_tower: SameTower = same_tower
-        self.bidirectional = bidirectional
-        self.temperature = float(temperature)
-        self.same_tower_weight = float(same_tower_weight)
-        self.false_negative_margin = None if false_negative_margin is None else float(false_negative_margin)
-        self.anchor_chunk_size = anchor_chunk_size  # memory only: not a hyperparameter, not in the config dict
+        self.config = LossConfig(**settings) if config is None else dataclasses.replace(config, **settings)
+
+    @classmethod
+    def from_config(cls, config: LossConfig) -> SamToNeLoss:
+        return cls(config)
 
     def forward(
         self,
@@ -330,16 +339,12 @@ class SamToNeLoss(nn.Module):
         anchor_offset: int = 0,
         num_anchors: int | None = None,
     ) -> torch.Tensor:
-        return contrastive_loss(
-            q, d, **self.get_config_dict(), hard_negatives=hard_negatives, query_keys=query_keys,
-            doc_keys=doc_keys, hard_negative_keys=hard_negative_keys,
-            anchor_offset=anchor_offset, num_anchors=num_anchors, anchor_chunk_size=self.anchor_chunk_size,
-        )
+        return _samtone_loss(q, d, self.config, hard_negatives, query_keys, doc_keys, hard_negative_keys,
+                             anchor_offset, num_anchors)
 
     def get_config_dict(self) -> dict[str, object]:
-        return {"same_tower": self.same_tower, "bidirectional": self.bidirectional,
-                "temperature": self.temperature, "same_tower_weight": self.same_tower_weight,
-                "false_negative_margin": self.false_negative_margin}
+        """The hyperparameters (for MLflow params); memory settings such as the chunk size are not."""
+        return self.config.hyperparameters()
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.get_config_dict().items())

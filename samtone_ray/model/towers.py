@@ -41,9 +41,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from samtone_ray.core.choices import Pooling, Side, TowerMode, check_positive_int, validate_layout
+from samtone_ray.core.config import ModelConfig
 from samtone_ray.core.files import atomic_write_dir
 from samtone_ray.model.layout import load_model_dir, resolve_model_path, write_layout
-from samtone_ray.core.choices import Pooling, Side, TowerMode, check_positive_int, validate_layout
 from samtone_ray.model.tokenization import (
     TokenChunks,
     TokenInputs,
@@ -92,13 +93,13 @@ class DualEncoder(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         *,
         doc_encoder: PreTrainedModel | None = None,
-        tower_mode: TowerMode = "shared",
-        pooling: Pooling = "mean",
-        projection_dim: int | None = 0,
-        query_max_length: int = 32,
-        doc_max_length: int = 128,
+        tower_mode: TowerMode = ModelConfig.tower_mode,
+        pooling: Pooling = ModelConfig.pooling,
+        projection_dim: int | None = ModelConfig.projection_dim,
+        query_max_length: int = ModelConfig.query_max_length,
+        doc_max_length: int = ModelConfig.doc_max_length,
     ) -> None:
-        """Wrap built encoders. ``doc_encoder``: None for ``shared``; for the separate layouts
+        """Wrap built encoders (defaults: the ``model:`` section's, ``ModelConfig``). ``doc_encoder``: None for ``shared``; for the separate layouts
         None means a deep copy of ``query_encoder``, else it must share no parameter with it.
         Projections are freshly initialised (``nn.Linear`` default init, torch's global RNG)."""
         super().__init__()
@@ -273,28 +274,26 @@ class DualEncoder(nn.Module):
     # ----------------------------------------------------------------- construction
 
     @classmethod
-    def from_base(
-        cls,
-        name_or_path: str | os.PathLike[str],
-        tower_mode: TowerMode = "shared",
-        pooling: Pooling = "mean",
-        projection_dim: int | None = 0,
-        query_max_length: int = 32,
-        doc_max_length: int = 128,
-    ) -> DualEncoder:
-        """A new DualEncoder on a base checkpoint (``AutoModel`` + ``AutoTokenizer``; aliases via
-        ``resolve_model_path``). Only the encoder weights are read; projections are new."""
-        validate_layout(tower_mode, pooling, projection_dim, query_max_length, doc_max_length)
-        path = resolve_model_path(name_or_path)
+    def from_config(cls, config: ModelConfig) -> DualEncoder:
+        """A new DualEncoder on the base checkpoint ``config.name_or_path`` (``AutoModel`` +
+        ``AutoTokenizer``; aliases via ``resolve_model_path``) in the layout the config gives.
+        Only the encoder weights are read; projections are new."""
+        path = resolve_model_path(config.name_or_path)
         return cls(
             AutoModel.from_pretrained(path),
             AutoTokenizer.from_pretrained(path),
-            tower_mode=tower_mode,
-            pooling=pooling,
-            projection_dim=projection_dim,
-            query_max_length=query_max_length,
-            doc_max_length=doc_max_length,
+            tower_mode=config.tower_mode,
+            pooling=config.pooling,
+            projection_dim=config.projection_dim,
+            query_max_length=config.query_max_length,
+            doc_max_length=config.doc_max_length,
         )
+
+    @classmethod
+    def from_base(cls, name_or_path: str | os.PathLike[str], **layout: Any) -> DualEncoder:
+        """``from_config`` with the ``model:`` section's defaults for what ``layout`` leaves out;
+        the layout is checked before any weight is read."""
+        return cls.from_config(ModelConfig(name_or_path=str(name_or_path), **layout))
 
     @classmethod
     def from_pretrained(
@@ -307,7 +306,7 @@ class DualEncoder(nn.Module):
         """Load, in eval mode, a directory written by ``save_pretrained``; or a
         sentence-transformers directory (Transformer -> Pooling mean|cls -> [Dense without bias or
         activation] -> [Normalize]; max lengths from ``sentence_bert_config.json``, else the
-        tokenizer's limit); or a plain HF model directory (shared, mean pooling, lengths 32/128).
+        tokenizer's limit); or a plain HF model directory (the ``model:`` section's default layout).
         Given max lengths override the stored ones."""
         root = Path(resolve_model_path(directory))
         if not root.is_dir():

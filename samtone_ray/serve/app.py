@@ -47,6 +47,7 @@ from samtone_ray.serve.api import (
     parse_search,
 )
 from samtone_ray.serve.replica import IndexSource, Served, load_model, with_index
+from samtone_ray.tracking.model_uri import alias_uri, is_registry_uri
 from samtone_ray.core.choices import check_precision
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def _batch_cost(items: list[_Item]) -> int:
 
 
 class _Metrics:
-    """The project's own metrics (README "Metrics"); Ray exports them with a ``ray_`` prefix."""
+    """The project's own metrics (dashboards/README.md); Ray exports them with a ``ray_`` prefix."""
 
     def __init__(self) -> None:
         from ray.util import metrics
@@ -178,7 +179,7 @@ class Embedder:
                 if self.embedder is None:
                     self.load_error = f"{type(exc).__name__}: {exc}"
             with contextlib.suppress(asyncio.TimeoutError):
-                wait = self.cfg.poll_interval_s if self.uri.startswith("models:/") and self.cfg.poll_interval_s else None
+                wait = self.cfg.poll_interval_s if is_registry_uri(self.uri) and self.cfg.poll_interval_s else None
                 await asyncio.wait_for(self._check_now.wait(), timeout=wait)
             self._check_now.clear()
 
@@ -459,7 +460,7 @@ def cmd_serve(args, cfg) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     tracking_uri = tracking.tracking_uri(cfg.tracking.uri)
-    model = args.model or f"models:/{cfg.registry.model_name}@{cfg.registry.alias}"
+    model = args.model or alias_uri(cfg.registry.model_name, cfg.registry.alias)
     from samtone_ray.core.runtime import starts_local_cluster
 
     local = starts_local_cluster()

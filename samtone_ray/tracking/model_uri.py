@@ -25,6 +25,26 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _PYFUNC_ARTIFACT = "model"  # the key RunLogger.log_model gives the model directory
 
 
+RUN_MODEL_PATH = "model"  # the artifact path RunLogger.log_model logs a run's model under
+
+
+def alias_uri(name: str, alias: str) -> str:
+    return f"models:/{name}@{alias}"
+
+
+def version_uri(name: str, version: str | int) -> str:
+    return f"models:/{name}/{version}"
+
+
+def run_model_uri(run_id: str) -> str:
+    return f"runs:/{run_id}/{RUN_MODEL_PATH}"
+
+
+def is_registry_uri(uri: str) -> bool:
+    """A ``models:/`` URI: what it names can change (a new version, a moved alias)."""
+    return uri.startswith("models:/")
+
+
 class ModelURIError(ValueError):
     """A model URI that names nothing loadable; the message says which part is wrong."""
 
@@ -60,7 +80,7 @@ class ResolvedModel:
 def resolve_model(uri: str, tracking_uri: str | None = None, *, download_dir: str | Path | None = None) -> ResolvedModel:
     """Resolve ``uri`` to a local directory (downloading registry/run artifacts when they are not
     on a local filesystem; into ``download_dir`` or a fresh temporary directory)."""
-    if uri.startswith("models:/"):
+    if is_registry_uri(uri):
         return _resolve_registered(uri, tracking_uri, download_dir)
     if uri.startswith("runs:/"):
         return _resolve_run(uri, tracking_uri, download_dir)

@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from samtone_ray.core.config import Config
+from samtone_ray.tracking.model_uri import version_uri
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def promote_best(cfg: Config, uri: str, best: dict[str, Any], eval_split) -> dic
         )
 
         def score(v: str) -> tuple[float, dict[str, float]]:
-            means, rows = evaluate_registered(uri, f"models:/{name}/{v}", eval_split, cfg.train.eval_batch_size,
+            means, rows = evaluate_registered(uri, version_uri(name, v), eval_split, cfg.train.eval_batch_size,
                                               cfg.train.precision, per_query=True)
             return means[metric], {q: values[metric] for q, values in rows.items()}
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from samtone_ray import __version__
+from samtone_ray.tracking.model_uri import RUN_MODEL_PATH, run_model_uri
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,8 @@ class RunLogger:
                     artifacts={"model": str(model_dir)},
                     pip_requirements=PIP_REQUIREMENTS,
                 )
-                self._client.log_artifacts(self.run_id, str(local), "model")
-            return f"runs:/{self.run_id}/model"
+                self._client.log_artifacts(self.run_id, str(local), RUN_MODEL_PATH)
+            return run_model_uri(self.run_id)
 
         return self._retry("log the model", save_and_upload)
 

@@ -3,7 +3,7 @@
 Each worker encodes its shard of the global batch; query, document and hard-negative embeddings
 are all-gathered WITH gradients and each worker computes the loss of its own anchors against
 every global candidate. DDP then averages the parameter gradients, so N workers compute exactly
-the single-process loss and gradients of the global batch (tests/test_training.py proves it).
+the single-process loss and gradients of the global batch (tests/train/test_trainer.py proves it).
 
 Layout: ``train_step`` is plain PyTorch (importable without a Ray cluster); ``train_loop`` is the
 Ray Train worker function; ``build_trainer`` / ``train`` are the driver side.
@@ -35,12 +35,12 @@ from samtone_ray.data.batching import (
     make_shard,
     pin_memory,
 )
-from samtone_ray.core.config import END_ONLY, Config, LossConfig, from_dict
+from samtone_ray.core.config import END_ONLY, Config, from_dict
 from samtone_ray.data.sources import load_data
 from samtone_ray.evaluation.retrieval import evaluate_model
 from samtone_ray.core.files import atomic_write_json
 from samtone_ray.train.gradcache import grad_cache_step
-from samtone_ray.model.losses import contrastive_loss
+from samtone_ray.model.losses import SamToNeLoss
 from samtone_ray.core.telemetry import TrainMetrics
 from samtone_ray.data.pairs import PairTable
 from samtone_ray.evaluation.per_query import PER_QUERY_FILE, write_per_query
@@ -53,6 +53,7 @@ from samtone_ray.core.runtime import (
 )
 from samtone_ray.model.tokenization import TokenChunks
 from samtone_ray.model.towers import DualEncoder
+from samtone_ray.tracking.model_uri import run_model_uri
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def _to_device(chunks: TokenChunks | None, device: torch.device) -> TokenChunks 
 def train_step(
     model: torch.nn.Module,
     shard: Shard,
-    loss_cfg: LossConfig,
+    loss_fn: SamToNeLoss,
     *,
     keys: dict[str, torch.Tensor] | None,
     rank: int,
@@ -106,14 +107,14 @@ def train_step(
         q, d, n = model(
             _to_device(shard.queries, device), _to_device(shard.documents, device), _to_device(shard.negatives, device)
         )
-    return shard_loss(q, d, n, loss_cfg, keys=keys, rank=rank)
+    return shard_loss(q, d, n, loss_fn, keys=keys, rank=rank)
 
 
 def shard_loss(
     q: torch.Tensor,
     d: torch.Tensor,
     n: torch.Tensor | None,
-    loss_cfg: LossConfig,
+    loss_fn: SamToNeLoss,
     *,
     keys: dict[str, torch.Tensor] | None,
     rank: int,
@@ -127,38 +128,12 @@ def shard_loss(
     if n is not None:
         hard = gather_with_grad(n.float().view(local, -1, n.shape[-1]))  # [B, K, D]
     keys = {k: v.to(q.device) for k, v in keys.items()} if keys else {}
-    return contrastive_loss(
-        q_all,
-        d_all,
-        same_tower=loss_cfg.same_tower,
-        bidirectional=loss_cfg.bidirectional,
-        temperature=loss_cfg.temperature,
-        same_tower_weight=loss_cfg.same_tower_weight,
-        false_negative_margin=loss_cfg.false_negative_margin,
-        anchor_chunk_size=loss_cfg.anchor_chunk_size or None,
-        hard_negatives=hard,
-        query_keys=keys.get("query"),
-        doc_keys=keys.get("doc"),
-        hard_negative_keys=keys.get("negatives"),
-        anchor_offset=rank * local,
-        num_anchors=local,
-    )
+    return loss_fn(q_all, d_all, hard, keys.get("query"), keys.get("doc"), keys.get("negatives"),
+                   anchor_offset=rank * local, num_anchors=local)
 
 
 def batch_keys(pair_keys: PairKeys | None, indices: np.ndarray) -> dict[str, torch.Tensor] | None:
     return None if pair_keys is None else pair_keys.take(indices)
-
-
-def build_model(cfg: Config) -> DualEncoder:
-    m = cfg.model
-    return DualEncoder.from_base(
-        m.name_or_path,
-        tower_mode=m.tower_mode,
-        pooling=m.pooling,
-        projection_dim=m.projection_dim,
-        query_max_length=m.query_max_length,
-        doc_max_length=m.doc_max_length,
-    )
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
@@ -181,11 +156,22 @@ class _State:
     history: list | None = None  # [(step, epoch, batch_in_epoch, digest)] of batches trained into the weights
 
 
+@dataclass
+class _Run:
+    """What a worker trains: the model (and its DDP wrapper), optimizer, schedule and progress."""
+
+    model: DualEncoder
+    ddp: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    schedule: Schedule
+    state: _State
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker function: plain PyTorch with a handful of marked Ray calls."""
+    """Ray Train worker function: restore, then step, evaluating and reporting when due."""
     import ray
     import ray.train
-    import ray.train.torch
 
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
@@ -197,11 +183,50 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     eval_split = ray.get(loop_config["eval"]) if loop_config.get("eval") is not None else None
     logger = _rank0_logger(loop_config, rank)
     meter = TrainMetrics(loop_config.get("run_id") or cfg.name, rank)
+    output_dir = Path(loop_config["output_dir"])
+
+    run = _restore(cfg, len(pairs), rank, world, logger)
+    loss_fn = SamToNeLoss.from_config(cfg.loss)
+    batches = _Batches(cfg, pairs, run.model.tokenizer, run.schedule, rank, start=run.state.step)
+    window = _Window()
+    run.model.train()
+    while run.state.step < run.schedule.total_steps:
+        t0 = time.perf_counter()
+        indices, shard, step_keys = batches.next()
+        waited = time.perf_counter() - t0
+        loss = _step(run, shard, loss_fn, step_keys, cfg, rank)
+        epoch, position = run.schedule.position(run.state.step - 1)
+        run.state.history.append([run.state.step, epoch, position, batch_digest(indices)])
+
+        global_loss, tokens = _all_reduce_mean_and_sum(loss.detach(), shard.num_tokens, world)
+        window.add(time.perf_counter() - t0, waited, global_loss, tokens, cfg.train.batch_size)
+        meter.step(step=run.state.step, seconds=time.perf_counter() - t0, waited=waited, loss=global_loss,
+                   pairs=cfg.train.batch_size, tokens=tokens)
+        if logger and (run.state.step % cfg.train.log_every == 0 or run.state.step == run.schedule.total_steps):
+            logger.log_metrics(window.metrics() | {"lr": run.scheduler.get_last_lr()[0]}, run.state.step)
+        metrics = {"step": run.state.step, "epoch": epoch, "loss": global_loss} | window.summary()
+        _evaluate_and_report(run, metrics, cfg, eval_split, rank, world, logger, meter, output_dir)
+        _maybe_inject_fault(cfg, run.state.step, rank, world, loop_config)
+    batches.close()
+
+    if rank == 0:
+        model_dir = output_dir / "model"
+        run.model.save_pretrained(model_dir)
+        atomic_write_json(output_dir / HISTORY_FILE, run.state.history)
+        if logger:
+            logger.log_model(model_dir)
+            logger.log_artifact(output_dir / HISTORY_FILE)
+
+
+def _restore(cfg: Config, num_pairs: int, rank: int, world: int, logger) -> _Run:
+    """A fresh model, optimizer and schedule, or the state of the last checkpoint when Ray Train
+    restarts the run (a lost worker, a resumed tuning run)."""
+    import ray.train
+    import ray.train.torch
 
     torch.manual_seed(cfg.train.seed)  # identical initialisation of any new layer on every rank
-    model = build_model(cfg)
-    tokenizer = model.tokenizer
-    schedule = Schedule(len(pairs), cfg.train.batch_size, cfg.train.seed, cfg.train.epochs, cfg.train.max_steps)
+    model = DualEncoder.from_config(cfg.model)
+    schedule = Schedule(num_pairs, cfg.train.batch_size, cfg.train.seed, cfg.train.epochs, cfg.train.max_steps)
     state = _State(history=[])
     ckpt = ray.train.get_checkpoint()
     saved = None
@@ -227,106 +252,82 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             logger.set_tags({"resumed_at_step": state.step})
     else:
         torch.manual_seed(cfg.train.seed + 1000 * (rank + 1))  # per-rank dropout streams
-    if logger and saved is None:
-        device = ray.train.torch.get_device()
-        logger.set_tags(
-            {
-                "workers": world,
-                "device": str(device),
-                "device_name": device_name(device),
-                "precision": resolve_precision(cfg.train.precision, device),
-            }
-        )
+        if logger:
+            device = ray.train.torch.get_device()
+            logger.set_tags({"workers": world, "device": str(device), "device_name": device_name(device),
+                             "precision": resolve_precision(cfg.train.precision, device)})
+    return _Run(model, ddp, optimizer, scheduler, schedule, state)
 
-    keys = PairKeys.build(pairs, cfg.data.num_hard_negatives) if cfg.loss.mask_duplicates else None
-    per_worker = cfg.per_worker_batch_size()
 
-    def prepare(step: int) -> tuple[np.ndarray, Shard]:
-        indices = schedule.batch(step)
-        mine = indices[rank * per_worker : (rank + 1) * per_worker]
-        shard = make_shard(
-            pairs,
-            mine,
-            tokenizer,
-            query_max_length=cfg.model.query_max_length,
-            doc_max_length=cfg.model.doc_max_length,
-            num_negatives=cfg.data.num_hard_negatives,
-            chunk_size=cfg.train.chunk_size,
-        )
+class _Batches:
+    """This rank's shard of each global batch, tokenised on a thread while the previous one trains
+    (the fast tokenizer drops the GIL), with the global batch's duplicate keys."""
+
+    def __init__(self, cfg: Config, pairs: PairTable, tokenizer, schedule: Schedule, rank: int, *, start: int):
+        self.cfg, self.pairs, self.tokenizer, self.schedule, self.rank = cfg, pairs, tokenizer, schedule, rank
+        self.keys = PairKeys.build(pairs, cfg.data.num_hard_negatives) if cfg.loss.mask_duplicates else None
+        self.step = start
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending = self.pool.submit(self._prepare, start) if start < schedule.total_steps else None
+
+    def _prepare(self, step: int) -> tuple[np.ndarray, Shard]:
+        cfg, per_worker = self.cfg, self.cfg.per_worker_batch_size()
+        indices = self.schedule.batch(step)
+        mine = indices[self.rank * per_worker : (self.rank + 1) * per_worker]
+        shard = make_shard(self.pairs, mine, self.tokenizer, query_max_length=cfg.model.query_max_length,
+                           doc_max_length=cfg.model.doc_max_length, num_negatives=cfg.data.num_hard_negatives,
+                           chunk_size=cfg.train.chunk_size)
         return indices, pin_memory(shard) if cfg.scaling.use_gpu else shard
 
-    # Tokenise the next batch on a thread while this one trains (the fast tokenizer drops the GIL).
-    pool = ThreadPoolExecutor(max_workers=1)
-    pending = pool.submit(prepare, state.step) if state.step < schedule.total_steps else None
-    window = _Window()
-    model.train()
-    while state.step < schedule.total_steps:
-        t0 = time.perf_counter()
-        indices, shard = pending.result()
-        waited = time.perf_counter() - t0
-        step = state.step
-        if step + 1 < schedule.total_steps:
-            pending = pool.submit(prepare, step + 1)
-        optimizer.zero_grad(set_to_none=True)
-        step_keys = batch_keys(keys, indices)
-        if cfg.train.micro_batch_size:
-            loss = grad_cache_step(
-                ddp,
-                shard,
-                functools.partial(shard_loss, loss_cfg=cfg.loss, keys=step_keys, rank=rank),
-                micro_batch_size=cfg.train.micro_batch_size,
-                precision=cfg.train.precision,
-            )
-        else:
-            loss = train_step(ddp, shard, cfg.loss, keys=step_keys, rank=rank, precision=cfg.train.precision)
-            loss.backward()
-        optimizer.step()
-        scheduler.step()
-        state.step += 1
-        epoch, position = schedule.position(step)
-        state.history.append([state.step, epoch, position, batch_digest(indices)])
+    def next(self) -> tuple[np.ndarray, Shard, dict[str, torch.Tensor] | None]:
+        indices, shard = self.pending.result()
+        self.step += 1
+        if self.step < self.schedule.total_steps:
+            self.pending = self.pool.submit(self._prepare, self.step)
+        return indices, shard, batch_keys(self.keys, indices)
 
-        global_loss, tokens = _all_reduce_mean_and_sum(loss.detach(), shard.num_tokens, world)
-        window.add(time.perf_counter() - t0, waited, global_loss, tokens, cfg.train.batch_size)
-        meter.step(step=state.step, seconds=time.perf_counter() - t0, waited=waited, loss=global_loss,
-                   pairs=cfg.train.batch_size, tokens=tokens)
-        done = state.step == schedule.total_steps
-        if logger and (state.step % cfg.train.log_every == 0 or done):
-            logger.log_metrics(window.metrics() | {"lr": scheduler.get_last_lr()[0]}, state.step)
+    def close(self) -> None:
+        self.pool.shutdown()
 
-        do_eval, do_ckpt = eval_and_checkpoint_due(state.step, schedule.total_steps, cfg.train)
-        if do_eval or do_ckpt:
-            metrics: dict[str, Any] = {"step": state.step, "epoch": epoch, "loss": global_loss} | window.summary()
-            metrics["pairs"] = state.step * cfg.train.batch_size  # ASHA's clock in a tuning run
-            # Collect every rank's RNG state first: no rank may sit in a collective while another
-            # one evaluates.
-            rngs = _gather_rng_states() if do_ckpt else None
-            if do_eval and eval_split is not None:
-                # Each rank encodes its share of the corpus and queries; rank 0 searches. On the
-                # worker's own cores: more threads than Ray reserved only slow whatever else runs
-                # there (another trial's steps took 28 % longer, the evaluation no less time).
-                scores, per_query = evaluate_model(
-                    model, eval_split, cfg.train.eval_batch_size, cfg.train.precision,
-                    rank=rank, world=world, per_query=True,
-                )
-                metrics |= scores
-                if rank == 0:
-                    meter.evaluation(metrics)
-                    # The latest evaluation's per-query values: confidence intervals and paired tests.
-                    write_per_query(Path(loop_config["output_dir"]) / PER_QUERY_FILE, per_query, state.step)
-                if logger:
-                    logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if "@" in k}, state.step)
-            _report(metrics, state, model, optimizer, scheduler, rank, rngs=rngs)
-        _maybe_inject_fault(cfg, state.step, rank, world, loop_config)
-    pool.shutdown()
 
-    if rank == 0:
-        model_dir = Path(loop_config["output_dir"]) / "model"
-        model.save_pretrained(model_dir)
-        atomic_write_json(Path(loop_config["output_dir"]) / HISTORY_FILE, state.history)
+def _step(run: _Run, shard: Shard, loss_fn: SamToNeLoss, keys, cfg: Config, rank: int) -> torch.Tensor:
+    """One optimizer step on this rank's shard; returns its loss (detached use only)."""
+    run.optimizer.zero_grad(set_to_none=True)
+    if cfg.train.micro_batch_size:
+        loss = grad_cache_step(run.ddp, shard, functools.partial(shard_loss, loss_fn=loss_fn, keys=keys, rank=rank),
+                               micro_batch_size=cfg.train.micro_batch_size, precision=cfg.train.precision)
+    else:
+        loss = train_step(run.ddp, shard, loss_fn, keys=keys, rank=rank, precision=cfg.train.precision)
+        loss.backward()
+    run.optimizer.step()
+    run.scheduler.step()
+    run.state.step += 1
+    return loss
+
+
+def _evaluate_and_report(run: _Run, metrics: dict[str, Any], cfg: Config, eval_split, rank: int, world: int,
+                         logger, meter: TrainMetrics, output_dir: Path) -> None:
+    """When due, evaluate (every rank encodes its share) and report to Ray Train, with a
+    checkpoint when one is due."""
+    do_eval, do_ckpt = eval_and_checkpoint_due(run.state.step, run.schedule.total_steps, cfg.train)
+    if not (do_eval or do_ckpt):
+        return
+    metrics["pairs"] = run.state.step * cfg.train.batch_size  # ASHA's clock in a tuning run
+    # Collect every rank's RNG state first: no rank may sit in a collective while another one evaluates.
+    rngs = _gather_rng_states() if do_ckpt else None
+    if do_eval and eval_split is not None:
+        # On the worker's own cores: more threads than Ray reserved only slow whatever else runs
+        # there (another trial's steps took 28 % longer, the evaluation no less time).
+        scores, per_query = evaluate_model(run.model, eval_split, cfg.train.eval_batch_size, cfg.train.precision,
+                                           rank=rank, world=world, per_query=True)
+        metrics |= scores
+        if rank == 0:
+            meter.evaluation(metrics)
+            # The latest evaluation's per-query values: confidence intervals and paired tests.
+            write_per_query(output_dir / PER_QUERY_FILE, per_query, run.state.step)
         if logger:
-            logger.log_model(model_dir)
-            logger.log_artifact(Path(loop_config["output_dir"]) / HISTORY_FILE)
+            logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if "@" in k}, run.state.step)
+    _report(metrics, run, rank, rngs=rngs)
 
 
 class _Window:
@@ -408,7 +409,7 @@ def load_state(directory: Path) -> dict[str, Any]:
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def _report(metrics, state: _State, model, optimizer, scheduler, rank: int, *, rngs: list | None) -> None:
+def _report(metrics, run: _Run, rank: int, *, rngs: list | None) -> None:
     import ray.train
 
     if rngs is None or rank != 0:
@@ -417,17 +418,17 @@ def _report(metrics, state: _State, model, optimizer, scheduler, rank: int, *, r
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(
             {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": state.step,
-                "history": state.history,
+                "model": run.model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "step": run.state.step,
+                "history": run.state.history,
                 "rng": rngs,
             },
             Path(tmp) / STATE_FILE,
         )
         ray.train.report(
-            metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step_{state.step:08d}"
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step_{run.state.step:08d}"
         )
 
 
@@ -560,6 +561,6 @@ def train(cfg: Config, *, data=None) -> TrainOutcome:
         metrics=dict(result.metrics or {}),
         model_dir=output_dir / "model",
         run_id=run_id,
-        model_uri=f"runs:/{run_id}/model" if run_id else None,
+        model_uri=run_model_uri(run_id) if run_id else None,
     )
 

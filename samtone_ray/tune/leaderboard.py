@@ -23,15 +23,8 @@ from samtone_ray.evaluation.statistics import align, bootstrap_ci, paired_test
 
 log = logging.getLogger(__name__)
 METRIC_COLUMNS = ("mrr@10", "ndcg@10", "recall@10", "recall@100", "p@1")
-SETTING_COLUMNS = {
-    "same_tower": "loss.same_tower",
-    "bidirectional": "loss.bidirectional",
-    "batch_size": "train.batch_size",
-    "temperature": "loss.temperature",
-    "lr": "train.lr",
-    "same_tower_weight": "loss.same_tower_weight",
-    "false_negative_margin": "loss.false_negative_margin",
-}
+# One column per setting the config schema marks as a hyperparameter, named by its last part.
+SETTING_COLUMNS = {key.rsplit(".", 1)[1]: key for key in Config.hyperparameter_keys()}
 STAT_COLUMNS = ("ci_low", "ci_high", "diff_vs_ref", "diff_low", "diff_high", "p_value", "verdict")
 
 

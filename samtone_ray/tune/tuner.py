@@ -228,7 +228,7 @@ def _tune(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, da
     from samtone_ray.core.telemetry import tune_callback
     from samtone_ray.data.pairs import PairTable
     from samtone_ray.tracking.registry import PromotionError, promote_best
-    from samtone_ray.train.trainer import build_model
+    from samtone_ray.model.towers import DualEncoder
 
     pairs, eval_split = data
     layout = TuneLayout(out)
@@ -237,7 +237,7 @@ def _tune(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, da
     baseline = bm25 = None
     if zero_shot:
         print("evaluating the base model zero-shot ...", flush=True)
-        baseline = evaluate(build_model(cfg), eval_split, cfg.train.eval_batch_size, cfg.train.precision)
+        baseline = evaluate(DualEncoder.from_config(cfg.model), eval_split, cfg.train.eval_batch_size, cfg.train.precision)
         if uri:
             tracking.RunLogger(uri, state["parent_run_id"]).log_metrics(
                 {f"zero_shot/{k}": v for k, v in baseline.items()}, step=0

@@ -140,7 +140,7 @@ def leaf(*tensors):
 
 
 def assert_matches_naive(config: dict, key_set: str, with_hard: bool, q, d, hn, *,
-                         atol=1e-5, grad_atol=1e-4, device="cpu", anchor_chunk_size=None):
+                         atol=1e-5, grad_atol=1e-4, device="cpu", anchor_chunk_size=0):
     keys = key_kwargs(key_set, with_hard)
     q32, d32, hn32 = leaf(q.to(device), d.to(device), hn.to(device))
     device_keys = {name: t.to(device) for name, t in as_tensors(keys).items()}
@@ -378,7 +378,7 @@ def test_shape_errors_name_the_shapes(kwargs, fragments):
     (dict(false_negative_margin=math.nan), "false_negative_margin"),
     (dict(false_negative_margin=-math.inf), "false_negative_margin"),
     (dict(false_negative_margin="0.1"), "false_negative_margin"),
-    (dict(anchor_chunk_size=0), "anchor_chunk_size"),
+    (dict(anchor_chunk_size=-1), "anchor_chunk_size"),
     (dict(anchor_chunk_size=2.0), "anchor_chunk_size"),
 ])
 def test_invalid_arguments(kwargs, pattern):
@@ -567,3 +567,26 @@ def test_cuda_matches_naive_reference(alpha, margin, chunk):
     config = dict(same_tower="both", bidirectional=True, temperature=TEMPERATURE,
                   same_tower_weight=alpha, false_negative_margin=margin)
     assert_matches_naive(config, "both", True, q, d, hn, device="cuda", anchor_chunk_size=chunk)
+
+
+def test_the_loss_is_built_from_the_config_and_validated_once(monkeypatch):
+    """``loss:`` settings reach the loss through one object: LossConfig's defaults, checked when it
+    is built, never again per call (the training loop calls the loss every step)."""
+    from samtone_ray.core import choices
+    from samtone_ray.core.config import LossConfig
+
+    calls = []
+    real = choices.check_temperature
+    monkeypatch.setattr(choices, "check_temperature", lambda *a, **k: calls.append(a) or real(*a, **k))
+    config = LossConfig(same_tower="query", temperature=0.1)
+    loss_fn = SamToNeLoss.from_config(config)
+    q, d = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    for _ in range(3):
+        loss_fn(q, d)
+    assert len(calls) == 1
+    assert loss_fn.config is config
+    assert SamToNeLoss().config == LossConfig()  # no defaults of its own
+    assert SamToNeLoss(config, temperature=0.2).config.temperature == 0.2 and config.temperature == 0.1
+    with pytest.raises(ValueError, match="loss.temperature"):
+        SamToNeLoss(config, temperature=0.0)
+    assert loss_fn.get_config_dict() == config.hyperparameters()

@@ -15,9 +15,11 @@ from samtone_ray.core.config import from_dict
 from samtone_ray.data.sources import bundled_sample_path, load_training_pairs
 from samtone_ray.train.gradcache import grad_cache_step
 from samtone_ray.core.runtime import resolve_precision
-from samtone_ray.train.trainer import build_model, shard_loss, train_step
+from samtone_ray.train.trainer import shard_loss, train_step
+from samtone_ray.model.losses import SamToNeLoss
+from samtone_ray.model.towers import DualEncoder
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
 
 
@@ -48,7 +50,7 @@ def batch(dropout_bert):
                      "train": {"batch_size": 16, "chunk_size": 4, "precision": "fp32"},
                      "tracking": {"enabled": False}})
     pairs = load_training_pairs(bundled_sample_path(), "train").subset(range(16))
-    model = build_model(cfg)
+    model = DualEncoder.from_config(cfg.model)
     shard = make_shard(pairs, np.arange(16), model.tokenizer, query_max_length=16, doc_max_length=32,
                        num_negatives=0, chunk_size=4)
     return cfg, shard
@@ -56,7 +58,7 @@ def batch(dropout_bert):
 
 def _model(cfg):
     torch.manual_seed(0)
-    return build_model(cfg).to(CUDA).train()
+    return DualEncoder.from_config(cfg.model).to(CUDA).train()
 
 
 def _grads(model):
@@ -72,16 +74,16 @@ def test_grad_cache_replays_cuda_dropout(batch):
     cfg, shard = batch
     plain = _model(cfg)
     torch.cuda.manual_seed(5)
-    want = train_step(plain, shard, cfg.loss, keys=None, rank=0)
+    want = train_step(plain, shard, SamToNeLoss(cfg.loss), keys=None, rank=0)
     want.backward()
     want_rng = torch.cuda.get_rng_state()
     torch.cuda.manual_seed(6)
     with torch.no_grad():  # dropout really is on: another CUDA random state, another loss
-        assert float(train_step(plain, shard, cfg.loss, keys=None, rank=0)) != pytest.approx(float(want), abs=1e-4)
+        assert float(train_step(plain, shard, SamToNeLoss(cfg.loss), keys=None, rank=0)) != pytest.approx(float(want), abs=1e-4)
 
     cached = _model(cfg)
     torch.cuda.manual_seed(5)
-    got = grad_cache_step(cached, shard, functools.partial(shard_loss, loss_cfg=cfg.loss, keys=None, rank=0),
+    got = grad_cache_step(cached, shard, functools.partial(shard_loss, loss_fn=SamToNeLoss(cfg.loss), keys=None, rank=0),
                           micro_batch_size=8)
     assert float(got) == pytest.approx(float(want), abs=1e-5)
     assert torch.equal(torch.cuda.get_rng_state(), want_rng)
@@ -97,16 +99,16 @@ def test_pinned_shard_is_page_locked_and_trains_the_same(batch):
     assert all(t.is_pinned() for part in (pinned.queries, pinned.documents) for c in part.chunks for t in c.values())
     model = _model(cfg).eval()  # no dropout: the two losses must agree exactly
     with torch.no_grad():
-        a = train_step(model, shard, cfg.loss, keys=None, rank=0)
-        b = train_step(model, pinned, cfg.loss, keys=None, rank=0)
+        a = train_step(model, shard, SamToNeLoss(cfg.loss), keys=None, rank=0)
+        b = train_step(model, pinned, SamToNeLoss(cfg.loss), keys=None, rank=0)
     assert float(a) == float(b)
 
 
 def test_bf16_step_is_close_to_fp32_and_has_finite_gradients(batch):
     cfg, shard = batch
     model = _model(cfg).eval()
-    fp32 = float(train_step(model, shard, cfg.loss, keys=None, rank=0, precision="fp32"))
-    loss = train_step(model, shard, cfg.loss, keys=None, rank=0, precision="bf16")
+    fp32 = float(train_step(model, shard, SamToNeLoss(cfg.loss), keys=None, rank=0, precision="fp32"))
+    loss = train_step(model, shard, SamToNeLoss(cfg.loss), keys=None, rank=0, precision="bf16")
     loss.backward()
     assert loss.dtype == torch.float32 and float(loss) == pytest.approx(fp32, rel=0.05)
     assert all(torch.isfinite(g).all() for g in _grads(model).values())

@@ -15,7 +15,9 @@ from samtone_ray.data.batching import PairKeys, make_shard
 from samtone_ray.core.config import ConfigError, from_dict
 from samtone_ray.data.sources import TrainingPairs, bundled_sample_path, load_training_pairs
 from samtone_ray.train.gradcache import grad_cache_step
-from samtone_ray.train.trainer import batch_keys, build_model, shard_loss, train_step
+from samtone_ray.train.trainer import batch_keys, shard_loss, train_step
+from samtone_ray.model.losses import SamToNeLoss
+from samtone_ray.model.towers import DualEncoder
 
 from ray import cloudpickle  # noqa: E402
 
@@ -74,13 +76,13 @@ def _keys(cfg, pairs, indices):
 
 
 def _plain(model, cfg, shard, keys, rank=0):
-    loss = train_step(model, shard, cfg.loss, keys=keys, rank=rank)
+    loss = train_step(model, shard, SamToNeLoss(cfg.loss), keys=keys, rank=rank)
     loss.backward()
     return loss.detach()
 
 
 def _cached(model, cfg, shard, keys, micro, rank=0):
-    loss_fn = functools.partial(shard_loss, loss_cfg=cfg.loss, keys=keys, rank=rank)
+    loss_fn = functools.partial(shard_loss, loss_fn=SamToNeLoss(cfg.loss), keys=keys, rank=rank)
     return grad_cache_step(model, shard, loss_fn, micro_batch_size=micro)
 
 
@@ -91,7 +93,7 @@ def _grads(model):
 
 def _fresh(cfg):
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = DualEncoder.from_config(cfg.model)
     model.train()
     return model
 
@@ -130,7 +132,7 @@ def test_cached_step_matches_plain_step_with_dropout(dropout_model_dir, pairs, c
     want_rng = torch.get_rng_state()
     torch.manual_seed(124)  # dropout really is on: another random state gives another loss
     with torch.no_grad():
-        other = float(train_step(plain, shard, cfg.loss, keys=keys, rank=0))
+        other = float(train_step(plain, shard, SamToNeLoss(cfg.loss), keys=keys, rank=0))
     assert other != pytest.approx(float(want_loss), abs=1e-4)
 
     cached = _fresh(cfg)

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from samtone_ray.data.batching import PairKeys, Schedule, batch_digest, make_shard
 from samtone_ray.core.config import from_dict
 from samtone_ray.data.sources import BeirSplit, bundled_sample_path, load_beir, load_training_pairs
-from samtone_ray.train.trainer import HISTORY_FILE, batch_keys, build_model, train, train_step
+from samtone_ray.train.trainer import HISTORY_FILE, batch_keys, train, train_step
+from samtone_ray.model.losses import SamToNeLoss
 
 TESTS_DIR = str(Path(__file__).parents[1])
 
@@ -86,7 +87,7 @@ def _grad_worker(config):
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = DualEncoder.from_config(cfg.model)
     ddp = ray.train.torch.prepare_model(model)
     pairs = ray.get(config["pairs"])
     indices = np.asarray(config["indices"])
@@ -95,7 +96,7 @@ def _grad_worker(config):
     shard = make_shard(pairs, indices[rank * per : (rank + 1) * per], model.tokenizer, query_max_length=16,
                        doc_max_length=32, num_negatives=k, chunk_size=3)
     keys = batch_keys(PairKeys.build(pairs, k), indices) if cfg.loss.mask_duplicates else None
-    loss = train_step(ddp, shard, cfg.loss, keys=keys, rank=rank)
+    loss = train_step(ddp, shard, SamToNeLoss(cfg.loss), keys=keys, rank=rank)
     loss.backward()
     total = loss.detach().clone()
     torch.distributed.all_reduce(total)
@@ -122,10 +123,10 @@ def test_two_workers_match_one_process_loss_and_gradients(
 
     # Oracle: one process, whole global batch, no Ray, no distributed.
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = DualEncoder.from_config(cfg.model)
     shard = make_shard(pairs, indices, model.tokenizer, query_max_length=16, doc_max_length=32, num_negatives=hard, chunk_size=8)
     keys = batch_keys(PairKeys.build(pairs, hard), indices) if mask else None
-    loss = train_step(model, shard, cfg.loss, keys=keys, rank=0)
+    loss = train_step(model, shard, SamToNeLoss(cfg.loss), keys=keys, rank=0)
     loss.backward()
     expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert len(expected) > 10
@@ -170,12 +171,12 @@ def runs(ray_cluster, tiny_model_dir, small_data, tmp_path_factory):
 
 def test_train_step_with_a_chunked_loss_matches_the_dense_loss(tiny_model_dir, small_data, tmp_path, monkeypatch):
     """loss.anchor_chunk_size reaches the loss: same value and parameter gradients, in chunks of 3."""
-    from samtone_ray.train import trainer as training
+    from samtone_ray.model import losses
 
     seen = []
-    real = training.contrastive_loss
+    real = losses._samtone_loss
     monkeypatch.setattr(
-        training, "contrastive_loss", lambda *a, **k: seen.append(k["anchor_chunk_size"]) or real(*a, **k)
+        losses, "_samtone_loss", lambda q, d, settings, *a: seen.append(settings.anchor_chunk_size) or real(q, d, settings, *a)
     )
     pairs = small_data[0]
     indices = np.arange(8)
@@ -183,14 +184,14 @@ def test_train_step_with_a_chunked_loss_matches_the_dense_loss(tiny_model_dir, s
     for chunk in (0, 3):
         cfg = _cfg(tiny_model_dir, tmp_path, **{"loss.anchor_chunk_size": chunk})
         torch.manual_seed(0)
-        model = build_model(cfg)
+        model = DualEncoder.from_config(cfg.model)
         shard = make_shard(pairs, indices, model.tokenizer, query_max_length=16, doc_max_length=32, num_negatives=0,
                            chunk_size=8)
-        loss = train_step(model, shard, cfg.loss, keys=batch_keys(PairKeys.build(pairs, 0), indices), rank=0)
+        loss = train_step(model, shard, SamToNeLoss(cfg.loss), keys=batch_keys(PairKeys.build(pairs, 0), indices), rank=0)
         loss.backward()
         results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (dense, dense_grads), (chunked, chunked_grads) = results
-    assert seen == [None, 3]
+    assert seen == [0, 3]
     assert chunked == pytest.approx(dense, rel=1e-6)
     assert dense_grads.keys() == chunked_grads.keys() and len(dense_grads) > 10
     for name, grad in dense_grads.items():
@@ -339,6 +340,7 @@ def test_eval_metrics_are_reported_at_the_end(runs, small_data):
     assert out["one"].metrics["step"] == 6
 
 
+@pytest.mark.system
 def test_tracking_disabled_never_imports_mlflow(tiny_model_dir, tmp_path):
     import subprocess
     import sys

@@ -266,8 +266,8 @@ def test_tuning_runs_every_valid_trial_and_writes_the_leaderboard(tuned):
     for r in trials:
         assert 0.0 <= r["metrics"]["mrr@10"] <= 1.0
     csv = (outcome.output_dir / "leaderboard.csv").read_text().splitlines()
-    assert csv[0].startswith("trial,same_tower,bidirectional,batch_size,temperature,lr,same_tower_weight,"
-                             "false_negative_margin,mrr@10,ci_low,ci_high,diff_vs_ref,diff_low,diff_high,p_value,verdict")
+    assert csv[0].startswith("trial,same_tower,bidirectional,temperature,same_tower_weight,false_negative_margin,"
+                             "batch_size,lr,mrr@10,ci_low,ci_high,diff_vs_ref,diff_low,diff_high,p_value,verdict")
     assert len(csv) == 1 + len(outcome.leaderboard)
     assert (outcome.output_dir / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
     # Each trial's per-query values are its reported metric's, with an interval around it.
@@ -429,8 +429,8 @@ def test_a_failed_trial_is_an_error_row_and_a_failed_run_and_the_tuning_goes_on(
     assert failed.info.status == "FAILED" and failed.data.tags["samtone.status"] == "error"
     # The tuned key outside the standard columns has a leaderboard column of its own.
     header = (outcome.output_dir / "leaderboard.csv").read_text().splitlines()[0].split(",")
-    assert header[1:9] == ["same_tower", "bidirectional", "batch_size", "temperature", "lr", "same_tower_weight",
-                           "false_negative_margin", "train.fail_at_step"]
+    assert header[1:9] == ["same_tower", "bidirectional", "temperature", "same_tower_weight", "false_negative_margin",
+                           "batch_size", "lr", "train.fail_at_step"]
     assert c.get_run(rows[0]["run_id"]).info.status == "FINISHED"
 
 
