@@ -1,8 +1,22 @@
-"""Shared fixtures: one real local Ray cluster for the session, a tiny random BERT on disk."""
+"""Shared fixtures (one real local Ray cluster for the session, a tiny random BERT on disk) and
+the test markers.
+
+Markers say what a test starts, so ``pytest -m unit`` runs the pure tests in seconds:
+
+- ``unit``: pure code: no Ray, no MLflow, no other process. Given to every test that has none of
+  the markers below, and checked: a unit test that starts Ray, imports MLflow or starts a process
+  fails and says which marker it needs.
+- ``ray``: uses the session's local Ray cluster (the ``ray_cluster`` fixture gives it).
+- ``mlflow``: a real MLflow store (SQLite) or server, without Ray.
+- ``system``: end to end through processes of its own: a Ray head and its job server, a
+  ``samtone`` command, Prometheus.
+- ``gpu``: needs a CUDA GPU (skipped without one).
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 
 from samtone_ray.core.env import apply_defaults
 
@@ -51,3 +65,64 @@ def tiny_model_dir(tmp_path_factory):
     BertModel(config, add_pooling_layer=False).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+MARKERS = ("unit", "ray", "mlflow", "system", "gpu")
+
+
+def pytest_configure(config):
+    for name, text in (
+        ("unit", "pure code: no Ray, MLflow or other process (checked)"),
+        ("ray", "uses the session's local Ray cluster"),
+        ("mlflow", "a real MLflow store or server, without Ray"),
+        ("system", "end to end through processes of its own (Ray head, samtone commands, Prometheus)"),
+        ("gpu", "needs a CUDA GPU"),
+    ):
+        config.addinivalue_line("markers", f"{name}: {text}")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "ray_cluster" in item.fixturenames and not item.get_closest_marker("system"):
+            item.add_marker("ray")
+        if not any(item.get_closest_marker(m) for m in MARKERS[1:]):
+            item.add_marker("unit")
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_stay_pure(request):
+    """A test marked ``unit`` (by default) must not start what the other markers stand for."""
+    if not request.node.get_closest_marker("unit"):
+        yield
+        return
+    import subprocess
+
+    spawned = []
+    real_init = subprocess.Popen.__init__
+
+    def recording_init(self, args, *a, **k):
+        spawned.append(args if isinstance(args, str) else " ".join(map(str, args)))
+        real_init(self, args, *a, **k)
+
+    # The session's Ray cluster and an earlier test's MLflow import stay: only a change counts.
+    ray_before = _ray_initialized()
+    mlflow_before = "mlflow" in sys.modules
+    subprocess.Popen.__init__ = recording_init
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = real_init
+    problems = []
+    if not ray_before and _ray_initialized():
+        problems.append("started Ray (mark it 'ray' and use the ray_cluster fixture)")
+    if not mlflow_before and "mlflow" in sys.modules:
+        problems.append("imported MLflow (mark it 'mlflow')")
+    if spawned:
+        problems.append(f"started {len(spawned)} process(es), e.g. {spawned[0][:80]!r} (mark it 'system')")
+    if problems:
+        pytest.fail(f"unit test {request.node.nodeid}: " + "; ".join(problems), pytrace=False)
+
+
+def _ray_initialized() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()

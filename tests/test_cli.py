@@ -12,6 +12,8 @@ from samtone_ray.data.sources import bundled_sample_path, load_beir
 from samtone_ray.evaluation.retrieval import bm25_run, retrieval_metrics, search_run
 from samtone_ray.model.towers import DualEncoder
 
+pytestmark = pytest.mark.system
+
 
 def test_eval_json_reports_the_model_and_bm25(tiny_model_dir):
     data = bundled_sample_path()

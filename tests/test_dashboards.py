@@ -89,6 +89,7 @@ def test_provisioning_files_are_valid_yaml():
     assert scrape["scrape_configs"][0]["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
 
 
+@pytest.mark.system
 def test_prometheus_accepts_the_scrape_config():
     import shutil
     import subprocess

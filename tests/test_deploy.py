@@ -244,12 +244,14 @@ def printed_serve_config(capsys, extra: list[str], quoted_in: Path) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
+@pytest.mark.system
 def test_jobs_serve_yaml_is_what_print_config_writes(capsys, cluster_config):
     path = ROOT / "jobs" / "serve.yaml"
     store = mlflow_server_options(cluster_config)["--backend-store-uri"]
     assert yaml.safe_load(path.read_text()) == printed_serve_config(capsys, ["--set", f"tracking.uri={store}"], path)
 
 
+@pytest.mark.system
 def test_the_rayservice_serves_what_print_config_writes(capsys):
     path = KUBERAY / "rayservice-serve.yaml"
     # One store on Kubernetes too: the one the RayJobs log to (and the tuning run registers the champion in).

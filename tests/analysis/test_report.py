@@ -82,6 +82,7 @@ def naive_analysis(model_dir, split) -> dict[str, float]:
     }
 
 
+@pytest.mark.system
 def test_analyze_cli_two_models_matches_naive_loops_and_logs_to_mlflow(tiny_model_dir, tiny_beir, tmp_path):
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     proc = subprocess.run(
@@ -132,6 +133,7 @@ def test_analyze_cli_two_models_matches_naive_loops_and_logs_to_mlflow(tiny_mode
     assert logged == {f"analysis/{n}" for n in ("analysis.json", "tsne.png", "similarities.png", "top1_gap.png")}
 
 
+@pytest.mark.system
 def test_analyze_cli_rejects_mismatched_labels_and_unknown_models(tiny_beir, tmp_path, capsys):
     from samtone_ray.cli import main
 

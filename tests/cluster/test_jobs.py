@@ -22,6 +22,8 @@ from samtone_ray.data.sources import bundled_sample_path, read_qrels
 
 from cluster_head import free_port, start_head
 
+pytestmark = pytest.mark.system
+
 REPO = Path(__file__).resolve().parents[2]
 
 

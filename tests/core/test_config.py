@@ -199,6 +199,7 @@ def test_parse_overrides_reads_yaml_scalars():
     assert parse_overrides(["a.b=1", "a.c=true", "a.d=x", "a.e=[1, 2]"]) == {"a.b": 1, "a.c": True, "a.d": "x", "a.e": [1, 2]}
 
 
+@pytest.mark.system
 def test_cli_reports_config_errors_with_exit_code_2():
     proc = subprocess.run(
         [sys.executable, "-m", "samtone_ray.cli", "train", "--set", "train.batchsize=3"],

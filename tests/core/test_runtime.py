@@ -131,6 +131,7 @@ def test_training_int8_is_a_config_error_naming_the_key():
     ],
     ids=["encode", "serve"],
 )
+@pytest.mark.system
 def test_cli_refuses_int8_on_gpu_before_starting_anything(argv, capsys):
     from samtone_ray.cli import main
 

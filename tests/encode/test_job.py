@@ -232,6 +232,7 @@ def kill_corpus(tmp_path_factory):
     return docs, _write_jsonl(tmp_path_factory.mktemp("kill") / "corpus.jsonl", docs)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("victim", ["driver", "worker"])
 def test_sigkill_then_rerun_holds_every_id_exactly_once(tmp_path, tiny_model_dir, kill_corpus, victim):
     """SIGKILL the CLI's driver (or its embedding actor) once shards start committing; the same

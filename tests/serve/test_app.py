@@ -298,6 +298,7 @@ def test_alias_hot_swap_under_load(server, registry):
     np.testing.assert_allclose([d.embedding for d in q.data], _model(registry, "2").encode_queries(texts).numpy(), atol=1e-5)
 
 
+@pytest.mark.system
 def test_cli_serves_prints_the_url_and_stops_cleanly_on_ctrl_c(tiny_model_dir, tmp_path):
     """`samtone serve` in its own process (its own local Ray): ready URL on stdout, SIGINT -> exit 0."""
     import signal
@@ -328,6 +329,7 @@ def test_cli_serves_prints_the_url_and_stops_cleanly_on_ctrl_c(tiny_model_dir, t
             proc.kill()
 
 
+@pytest.mark.system
 def test_cli_refuses_a_port_in_use_before_starting_anything(tiny_model_dir):
     import socket
     import sys

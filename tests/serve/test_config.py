@@ -33,6 +33,7 @@ def test_shipped_serve_yaml_is_a_valid_deploy_config():
     assert dep["ray_actor_options"]["num_gpus"] == 1 and dep["autoscaling_config"]["max_replicas"] > 1
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("flags", [["--autoscale", "1:4", "--gpu"], ["--replicas", "2", "--set", "serve.max_batch_size=32"]])
 def test_print_config_is_a_valid_deploy_config(flags):
     out = subprocess.run(
@@ -69,6 +70,7 @@ def test_batch_cost_counts_texts_and_padded_tokens():
     assert _batch_cost(items(*[500] * 5, scale=0.0)) == 5  # tokens off: texts only
 
 
+@pytest.mark.system
 def test_serve_refuses_a_missing_model_before_starting_ray(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "samtone_ray.cli", "serve", "--model", str(tmp_path / "nope")],

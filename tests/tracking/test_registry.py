@@ -13,6 +13,8 @@ from samtone_ray.evaluation.retrieval import evaluate_model
 from samtone_ray.tracking.registry import PromotionError, promote_best
 from samtone_ray.model.towers import DualEncoder
 
+pytestmark = pytest.mark.mlflow
+
 
 @pytest.fixture(scope="module")
 def split():

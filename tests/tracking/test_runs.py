@@ -13,6 +13,8 @@ from samtone_ray.tracking import runs as tracking
 from samtone_ray.tracking.model_uri import ModelURIError, fingerprint, resolve_model
 from samtone_ray.model.towers import DualEncoder
 
+pytestmark = pytest.mark.mlflow
+
 TEXTS = ["a python library for json", "gnome text editor", "kernel module for wifi"]
 
 
@@ -101,3 +103,4 @@ def test_a_failing_tracking_store_is_retried_then_warned_never_raised(logged, mo
         assert ghost.log_model(model_dir) is None
     warnings = [r.getMessage() for r in caplog.records if r.name == "samtone_ray.tracking.runs"]
     assert len(warnings) == 4 and all(f"after {tracking.LOG_ATTEMPTS} attempts" in w for w in warnings), warnings
+
