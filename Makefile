@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # One worker per trial: on one machine two one-worker trials at a time finish the tuning run sooner
-# than one two-worker trial at a time (README, "How long it takes"). On a cluster, give each trial
+# than one two-worker trial at a time (docs/performance.md, "Workers and trials"). On a cluster, give each trial
 # as many workers as it has GPUs.
 demo: $(STAMP)
 	$(VENV)/bin/samtone tune --set scaling.num_workers=1

@@ -228,7 +228,7 @@ class RegistryConfig:
 
 @dataclass
 class ServeConfig:
-    """``samtone serve``: batching, request limits and champion polling (see README "Serving")."""
+    """``samtone serve``: batching, request limits and champion polling (docs/serving.md)."""
 
     max_batch_size: int = 64
     """Texts per forward batch (each input of a request enters the batch on its own)."""
@@ -248,7 +248,7 @@ class ServeConfig:
     index_batch_size: int = 128
     precision: Precision = "fp32"
     """fp32, bf16 (autocast; auto = bf16 where native) or int8 (dynamic int8 linear layers, CPU
-    only; speed and quality cost measured in README "Re-encoding a corpus")."""
+    only; speed and quality cost measured in docs/encoding-and-indexing.md, "Precision")."""
 
     def __post_init__(self) -> None:
         for key in ("max_batch_size", "max_ongoing_requests", "max_pending_texts",

@@ -4,7 +4,8 @@
 optionally ``negatives`` ``list<string>``, ``query_id``, ``doc_id``) plus its duplicate keys.
 Put in the Ray object store it is shared, not copied: Arrow and numpy buffers are deserialised as
 views of the store's shared memory, so a worker's private memory does not grow with the set
-(tests/test_pairs.py checks the buffers' addresses; benchmarks/pairs_memory.py measures it).
+(tests/data/test_pairs.py checks the buffers' addresses; benchmarks/results/pairs_memory.json holds the
+measurement against the Python lists it replaced).
 A step reads only its batch's rows (:meth:`PairTable.subset`) as :class:`TrainingPairs`.
 
 The duplicate keys (:class:`PairKeys`) are dictionary codes of the texts, computed once per set

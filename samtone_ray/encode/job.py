@@ -135,7 +135,7 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
 
 
 class _Metrics:
-    """``samtone_encode_*`` metrics (README "Metrics"); Ray exports them with a ``ray_`` prefix."""
+    """``samtone_encode_*`` metrics (dashboards/README.md); Ray exports them with a ``ray_`` prefix."""
 
     def __init__(self, tags: dict[str, str]) -> None:
         from ray.util.metrics import Gauge
