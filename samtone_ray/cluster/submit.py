@@ -216,28 +216,54 @@ def alive_nodes(address: str) -> int | None:
     return len(alive) or None
 
 
-def submit(sub: Submission, jobs) -> tuple[str, bool]:
-    """Submit, or attach when this submission id exists already; returns (id, newly_submitted)."""
+# A head's job server answers this (HTTP 500) for a few seconds after it starts, until its job
+# agent has registered: worth waiting for, not a failure.
+AGENT_NOT_READY = "No available agent to submit job"
+AGENT_WAIT_S = 60.0
+
+
+def submit(sub: Submission, jobs, *, agent_wait_s: float = AGENT_WAIT_S, poll_s: float = 2.0,
+           out=None) -> tuple[str, bool]:
+    """Submit, or attach when this submission id exists already; returns (id, newly_submitted).
+
+    While the head's job agent is not ready yet, waits (up to ``agent_wait_s``, saying so on ``out``)
+    and tries again."""
     try:
         jobs.get_job_info(sub.submission_id)
         return sub.submission_id, False
     except RuntimeError as exc:
         if "404" not in str(exc):
             raise
-    try:
-        jobs.submit_job(
-            entrypoint=sub.entrypoint,
-            submission_id=sub.submission_id,
-            runtime_env=sub.runtime_env,
-            metadata=sub.metadata,
-            entrypoint_num_cpus=sub.num_cpus,
-            entrypoint_num_gpus=sub.num_gpus,
-        )
-    except RuntimeError as exc:
-        if "already exists" in str(exc):  # a concurrent retry won the race: attach to it
-            return sub.submission_id, False
-        raise
-    return sub.submission_id, True
+    deadline = time.monotonic() + agent_wait_s
+    waited = False
+    while True:
+        try:
+            jobs.submit_job(
+                entrypoint=sub.entrypoint,
+                submission_id=sub.submission_id,
+                runtime_env=sub.runtime_env,
+                metadata=sub.metadata,
+                entrypoint_num_cpus=sub.num_cpus,
+                entrypoint_num_gpus=sub.num_gpus,
+            )
+        except RuntimeError as exc:
+            if "already exists" in str(exc):  # a concurrent retry won the race: attach to it
+                return sub.submission_id, False
+            if AGENT_NOT_READY not in str(exc):
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SubmitError(
+                    f"the job server still had no agent to run the job after {agent_wait_s:.0f}s ({exc}): the head's "
+                    "dashboard agent may have failed; see its logs (dashboard_agent.log in the head's Ray session folder)"
+                ) from None
+            if not waited:
+                print(f"the cluster's job agent is not ready yet (a head that has just started?): retrying for up to "
+                      f"{agent_wait_s:.0f}s", file=out or sys.stderr, flush=True)
+            waited = True
+            time.sleep(min(poll_s, left))
+            continue
+        return sub.submission_id, True
 
 
 def wait(jobs, submission_id: str, *, follow: bool, poll_s: float = 1.0, out=sys.stdout) -> str:

@@ -23,11 +23,16 @@ Precision = Literal["auto", "fp32", "bf16", "int8"]
 TuneAlgorithm = Literal["grid", "random", "optuna"]
 Scheduler = Literal["asha", "none"]
 Mode = Literal["max", "min"]
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_SPREAD"]
+"""Where Ray puts the training workers: PACK on as few nodes as possible (the default: collectives
+stay inside a node), SPREAD over as many nodes as it can, STRICT_SPREAD each on a node of its own
+(the run waits until there are enough nodes)."""
 
 TOWER_MODES: tuple[str, ...] = get_args(TowerMode)
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 SAME_TOWER_CHOICES: tuple[str, ...] = get_args(SameTower)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+PLACEMENT_STRATEGIES: tuple[str, ...] = get_args(PlacementStrategy)
 
 
 def check_positive_int(name: str, value: int) -> None:
@@ -123,6 +128,11 @@ def check_precision(precision: str, *, prefix: str = "", training: bool = False,
         raise ValueError(
             f"{prefix}precision=int8 runs on CPU only (torch's dynamic int8 kernels); on a GPU use bf16 or fp32"
         )
+
+
+def check_placement_strategy(strategy: str, *, prefix: str = "") -> None:
+    if strategy not in PLACEMENT_STRATEGIES:
+        raise ValueError(f"{prefix}placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}; got {strategy!r}")
 
 
 def parse_count_range(text: str, option: str, *, single: bool) -> tuple[int, int]:

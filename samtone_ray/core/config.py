@@ -21,6 +21,7 @@ import yaml
 
 from samtone_ray.core import choices as settings
 from samtone_ray.core.choices import Mode, Pooling, Precision, SameTower, Scheduler, TowerMode, TuneAlgorithm
+from samtone_ray.core.choices import PlacementStrategy
 
 BUNDLED_SAMPLE = "bundled:debian"
 """Placeholder for the Debian sample shipped inside the package (resolved by ``resolve_data_path``)."""
@@ -171,10 +172,14 @@ class ScalingConfig:
     cpus_per_worker: int = 1
     max_failures: int = 3
     """Worker-group restarts allowed; training resumes from the last checkpoint each time."""
+    placement_strategy: PlacementStrategy = "PACK"
+    """How the workers are placed on nodes: PACK (fewest nodes), SPREAD or STRICT_SPREAD (one per node)."""
 
     def __post_init__(self) -> None:
         _positive("scaling.num_workers", self.num_workers)
         _positive("scaling.cpus_per_worker", self.cpus_per_worker)
+        with _as(ConfigError):
+            settings.check_placement_strategy(self.placement_strategy, prefix="scaling.")
 
 
 @dataclass

@@ -178,12 +178,15 @@ class ClusterConfigError(ValueError):
     """A setting that cannot work on this cluster; the message names it and what to use instead."""
 
 
-def check_cluster(num_nodes: int, tracking_uri: str | None, output_dir: str, output_fs: str) -> None:
+def check_cluster(
+    num_nodes: int, tracking_uri: str | None, output_dir: str, output_fs: str, *, output_seen_by_all: bool = False
+) -> None:
     """Refuse, before any work starts, settings that only work on one node.
 
     On a cluster of ``num_nodes`` > 1 nodes rank 0 may run on any node: a SQLite tracking URI
     names a file on one node only, and ``output_dir`` (models, checkpoints, leaderboards) must be
-    on a file system that every node shares (``output_fs``: its type, e.g. from ``filesystem_type``).
+    on a file system that every node shares (``output_fs``: its type, e.g. from ``filesystem_type``),
+    or one that every node was seen to share (``output_seen_by_all``: ``seen_by_every_node``).
     """
     if num_nodes <= 1:
         return
@@ -194,7 +197,7 @@ def check_cluster(num_nodes: int, tracking_uri: str | None, output_dir: str, out
             f"{num_nodes} nodes and rank 0 may log from any of them: use an MLflow server every node "
             "can reach (tracking.uri=http://HOST:5000) or set tracking.enabled=false"
         )
-    if output_fs not in SHARED_FILESYSTEMS:
+    if output_fs not in SHARED_FILESYSTEMS and not output_seen_by_all:
         raise ClusterConfigError(
             f"output_dir {output_dir!r} is on a {output_fs or 'unknown'} file system, local to one node, but "
             f"Ray has {num_nodes} nodes and rank 0 writes models and checkpoints from whichever node it "
@@ -228,5 +231,121 @@ def check_ray_cluster(tracking_uri: str | None, output_dir: str) -> None:
     """``check_cluster`` on the connected Ray cluster's alive nodes."""
     import ray
 
-    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-    check_cluster(nodes, tracking_uri, output_dir, filesystem_type(output_dir))
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    fs = filesystem_type(output_dir)
+    # A file system of a local type may still be every node's (nodes sharing one machine, a
+    # host path mounted into every container): then every node reads what rank 0 writes there.
+    seen = len(nodes) > 1 and fs not in SHARED_FILESYSTEMS and seen_by_every_node(output_dir, nodes)
+    check_cluster(len(nodes), tracking_uri, output_dir, fs, output_seen_by_all=seen)
+
+
+def seen_by_every_node(directory: str, nodes: list[dict], timeout_s: float = 120) -> bool:
+    """Whether a file written in ``directory`` here is read back, same content, by a task on each
+    of ``nodes`` (``ray.nodes()`` entries). Says nothing about nodes that join later."""
+    import secrets
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = secrets.token_hex(16)
+    marker = Path(directory) / f".samtone-shared-{token}"
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(token)
+    except OSError:
+        return False
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def read(path: str) -> str | None:
+        try:
+            return Path(path).read_text()
+        except OSError:
+            return None
+
+    try:
+        refs = [
+            read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(str(marker))
+            for node in nodes
+        ]
+        return all(found == token for found in ray.get(refs, timeout=timeout_s))
+    except Exception as exc:  # a node that cannot answer cannot be shown to share it
+        log.warning("could not check whether every node sees %s: %s", directory, exc)
+        return False
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+# Collective libraries pick their network interface from the hostname unless told: on a node
+# whose hostname resolves to 127.0.0.1 (or to another node's address) gloo listens on loopback and
+# a peer on another node gets "connection refused". These name the interface instead.
+COLLECTIVE_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def interface_addresses() -> dict[str, list[str]]:
+    """``{interface: [addresses]}`` in this process's network namespace: IPv4 from the kernel's
+    interface list (``SIOCGIFCONF``: every address, aliases included), IPv6 from /proc/net/if_inet6."""
+    import array
+    import fcntl
+    import struct
+
+    found: dict[str, list[str]] = {}
+    ifreq = 16 + (24 if struct.calcsize("P") == 8 else 16)  # name + the ifr_ifru union
+    buf = array.array("B", bytes(ifreq * 1024))
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            out = fcntl.ioctl(s.fileno(), 0x8912, struct.pack("iL", len(buf), buf.buffer_info()[0]))  # SIOCGIFCONF
+        length = struct.unpack("iL", out)[0]
+        data = buf.tobytes()[:length]
+        for i in range(0, length, ifreq):
+            name = data[i:i + 16].split(b"\0", 1)[0].decode()
+            # sockaddr_in after the name: family (2 bytes), port (2), address (4). "eth0:1" is an
+            # alias label on eth0; collectives want the device.
+            found.setdefault(name.split(":", 1)[0], []).append(socket.inet_ntoa(data[i + 20:i + 24]))
+    except OSError as exc:
+        log.debug("could not list IPv4 interfaces: %s", exc)
+    try:
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 6:
+                packed = bytes.fromhex(fields[0])
+                found.setdefault(fields[5], []).append(socket.inet_ntop(socket.AF_INET6, packed))
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def interface_for_address(ip: str, addresses: dict[str, list[str]] | None = None) -> str | None:
+    """The interface that carries ``ip`` (from ``addresses``, default: this machine's), or None."""
+    import ipaddress
+
+    try:
+        wanted = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return None
+    for name, addrs in sorted((addresses if addresses is not None else interface_addresses()).items()):
+        for addr in addrs:
+            try:
+                if ipaddress.ip_address(addr.split("%", 1)[0]) == wanted:
+                    return name
+            except ValueError:
+                continue
+    return None
+
+
+def bind_collectives(node_ip: str, environ: dict[str, str] | os._Environ | None = None,
+                     addresses: dict[str, list[str]] | None = None) -> dict[str, str]:
+    """Point gloo and NCCL at the interface carrying ``node_ip`` (the node's Ray IP) unless the user
+    named one (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``); returns what was set. Must run in
+    the worker process before its process group is created."""
+    environ = os.environ if environ is None else environ
+    missing = [var for var in COLLECTIVE_IFNAME_VARS if not environ.get(var)]
+    if not missing:
+        return {}
+    interface = interface_for_address(node_ip, addresses)
+    if interface is None:
+        log.warning("no network interface carries this node's Ray IP %s: gloo/NCCL choose their own (set "
+                    "GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME if workers on other nodes cannot connect)", node_ip)
+        return {}
+    chosen = {var: interface for var in missing}
+    environ.update(chosen)
+    return chosen

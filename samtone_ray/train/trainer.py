@@ -481,7 +481,9 @@ def build_trainer(
     callbacks: list | None = None,
 ):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from samtone_ray.train.collectives import NodeInterfaceTorchConfig
 
     return TorchTrainer(
         train_loop,
@@ -494,13 +496,15 @@ def build_trainer(
             "tracking_uri": tracking_uri,
         },
         # The process-group timeout bounds how long a rank may wait in a collective for the others.
-        torch_config=TorchConfig(
+        # gloo / NCCL bound to the interface of each node's Ray IP, unless the user named one.
+        torch_config=NodeInterfaceTorchConfig(
             backend="nccl" if cfg.scaling.use_gpu else "gloo", timeout_s=cfg.train.collective_timeout_s
         ),
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if cfg.scaling.use_gpu else {}),
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,

@@ -110,3 +110,32 @@ def test_bad_config_fails_before_any_connection(capsys):
     # before any connection is tried.
     assert main(["submit", "train", "--set", "train.batch_size=0", "--address", "http://127.0.0.1:9"]) == 2
     assert "train.batch_size" in capsys.readouterr().err
+
+
+class _Jobs:
+    """A job server whose agent is not ready for the first ``not_ready`` submissions."""
+
+    def __init__(self, not_ready: int):
+        self.not_ready, self.submitted = not_ready, 0
+
+    def get_job_info(self, sid):
+        raise RuntimeError("Request failed with status code 404: Job does not exist.")
+
+    def submit_job(self, **kwargs):
+        self.submitted += 1
+        if self.submitted <= self.not_ready:
+            raise RuntimeError("Request failed with status code 500: No available agent to submit job, please try again later..")
+        return kwargs["submission_id"]
+
+
+def test_submit_waits_while_a_fresh_head_has_no_job_agent_yet(capsys):
+    from samtone_ray.cluster.submit import Submission, submit
+
+    sub = Submission("samtone-train-x-0123456789ab", "python -m samtone_ray.cli train", {}, {}, 0, 0, [])
+    jobs = _Jobs(not_ready=3)
+    assert submit(sub, jobs, agent_wait_s=30, poll_s=0.01) == (sub.submission_id, True)
+    assert jobs.submitted == 4
+    err = capsys.readouterr().err
+    assert err.count("job agent is not ready yet") == 1 and "retrying for up to 30s" in err  # said once, not per try
+    with pytest.raises(SubmitError, match=r"still had no agent to run the job after 0s.*dashboard_agent.log"):
+        submit(sub, _Jobs(not_ready=10**6), agent_wait_s=0.05, poll_s=0.01)
