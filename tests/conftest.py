@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from samtone_ray.core.env import apply_defaults
 
@@ -68,6 +69,9 @@ def tiny_model_dir(tmp_path_factory):
 
 
 MARKERS = ("unit", "ray", "mlflow", "system", "gpu")
+# Libraries ask the machine about itself (scikit-learn's threadpool probe runs lscpu): not a test's
+# own process.
+MACHINE_PROBES = {"lscpu", "nproc", "getconf", "uname", "ldconfig"}
 
 
 def pytest_configure(config):
@@ -101,7 +105,9 @@ def _unit_tests_stay_pure(request):
     real_init = subprocess.Popen.__init__
 
     def recording_init(self, args, *a, **k):
-        spawned.append(args if isinstance(args, str) else " ".join(map(str, args)))
+        command = args if isinstance(args, str) else " ".join(map(str, args))
+        if Path(command.split()[0]).name not in MACHINE_PROBES:
+            spawned.append(command)
         real_init(self, args, *a, **k)
 
     # The session's Ray cluster and an earlier test's MLflow import stay: only a change counts.
