@@ -16,6 +16,7 @@ from samtone_ray.core.config import from_dict
 from samtone_ray.data.sources import BeirSplit, bundled_sample_path, load_beir, load_training_pairs
 from samtone_ray.train.trainer import HISTORY_FILE, batch_keys, train, train_step
 from samtone_ray.model.losses import SamToNeLoss
+from samtone_ray.model.towers import DualEncoder
 
 TESTS_DIR = str(Path(__file__).parents[1])
 
