@@ -112,6 +112,7 @@ def cmd_tune(args) -> int:
     from samtone_ray.evaluation.retrieval import DEFAULT_TABLE_KEYS
     from samtone_ray.tune.leaderboard import format_leaderboard
     from samtone_ray.tune.layout import TuneLayout
+    from samtone_ray.tune.progress import next_steps
     from samtone_ray.tune.tuner import tune
 
     if args.resume:
@@ -122,8 +123,10 @@ def cmd_tune(args) -> int:
         cfg = from_dict(layout.read_state()["config"])
     else:
         cfg = _load(args)
-    _echo(cfg)
-    outcome = tune(cfg, resume=bool(args.resume), zero_shot=not args.no_baseline)
+    verbose = args.ray_output or args.verbose  # Ray's own output here, as it was, rather than in ray.log
+    if verbose:
+        _echo(cfg)  # else the plan says what runs; tune.json keeps the whole config
+    outcome = tune(cfg, resume=bool(args.resume), zero_shot=not args.no_baseline, verbose=verbose)
     print(f"\n# leaderboard ({cfg.tune.metric}, {cfg.data.eval} [{cfg.data.eval_split}])")
     print(f"eval corpus: {outcome.eval_corpus}")
     print(format_leaderboard(outcome.leaderboard, cfg.tune.metric))
@@ -216,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--resume", metavar="OUTPUT_DIR", help="resume an interrupted tuning run from its output_dir")
     p.add_argument("--no-baseline", action="store_true", help="skip the zero-shot reference evaluation")
+    p.add_argument("--verbose", dest="ray_output", action="store_true",
+                   help="show Ray's own output here (Tune's status tables, Ray's logs, the workers' output) instead "
+                        "of the progress view; without it that output goes to <output_dir>/ray.log")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("serve", help="serve a model on Ray Serve: OpenAI-compatible /v1/embeddings and /search")

@@ -3,6 +3,7 @@
     <output_dir>/tune.json                  the config and the MLflow parent run (what --resume reads;
                                             search.json in studies from before the rename)
     <output_dir>/leaderboard.csv|png
+    <output_dir>/ray.log                     Ray's own output (Tune's tables, Ray's logs, the workers' stdout/stderr)
     <output_dir>/tune/                       Ray Tune's experiment (trial folders named by trial id)
     <output_dir>/trials/<trial id>/          one trial: model/, mlflow_run_id, per_query.parquet, ray/
 """
@@ -77,6 +78,11 @@ class TuneLayout:
     @property
     def leaderboard_png(self) -> Path:
         return self.root / "leaderboard.png"
+
+    @property
+    def ray_log(self) -> Path:
+        """Where ``samtone tune`` sends Ray's output unless ``--verbose`` (``tune.progress.RayOutput``)."""
+        return self.root / "ray.log"
 
     @property
     def tune_dir(self) -> Path:

@@ -167,12 +167,25 @@ class TuneOutcome:
     """What every evaluation searched (``BeirSplit.corpus_summary``)."""
 
 
-def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = False) -> TuneOutcome:
+def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = False, verbose: bool = False) -> TuneOutcome:
     """Run (or resume) a tuning run; returns the leaderboard, the best trial and the champion decision.
 
     ``zero_shot`` also scores the untrained base model on the eval data, as a reference row.
+    The terminal shows a plan and the progress; Ray's own output (Tune's tables, Ray's logs, the
+    workers' output) goes to ``<output_dir>/ray.log``, or stays on the terminal if ``verbose``.
     """
+    from samtone_ray.tune.progress import RayOutput
+
+    cfg = cfg.with_output_dir()
+    with RayOutput(None if verbose else TuneLayout(Path(cfg.output_dir).resolve()).ray_log) as output:
+        return _start(cfg, resume=resume, data=data, zero_shot=zero_shot, output=output)
+
+
+def _start(cfg: Config, *, resume: bool, data, zero_shot: bool, output) -> TuneOutcome:
+    import ray
+
     from samtone_ray.tracking import runs as tracking
+    from samtone_ray.tune.progress import format_plan, planned_trials
     from samtone_ray.data.sources import load_data
     from samtone_ray.core.runtime import check_ray_cluster, connect_ray
 
@@ -195,6 +208,7 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
         state = {"config": cfg.to_dict(), "parent_run_id": None, "started": time.time()}
 
     connect_ray()
+    output.connected()  # the workers' output Ray forwards to this driver: to the log too
     pairs, eval_split = data or load_data(cfg)
     if eval_split is None:
         raise ConfigError("a tuning run ranks trials by evaluating them: it needs eval data (data.eval)")
@@ -208,7 +222,12 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
     elif uri:
         tracking.client(uri).update_run(state["parent_run_id"], status="RUNNING")  # resumed
     try:
-        return _tune(cfg, space, state, out, uri, (pairs, eval_split), resume=resume, zero_shot=zero_shot)
+        print(format_plan(cfg, space, trials=planned_trials(cfg.tune.algorithm, cfg.tune.num_samples, len(space.grid)),
+                          concurrent=max_concurrent(cfg, ray.cluster_resources()), pairs=len(pairs),
+                          queries=len(eval_split.qrels), corpus=eval_split.corpus_summary(), output_dir=out,
+                          log=output.path, tracking_uri=uri, parent_run_id=state["parent_run_id"], zero_shot=zero_shot,
+                          resumed=resume), flush=True)
+        return _tune(cfg, space, state, out, uri, (pairs, eval_split), resume=resume, zero_shot=zero_shot, output=output)
     except BaseException:
         # No parent run left RUNNING forever: the tuning run's parent says it failed.
         if uri:
@@ -217,7 +236,7 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
 
 
 def _tune(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, data, *, resume: bool,
-          zero_shot: bool) -> TuneOutcome:
+          zero_shot: bool, output) -> TuneOutcome:
     import ray
     from ray import tune as rtune
 
@@ -257,6 +276,9 @@ def _tune(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, da
     )
     tune_dir = layout.tune_dir
     started = time.time()
+    # The progress view (none with --verbose: Tune's tables are the progress). A restored tuning
+    # run uses the callbacks Tune saved with it: their progress callback feeds this view.
+    progress = output.track(layout, cfg.tune.metric, cfg.tune.mode, hide=tuple(space.fixed))
     if resume and rtune.Tuner.can_restore(str(tune_dir)):
         tuner = rtune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True, resume_unfinished=True)
     else:
@@ -266,10 +288,12 @@ def _tune(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, da
             tune_config=_tune_config(cfg, space),
             run_config=rtune.RunConfig(
                 name=TUNE_NAME, storage_path=str(out), verbose=1,
-                callbacks=[tune_callback(cfg.name, cfg.tune.metric, cfg.tune.mode, layout)],
+                # verbose=1: Tune's tables, which go to ray.log unless --verbose.
+                callbacks=[tune_callback(cfg.name, cfg.tune.metric, cfg.tune.mode, layout), *progress],
             ),
         )
-    results = tuner.fit()
+    with output.quiet():
+        results = tuner.fit()
     board = build_leaderboard(results, cfg, space)
     parent = tracking.RunLogger(uri, state["parent_run_id"]) if uri else None
     if parent:

@@ -130,6 +130,7 @@ def test_asha_milestones_fall_on_every_trials_evaluations(batch_sizes, eval_ever
             assert milestone % (eval_every * batch) == 0
 
 
+@pytest.mark.system  # a `samtone tune` process of its own
 def test_cli_rejects_a_bad_space_before_starting_ray(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump({"tune": {"space": {"train.batch_size": {"grid": [64, 3]}}}}))
@@ -172,6 +173,7 @@ def test_the_state_is_tune_json_and_an_older_studys_search_json_is_read_when_alo
     assert layout.saved_state.name == "tune.json" and layout.read_state()["parent_run_id"] == "p"
 
 
+@pytest.mark.system  # a `samtone tune` process of its own
 def test_cli_resume_finds_an_older_studys_search_json(tmp_path):
     # A grid that fails validation: the resume stops before Ray, after reading the old state.
     _legacy_state(tmp_path / "out", from_dict({"output_dir": str(tmp_path / "out"),
@@ -503,3 +505,62 @@ def _terminated_trials(tune_dir: Path) -> list[str]:
         if trial.get("status") == "TERMINATED":
             done.append(trial["trial_id"])
     return sorted(done)
+
+
+# ----------------------------------------------------------------- what `samtone tune` prints
+
+
+def _cli_tune(cfg, tmp_path, capsys, *flags):
+    from samtone_ray.cli import main
+
+    config_file = tmp_path / "tune.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    code = main(["tune", "--config", str(config_file), "--no-baseline", *flags])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_tune_prints_a_plan_progress_the_leaderboard_and_next_steps_and_sends_rays_output_to_its_log(
+        ray_cluster, tiny_model_dir, tiny_beir, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Two trials one after the other; the second fails at its first step, so the run shows both ends.
+    cfg = _tune_cfg(tiny_model_dir, tiny_beir, tmp_path / "out", uri, scaling={"max_failures": 0},
+                    tune={"scheduler": "none", "max_concurrent_trials": 1,
+                          "space": {"loss.same_tower": "none", "train.fail_at_step": {"grid": [0, 1]}}})
+    code, out, err = _cli_tune(cfg, tmp_path, capsys)
+    assert code == 0, err
+    log = tmp_path / "out" / "ray.log"
+    lines = out.splitlines()
+    assert lines[0].startswith("# plan: tuning ") and "# resolved config" not in out
+    plan = out[: out.index("\n[")]  # up to the first progress line
+    assert "train.fail_at_step: 0, 1 (grid)" in plan and f"{log} (Tune's status tables" in plan and uri in plan, out
+    assert any(" trial " in line and " started: train.fail_at_step=0" in line for line in lines)
+    assert any(" trial " in line and " finished: mrr@10 " in line for line in lines)
+    assert any("trials 2/2 done (1 finished, 0 stopped early, 1 errored), 0 running | best mrr@10 " in line
+               for line in lines)
+    assert "# leaderboard (mrr@10" in out and "champion: models:/tiny@champion (version 1)" in out
+    assert out.index("# plan") < out.index("trials 2/2 done") < out.index("# leaderboard") < out.index("# next")
+    assert (f"samtone serve --set tracking.uri={uri} --model models:/tiny@champion --index {tiny_beir}" in out
+            and f"samtone encode --set tracking.uri={uri} --model models:/tiny@champion --input {tiny_beir}/corpus.jsonl"
+            in out)
+    # The failed trial reaches the terminal, naming the log; Ray's own output does not.
+    assert "error: trial " in err and " failed: " in err and "/out/tune/" in err and str(log) in err
+    for ray_output in ("Trial status:", "Configuration for experiment", "RayTrainWorker pid=", "TrainController pid="):
+        assert ray_output not in out and ray_output not in err, ray_output
+    text = log.read_text()
+    assert "Trial status:" in text and "Configuration for experiment" in text  # Tune's tables
+    assert "RayTrainWorker pid=" in text or "TrainController pid=" in text  # the workers' output
+    assert "Autoscaler status" not in text  # of the monitor's log, only its events (as Ray shows them)
+
+
+def test_tune_verbose_keeps_rays_output_on_the_terminal(ray_cluster, tiny_model_dir, tiny_beir, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _tune_cfg(tiny_model_dir, tiny_beir, tmp_path / "out", uri,
+                    tune={"scheduler": "none", "space": {"loss.same_tower": "none"}})
+    code, out, err = _cli_tune(cfg, tmp_path, capsys, "--verbose")
+    assert code == 0, err
+    assert "# resolved config" in out and "# plan: tuning " in out
+    assert "Configuration for experiment" in out and "Trial status:" in out  # Tune's tables, as before
+    assert "trials 1/1 done" not in out  # no progress view beside them
+    assert "# leaderboard" in out and "samtone serve --set tracking.uri=" in out
+    assert not (tmp_path / "out" / "ray.log").exists()
