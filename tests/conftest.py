@@ -69,9 +69,9 @@ def tiny_model_dir(tmp_path_factory):
 
 
 MARKERS = ("unit", "ray", "mlflow", "system", "gpu")
-# Libraries ask the machine about itself (scikit-learn's threadpool probe runs lscpu): not a test's
-# own process.
-MACHINE_PROBES = {"lscpu", "nproc", "getconf", "uname", "ldconfig"}
+# Short-lived queries made along the way (scikit-learn's thread-pool probe runs lscpu; a job's
+# metadata records `git rev-parse HEAD`): not processes a test runs.
+QUERY_COMMANDS = {"lscpu", "nproc", "getconf", "uname", "ldconfig", "git"}
 
 
 def pytest_configure(config):
@@ -106,7 +106,7 @@ def _unit_tests_stay_pure(request):
 
     def recording_init(self, args, *a, **k):
         command = args if isinstance(args, str) else " ".join(map(str, args))
-        if Path(command.split()[0]).name not in MACHINE_PROBES:
+        if Path(command.split()[0]).name not in QUERY_COMMANDS:
             spawned.append(command)
         real_init(self, args, *a, **k)
 
