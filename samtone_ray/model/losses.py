@@ -322,7 +322,11 @@ class SamToNeLoss(nn.Module):
 
     def __init__(self, config: LossConfig | None = None, **settings) -> None:
         super().__init__()
-        self.config = LossConfig(**settings) if config is None else dataclasses.replace(config, **settings)
+        if config is None:
+            config = LossConfig(**settings)
+        elif settings:
+            config = dataclasses.replace(config, **settings)  # a new config: validated as it is built
+        self.config = config
 
     @classmethod
     def from_config(cls, config: LossConfig) -> SamToNeLoss:
