@@ -267,7 +267,7 @@ def recall_at_k(index: SearchIndex, queries: torch.Tensor, k: int = 10) -> float
     return float(np.mean(hits))
 
 
-def _recall_queries(index: SearchIndex, manifest: dict[str, Any], queries: str | None, sample: int,
+def recall_queries(index: SearchIndex, manifest: dict[str, Any], queries: str | None, sample: int,
                     tracking_uri: str | None) -> tuple[torch.Tensor, str]:
     """Query embeddings for the recall check, and where they came from: the query tower on
     ``queries`` (default: queries.jsonl beside a BEIR corpus), else a sample of documents."""
@@ -289,33 +289,3 @@ def _recall_queries(index: SearchIndex, manifest: dict[str, Any], queries: str |
     index.check_model(resolved.fingerprint, resolved.label)
     model = DualEncoder.from_pretrained(resolved.path)
     return model.encode_queries([texts[i] for i in picked]), f"{len(picked)} queries from {queries}"
-
-
-def cli_index(args) -> int:
-    """Handler of ``samtone index``."""
-    import sys
-    import time
-
-    from samtone_ray.data.sources import DataError
-    from samtone_ray.encode.job import read_manifest
-    from samtone_ray.tracking.model_uri import ModelURIError
-
-    params = {"nlist": args.nlist, "nprobe": args.nprobe} if args.kind == "faiss-ivf" else {}
-    if args.kind == "faiss-hnsw":
-        params = {"m": args.hnsw_m, "ef_search": args.ef_search}
-    try:
-        t0 = time.perf_counter()
-        index = build_from_encoded(args.embeddings, args.kind, params)
-        built = time.perf_counter() - t0
-        index.save(args.output)
-        model = index.model
-        print(f"index {args.output}: {len(index)} documents, dim {index.dim}, kind {index.kind} "
-              f"{index.params or ''} built in {built:.1f} s; model {model.get('uri')} "
-              f"(version {model.get('version') or '-'}, fingerprint {model.get('fingerprint')})")
-        if index.kind != "exact":
-            queries, source = _recall_queries(index, read_manifest(args.embeddings), args.queries, args.sample, args.tracking_uri)
-            print(f"recall@10 vs exact search on {source}: {recall_at_k(index, queries, 10):.4f}")
-    except (IndexError_, DataError, ModelURIError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0

@@ -552,7 +552,7 @@ def _merge_rejects(output: Path, plan: Plan) -> list[dict]:
     return entries
 
 
-def _log_mlflow(cfg, result: EncodeResult) -> str:
+def log_to_mlflow(cfg, result: EncodeResult) -> str:
     from samtone_ray.tracking import runs as tracking
 
     uri = tracking.tracking_uri(cfg.tracking.uri)
@@ -576,45 +576,3 @@ def _log_mlflow(cfg, result: EncodeResult) -> str:
     )
     logger.finish()
     return run_id
-
-
-def cli_encode(args) -> int:
-    """Handler of ``samtone encode``."""
-    from samtone_ray.core.config import load_config
-    from samtone_ray.tracking.model_uri import ModelURIError
-
-    cfg = load_config(args.config, args.overrides)
-    try:
-        opts = EncodeOptions(
-            model=args.model,
-            input=args.input,
-            output=args.output,
-            tower=args.tower,
-            batch_size=args.batch_size,
-            actors=args.actors,
-            cpus_per_actor=args.cpus_per_actor,
-            gpu=args.gpu,
-            precision=args.precision,
-            id_field=args.id_field,
-            text_fields=tuple(f for f in args.text_fields.split(",") if f),
-            on_bad_record=args.on_bad_record,
-            overwrite=args.overwrite,
-            rows_per_file=args.rows_per_file,
-            file_mb=args.file_mb,
-            tracking_uri=cfg.tracking.uri or None,
-        )
-        result = run_encode(opts)
-    except (ValueError, ModelURIError) as exc:
-        print(f"error: {exc}", file=__import__("sys").stderr)
-        return 2
-    t = result.timings
-    print(
-        f"encoded {result.rows_encoded} rows in {result.wall_s:.1f} s ({result.rows_per_s:.1f} rows/s); "
-        f"output {result.output}: {result.rows} rows, {result.rejected} rejected"
-    )
-    if result.rows_encoded:
-        print("seconds: setup (model, input plan) and pipeline are wall time; read, tokenize, embed and write "
-              "are summed over workers: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
-    if cfg.tracking.enabled and result.rows_encoded:
-        print(f"mlflow run: {_log_mlflow(cfg, result)}")
-    return 0

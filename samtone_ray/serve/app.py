@@ -47,8 +47,7 @@ from samtone_ray.serve.api import (
     parse_search,
 )
 from samtone_ray.serve.replica import IndexSource, Served, load_model, with_index
-from samtone_ray.tracking.model_uri import alias_uri, is_registry_uri
-from samtone_ray.core.choices import check_precision
+from samtone_ray.tracking.model_uri import is_registry_uri
 
 log = logging.getLogger(__name__)
 DEPLOYMENT = "Embedder"
@@ -446,42 +445,6 @@ def default_num_cpus(replicas: int | None, local: bool) -> float:
     the requests/s of 1 on 2 cores, direct ingress); replicas that share nodes, or a cluster's, get
     1 each."""
     return float(os.cpu_count() or 1) if local and replicas == 1 else 1.0
-
-
-def cmd_serve(args, cfg) -> int:
-    """The ``samtone serve`` command (``cfg``: the loaded Config)."""
-    import yaml
-
-    from samtone_ray.tracking import runs as tracking
-
-    try:  # before any Ray start: int8 kernels are CPU-only
-        check_precision(cfg.serve.precision, prefix="serve.", gpu=args.gpu)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    tracking_uri = tracking.tracking_uri(cfg.tracking.uri)
-    model = args.model or alias_uri(cfg.registry.model_name, cfg.registry.alias)
-    from samtone_ray.core.runtime import starts_local_cluster
-
-    local = starts_local_cluster()
-    # --print-config writes a cluster's deployment, whatever this machine would start.
-    num_cpus = args.num_cpus or default_num_cpus(args.replicas if not args.autoscale else None, local and not args.print_config)
-    options = deployment_options(args.replicas, args.autoscale, args.gpu, num_cpus, cfg.serve)
-    app_args = {"model": model, "tracking_uri": tracking_uri, "index": str(args.index) if args.index else None, "device": "cuda" if args.gpu else "cpu"}
-    if args.print_config:
-        print(yaml.safe_dump(serve_config(app_args, options, args.host, args.port), sort_keys=False), end="")
-        return 0
-    from samtone_ray.encode.index import IndexError_
-    from samtone_ray.tracking.model_uri import ModelURIError, resolve_model
-
-    try:  # a wrong URI or index fails here, with its reason, not inside a replica
-        resolve_model(model, tracking_uri)
-        if args.index:
-            IndexSource(args.index)
-    except (ModelURIError, IndexError_) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return run_blocking(app_args, options, args.host, args.port, local)
 
 
 def local_serve_env(port: int, replicas: int | None) -> dict[str, str]:
