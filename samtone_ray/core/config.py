@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from samtone_ray.core import choices as settings
-from samtone_ray.core.choices import Mode, Pooling, Precision, SameTower, Scheduler, TowerMode, TuneAlgorithm
+from samtone_ray.core.choices import Mode, NegativeSampling, Pooling, Precision, SameTower, Scheduler, TowerMode, TuneAlgorithm
 from samtone_ray.core.choices import PlacementStrategy
 
 BUNDLED_SAMPLE = "bundled:debian"
@@ -63,6 +63,61 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.num_hard_negatives < 0:
             raise ConfigError(f"data.num_hard_negatives must be >= 0, got {self.num_hard_negatives}")
+
+
+@dataclass
+class MiningConfig:
+    """Hard-negative mining filters (``samtone mine``), as sentence-transformers'
+    ``mine_hard_negatives`` defines them; scores are the retriever's (cosine or BM25)."""
+
+    num_negatives: int = 3
+    range_min: int = 0
+    """Skip this many best-scoring candidates that pass the score filters (likely unjudged positives)."""
+    range_max: int | None = None
+    """Pick among the first ``range_max`` candidates that pass; null = ``range_min + num_negatives``
+    (x10 when a margin or max_score is set) ``+`` the most positives a query has."""
+    max_score: float | None = None
+    min_score: float | None = None
+    absolute_margin: float | None = None
+    """Keep a candidate only if its score <= (the query's lowest positive score) - margin."""
+    relative_margin: float | None = None
+    """Keep a candidate only if its score <= p - |p| * margin, p the query's lowest positive score
+    (p * (1 - margin) for p >= 0; NV-Retriever's TopK-PercPos at 95 % is 0.05)."""
+    sampling: NegativeSampling = "top"
+    seed: int = 0
+    """Seed of ``sampling: random``."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_negatives, bool) or not isinstance(self.num_negatives, int) or self.num_negatives < 1:
+            raise ConfigError(f"mining.num_negatives must be an integer >= 1, got {self.num_negatives!r}")
+        if isinstance(self.range_min, bool) or not isinstance(self.range_min, int) or self.range_min < 0:
+            raise ConfigError(f"mining.range_min must be an integer >= 0, got {self.range_min!r}")
+        if self.range_max is not None and self.num_negatives > self.range_max - self.range_min:
+            raise ConfigError(
+                f"mining.range_max={self.range_max} leaves {self.range_max - self.range_min} candidates after "
+                f"mining.range_min={self.range_min}, fewer than mining.num_negatives={self.num_negatives}"
+            )
+        for name in ("max_score", "min_score", "absolute_margin", "relative_margin"):
+            if getattr(self, name) is not None:
+                require_finite(f"mining.{name}", getattr(self, name))
+        for name in ("absolute_margin", "relative_margin"):
+            if (getattr(self, name) or 0) < 0:
+                raise ConfigError(f"mining.{name} must be >= 0 (or null = off), got {getattr(self, name)}")
+        if None not in (self.min_score, self.max_score) and self.min_score > self.max_score:
+            raise ConfigError(f"mining.min_score={self.min_score} is above mining.max_score={self.max_score}: "
+                              "no candidate could pass")
+        if self.sampling not in settings.NEGATIVE_SAMPLINGS:
+            raise ConfigError(f"mining.sampling must be one of {settings.NEGATIVE_SAMPLINGS}; got {self.sampling!r}")
+
+    @property
+    def filters_scores(self) -> bool:
+        return any(v is not None for v in (self.absolute_margin, self.relative_margin, self.max_score))
+
+    def window(self, max_positives: int) -> int:
+        """``range_max``, or its default for queries with at most ``max_positives`` positives."""
+        if self.range_max is not None:
+            return self.range_max
+        return self.range_min + self.num_negatives * (10 if self.filters_scores else 1) + max_positives
 
 
 HYPERPARAMETER = {"hyperparameter": True}
