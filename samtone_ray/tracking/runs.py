@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from samtone_ray import __version__
+from samtone_ray.core.redact import redact_uri
 from samtone_ray.tracking.model_uri import RUN_MODEL_PATH, run_model_uri
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,10 @@ def start_run(
         all_tags["samtone.submission_id"] = os.environ[SUBMISSION_ID_ENV]
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
+    all_tags = {k: redact_uri(str(v)) for k, v in all_tags.items()}
     run = c.create_run(experiment_id(uri, experiment), run_name=run_name, tags=all_tags)
-    items = [Param(k, str(v)) for k, v in params.items()]
+    # A param or tag is stored and shown in the UI: a URI in it (data.train, the model's) loses its password.
+    items = [Param(k, redact_uri(str(v))) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
         c.log_batch(run.info.run_id, params=items[i : i + 100])
     return run.info.run_id
@@ -110,7 +113,7 @@ class RunLogger:
                 if attempt == LOG_ATTEMPTS:
                     log.warning(
                         "MLflow: could not %s for run %s at %s after %d attempts (training goes on): %s",
-                        what, self.run_id, self.uri, attempt, exc,
+                        what, self.run_id, redact_uri(self.uri), attempt, redact_uri(str(exc)),
                     )
                     return None
                 time.sleep(pause)
@@ -127,7 +130,7 @@ class RunLogger:
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        batch = [RunTag(k, redact_uri(str(v))) for k, v in tags.items()]
         self._retry("set tags", lambda: self._client.log_batch(self.run_id, tags=batch))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

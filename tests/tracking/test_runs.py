@@ -104,3 +104,37 @@ def test_a_failing_tracking_store_is_retried_then_warned_never_raised(logged, mo
     warnings = [r.getMessage() for r in caplog.records if r.name == "samtone_ray.tracking.runs"]
     assert len(warnings) == 4 and all(f"after {tracking.LOG_ATTEMPTS} attempts" in w for w in warnings), warnings
 
+
+
+def test_an_mlmodel_pointing_outside_its_artifact_is_refused(logged, tmp_path):
+    uri = logged[0]
+    crafted = tmp_path / "model"
+    (crafted / "artifacts" / "model").mkdir(parents=True)  # a real model folder exists; the path decides
+    (crafted / "MLmodel").write_text(
+        "flavors:\n  python_function:\n    artifacts:\n      model:\n        path: ../../../../../../../../etc\n"
+    )
+    run_id = tracking.start_run(uri, "exp", "crafted", {})
+    tracking.RunLogger(uri, run_id).log_artifact(crafted)
+    with pytest.raises(ModelURIError, match=r"artifacts.model.path: path '\.\./.*/etc' leads outside .*refused"):
+        resolve_model(f"runs:/{run_id}/model", uri)
+
+
+def test_uris_in_params_tags_and_warnings_lose_their_password(logged, monkeypatch, caplog):
+    from mlflow import MlflowClient
+
+    from samtone_ray.core.runtime import free_loopback_port
+
+    uri = logged[0]
+    run_id = tracking.start_run(uri, "exp", "secret", {"data.train": "https://u:s3cret@data.example/beir"},
+                                tags={"source": "http://u:s3cret@host/x"})
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert run.data.params["data.train"] == "https://u:***@data.example/beir"
+    assert run.data.tags["source"] == "http://u:***@host/x"
+    # A tracking server behind basic auth that does not answer: the warning names it, masked.
+    monkeypatch.setattr(tracking, "LOG_RETRY_PAUSE_S", 0.01)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    unreachable = tracking.RunLogger(f"http://u:s3cret@127.0.0.1:{free_loopback_port()}", run_id)
+    with caplog.at_level(logging.WARNING, logger="samtone_ray.tracking.runs"):
+        unreachable.log_metrics({"loss": 1.0}, 1)
+    assert caplog.records and "s3cret" not in caplog.text and "http://u:***@127.0.0.1:" in caplog.text
