@@ -114,3 +114,14 @@ def atomic_write_dir(target: Path, write: Callable[[Path], None]) -> Path:
     fsync_dir(target.parent)
     shutil.rmtree(backup)
     return target
+
+
+def path_inside(root: Path, relative: str | os.PathLike[str], *, source: str) -> Path:
+    """``root / relative``, refused when it resolves outside ``root`` (``..``, an absolute path or
+    a link leading out): a path read from a file (``source``, named in the error) must not make
+    a loader read files elsewhere on the machine."""
+    root = Path(root).resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"{source}: path {os.fspath(relative)!r} leads outside {root} (to {path}); refused")
+    return path

@@ -35,6 +35,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 
 from samtone_ray.core.choices import POOLINGS, Pooling
 from samtone_ray.core.config import ModelConfig
+from samtone_ray.core.files import path_inside
 
 if TYPE_CHECKING:
     from samtone_ray.model.towers import DualEncoder
@@ -130,9 +131,12 @@ def _load_sentence_transformers(cls: type[DualEncoder], root: Path) -> tuple[Dua
         raise ValueError(
             f"{root / 'modules.json'}: modules {kinds} are not Transformer -> Pooling -> [Dense] -> [Normalize]"
         )
-    encoder_dir = root / modules[0]["path"]
-    pooling = _read_st_pooling(root / modules[1]["path"] / "config.json")
-    dense_dir = root / modules[2]["path"] if kinds[2:3] == ["Dense"] else None
+    # A module's folder must lie inside the model directory: modules.json is data, not a pointer
+    # to anywhere on the machine.
+    folders = [path_inside(root, m["path"], source=f"{root / 'modules.json'} module {m['idx']}") for m in modules]
+    encoder_dir = folders[0]
+    pooling = _read_st_pooling(folders[1] / "config.json")
+    dense_dir = folders[2] if kinds[2:3] == ["Dense"] else None
     projection_dim = 0
     if dense_dir is not None:
         projection_dim = _read_st_dense(dense_dir / "config.json")

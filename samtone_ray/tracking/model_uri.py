@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from samtone_ray.core.files import path_inside
+
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _PYFUNC_ARTIFACT = "model"  # the key RunLogger.log_model gives the model directory
 
@@ -168,7 +170,10 @@ def _model_dir(root: Path, uri: str) -> Path:
     entry = (flavor.get("artifacts") or {}).get(_PYFUNC_ARTIFACT)
     if not entry or "path" not in entry:
         raise ModelURIError(f"model URI {uri!r}: {mlmodel} has no '{_PYFUNC_ARTIFACT}' artifact; it was not logged by samtone")
-    path = root / entry["path"]
+    try:
+        path = path_inside(root, str(entry["path"]), source=f"{mlmodel} artifacts.{_PYFUNC_ARTIFACT}.path")
+    except ValueError as exc:
+        raise ModelURIError(f"model URI {uri!r}: {exc}") from None
     if not path.is_dir():
         raise ModelURIError(f"model URI {uri!r}: the model artifact {path} is missing")
     return path
