@@ -228,7 +228,8 @@ def _jsonl_rows(fs, shard: Shard, id_field: str, text_fields: tuple[str, ...]) -
     for offset, raw in enumerate(lines):
         where = f"{shard.uri}:{shard.first_row + offset}"
         try:
-            line = raw.decode("utf-8")
+            # Windows tools start a UTF-8 file with a byte-order mark: not part of the first record.
+            line = raw.decode("utf-8-sig" if shard.start == 0 and offset == 0 else "utf-8")
         except UnicodeDecodeError as e:
             yield where, None, {}, f"not valid UTF-8 ({e.reason})"
             continue

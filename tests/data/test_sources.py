@@ -182,6 +182,12 @@ def test_iter_jsonl_numbers_lines_and_skips_blank(tmp_path):
     assert list(iter_jsonl(path)) == [(1, {"a": 1}), (3, {"a": 2})]
 
 
+def test_iter_jsonl_reads_a_file_saved_with_a_utf8_byte_order_mark(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n', encoding="utf-8-sig")
+    assert list(iter_jsonl(path)) == [(1, {"a": 1}), (2, {"a": 2})]
+
+
 # --------------------------------------------------------------------------------------------
 # Parquet
 # --------------------------------------------------------------------------------------------

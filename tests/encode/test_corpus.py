@@ -89,3 +89,14 @@ def test_missing_input_is_a_clear_error(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="holds no"):
         plan_shards(str(tmp_path), 10)
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(_lines(4)).encode() + b"\n")  # as Windows tools save UTF-8
+    good, rejects = read_shard(plan_shards(str(path), 10).shards[0], "_id", ("title", "text"))
+    assert not rejects and [doc_id for _, doc_id, _ in good] == ["d0", "d1", "d2", "d3"]
+    # Only at the start of the file: further in, the same bytes are a bad record.
+    path.write_bytes("\n".join(_lines(2)).encode() + b"\n\xef\xbb\xbf" + _lines(3)[2].encode() + b"\n")
+    good, rejects = read_shard(plan_shards(str(path), 10).shards[0], "_id", ("title", "text"))
+    assert [r.where for r in rejects] == [f"{path}:3"] and len(good) == 2
