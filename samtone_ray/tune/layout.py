@@ -5,7 +5,8 @@
     <output_dir>/leaderboard.csv|png
     <output_dir>/ray.log                     Ray's own output (Tune's tables, Ray's logs, the workers' stdout/stderr)
     <output_dir>/tune/                       Ray Tune's experiment (trial folders named by trial id)
-    <output_dir>/trials/<trial id>/          one trial: model/, mlflow_run_id, per_query.parquet, ray/
+    <output_dir>/trials/<trial id>/          one trial: config.json (its resolved config), model/, mlflow_run_id,
+                                            per_query.parquet, ray/
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from samtone_ray.core.config import migrate_sections
+from samtone_ray.core.config import Config, from_dict, migrate_sections
 from samtone_ray.evaluation.per_query import PER_QUERY_FILE
 
 STATE_FILE = "tune.json"
@@ -27,6 +28,10 @@ TUNE_NAME = "tune"  # Tune's RunConfig name: its experiment folder under output_
 @dataclass(frozen=True)
 class TrialLayout:
     dir: Path
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "config.json"  # the trial's resolved config, written once as it starts
 
     @property
     def model(self) -> Path:
@@ -46,6 +51,12 @@ class TrialLayout:
 
     def run_id(self) -> str | None:
         return self.run_id_file.read_text().strip() if self.run_id_file.exists() else None
+
+    def read_config(self) -> Config | None:
+        """The config the trial trained with; None before it started."""
+        if not self.config.exists():
+            return None
+        return from_dict(json.loads(self.config.read_text()), source=self.config)
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,9 @@ def build_leaderboard(results, cfg: Config, space: Space) -> list[dict[str, Any]
     rows = []
     for result in results:
         metrics = dict(result.metrics or {})
-        trial_cfg = cfg.with_overrides(overrides_of(result.config or {})) if "skipped" not in metrics else None
         trial_id = metrics.get("trial_id") or Path(result.path).name
         trial = TuneLayout(Path(cfg.output_dir).resolve()).trial(str(trial_id))
+        trial_cfg = trial.read_config()  # None for a trial skipped before it resolved its config
         if result.error is not None:
             status = "error"
         elif "skipped" in metrics:

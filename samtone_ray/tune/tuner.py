@@ -46,6 +46,8 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, study: dict) ->
         tune.report({study["metric"]: -math.inf if study["mode"] == "max" else math.inf, "skipped": reason})
         return
     trial = TuneLayout(Path(study["dir"])).trial(trial_id)
+    # Resolved here once; the leaderboard reads this file rather than resolving the trial again.
+    atomic_write_json(trial.config, cfg.to_dict())
     uri = study.get("tracking_uri")
     run_id = trial.run_id()
     if uri and run_id:
@@ -120,6 +122,14 @@ def _check_reports(cfg: Config, space: Space) -> None:
     space.grid = valid
 
 
+def check_tune_config(cfg: Config) -> Space:
+    """The checks ``samtone tune`` runs before anything starts (``samtone submit tune`` runs them
+    too, on the submitting machine): the search space, and that every trial can report the metric."""
+    space = parse_space(cfg.tune.space, cfg)  # logs skipped combinations
+    _check_reports(cfg, space)
+    return space
+
+
 def asha_pairs(cfg: Config, space: Space) -> int:
     """ASHA's first milestone, in training pairs: ``tune.grace_period`` times the least common
     multiple of every trial's evaluation interval (``eval_every * batch_size`` pairs).
@@ -190,8 +200,7 @@ def _start(cfg: Config, *, resume: bool, data, zero_shot: bool, output) -> TuneO
     from samtone_ray.core.runtime import check_ray_cluster, connect_ray
 
     cfg = cfg.with_output_dir()
-    space = parse_space(cfg.tune.space, cfg)  # fail before anything starts; logs skipped combinations
-    _check_reports(cfg, space)
+    space = check_tune_config(cfg)  # fail before anything starts
     out = Path(cfg.output_dir).resolve()
     layout = TuneLayout(out)
     state_path = layout.saved_state  # tune.json, or an older study's search.json

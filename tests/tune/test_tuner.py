@@ -272,9 +272,13 @@ def test_tuning_runs_every_valid_trial_and_writes_the_leaderboard(tuned):
                              "batch_size,lr,mrr@10,ci_low,ci_high,diff_vs_ref,diff_low,diff_high,p_value,verdict")
     assert len(csv) == 1 + len(outcome.leaderboard)
     assert (outcome.output_dir / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
-    # Each trial's per-query values are its reported metric's, with an interval around it.
+    # Each trial's per-query values are its reported metric's, with an interval around it; its row
+    # shows the config the trial wrote as it started, which its MLflow run logged too.
     for r in trials:
-        values = read_per_query(TuneLayout(outcome.output_dir).trial(r["trial"]).per_query, "mrr@10")
+        trial = TuneLayout(outcome.output_dir).trial(r["trial"])
+        assert trial.read_config().flat() == r["flat"]
+        assert (r["flat"]["loss.same_tower"], r["flat"]["train.batch_size"]) == (r["settings"]["same_tower"], r["settings"]["batch_size"])
+        values = read_per_query(trial.per_query, "mrr@10")
         assert len(values) == 20 and sum(values.values()) / 20 == pytest.approx(r["metrics"]["mrr@10"])
         assert r["ci"].low <= r["metrics"]["mrr@10"] <= r["ci"].high
     refs = [r for r in trials if r["verdict"] == "reference"]
