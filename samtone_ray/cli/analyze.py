@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from samtone_ray.cli.args import tracking_uri_arg
+from samtone_ray.cli.args import non_negative, positive_int, tracking_uri_arg
 
 
 def add_parser(sub) -> None:
@@ -21,13 +21,13 @@ def add_parser(sub) -> None:
     p.add_argument("--data", required=True, help="a BEIR folder (or bundled:debian)")
     p.add_argument("--split", default="dev")
     p.add_argument("--out", type=Path, help="output folder (default: .samtone/analysis/<timestamp>)")
-    p.add_argument("--max-queries", type=int, default=d.max_queries, help=f"queries analysed, 0 = all (default {d.max_queries})")
-    p.add_argument("--max-docs", type=int, default=d.max_docs,
+    p.add_argument("--max-queries", type=non_negative, default=d.max_queries, help=f"queries analysed, 0 = all (default {d.max_queries})")
+    p.add_argument("--max-docs", type=non_negative, default=d.max_docs,
                    help=f"documents searched: all relevant ones plus a fixed sample, 0 = all (default {d.max_docs})")
-    p.add_argument("--pair-sample", type=int, default=d.pair_sample, help=f"queries/documents for pair statistics (default {d.pair_sample})")
-    p.add_argument("--tsne-per-tower", type=int, default=d.tsne_per_tower, help=f"t-SNE points per tower (default {d.tsne_per_tower})")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--pair-sample", type=positive_int, default=d.pair_sample, help=f"queries/documents for pair statistics (default {d.pair_sample})")
+    p.add_argument("--tsne-per-tower", type=positive_int, default=d.tsne_per_tower, help=f"t-SNE points per tower (default {d.tsne_per_tower})")
+    p.add_argument("--seed", type=non_negative, default=d.seed)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision)
     tracking_uri_arg(p)
     p.add_argument("--experiment", default="samtone")

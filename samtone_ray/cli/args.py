@@ -4,6 +4,7 @@ that names its flag rather than a traceback from deep inside a job."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 
@@ -20,14 +21,38 @@ def count_range(option: str, *, single: bool):
     return parse
 
 
-def non_negative(text: str) -> int:
+def _number(text: str, kind: type[int] | type[float], low: float, high: float = math.inf, *, above: bool = False):
+    """``text`` as ``kind`` within [low, high] (``above``: low itself excluded), else a usage error."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+        raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if not math.isfinite(value) or value < low or (above and value == low) or value > high:
+        bound = f"> {low:g}" if above else f">= {low:g}"
+        raise argparse.ArgumentTypeError(
+            f"must be {bound}" + (f" and <= {high:g}" if high != math.inf else "") + f", got {text}"
+        )
     return value
+
+
+def non_negative(text: str) -> int:
+    return _number(text, int, 0)
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, 1)
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, 0, above=True)
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, float, 0)
+
+
+def port(text: str) -> int:
+    return _number(text, int, 1, 65535)
 
 
 def config_args(p: argparse.ArgumentParser) -> None:

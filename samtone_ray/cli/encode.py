@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from samtone_ray.cli.args import config_args, count_range, load
+from samtone_ray.cli.args import config_args, count_range, load, positive_float, positive_int
 
 
 def add_parser(sub) -> None:
@@ -18,9 +18,9 @@ def add_parser(sub) -> None:
     p.add_argument("--input", required=True, help="BEIR corpus.jsonl, JSON Lines or Parquet: a file or a folder (local, s3://, ...)")
     p.add_argument("--output", required=True, type=Path, help="output folder (Parquet parts + manifest.json)")
     p.add_argument("--tower", choices=["document", "query"], default="document")
-    p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="texts per forward pass")
     p.add_argument("--actors", default=(1, 1), type=count_range("--actors", single=True), help="embedding actors: N or MIN:MAX (autoscaling)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor")
+    p.add_argument("--cpus-per-actor", type=positive_float, default=1.0, help="CPUs (and torch threads) per actor")
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto (bf16 where native), fp32, bf16, or int8 (dynamic int8 linear layers, CPU only)")
@@ -28,8 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--text-fields", default="title,text", help="comma-separated fields joined into the text")
     p.add_argument("--on-bad-record", choices=["error", "skip"], default="error",
                    help="skip: write bad records to rejects.jsonl and go on")
-    p.add_argument("--rows-per-file", type=int, help="rows per output file (= per input shard; default 10000)")
-    p.add_argument("--file-mb", type=float, help="size output files by MiB instead of rows")
+    p.add_argument("--rows-per-file", type=positive_int, help="rows per output file (= per input shard; default 10000)")
+    p.add_argument("--file-mb", type=positive_float, help="size output files by MiB instead of rows")
     p.add_argument("--overwrite", action="store_true", help="replace an output written by another model or settings")
     p.set_defaults(func=run)
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from samtone_ray.cli.args import non_negative
+from samtone_ray.cli.args import non_negative, positive_int
 
 
 def add_parser(sub) -> None:
@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("--data", required=True, help="a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
     p.add_argument("--split", default="dev")
     p.add_argument("--baseline", choices=["bm25"], help="add a baseline row")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--max-docs", type=non_negative, default=0,
                    help="search the judged documents plus a fixed sample of the rest, this many in all "
                         "(as train.eval_max_docs; default 0 = the whole corpus)")

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from samtone_ray.cli.args import tracking_uri_arg
+from samtone_ray.cli.args import positive_int, tracking_uri_arg
 
 
 def add_parser(sub) -> None:
@@ -15,11 +15,11 @@ def add_parser(sub) -> None:
     p.add_argument("--output", required=True, type=Path, help="index folder (for `samtone serve --index`)")
     p.add_argument("--kind", choices=["exact", "faiss-ivf", "faiss-hnsw"], default="exact")
     p.add_argument("--queries", help="JSONL queries (`text`) for recall@10 vs exact; default: queries.jsonl beside the corpus")
-    p.add_argument("--sample", type=int, default=500, help="queries sampled for recall@10")
-    p.add_argument("--nlist", type=int, help="faiss-ivf: lists (default ~4 sqrt(N))")
-    p.add_argument("--nprobe", type=int, default=32, help="faiss-ivf: lists probed per query")
-    p.add_argument("--hnsw-m", type=int, default=32, help="faiss-hnsw: links per node")
-    p.add_argument("--ef-search", type=int, default=128, help="faiss-hnsw: search breadth")
+    p.add_argument("--sample", type=positive_int, default=500, help="queries sampled for recall@10")
+    p.add_argument("--nlist", type=positive_int, help="faiss-ivf: lists (default ~4 sqrt(N))")
+    p.add_argument("--nprobe", type=positive_int, default=32, help="faiss-ivf: lists probed per query")
+    p.add_argument("--hnsw-m", type=positive_int, default=32, help="faiss-hnsw: links per node")
+    p.add_argument("--ef-search", type=positive_int, default=128, help="faiss-hnsw: search breadth")
     tracking_uri_arg(p, "for models:/ and runs:/ URIs in the manifest; ")
     p.set_defaults(func=run)
 

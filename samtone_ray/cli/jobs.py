@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from samtone_ray.cli.args import address_arg
+from samtone_ray.cli.args import address_arg, positive_float
 
 
 def add_parser(sub) -> None:
@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
     what = p.add_mutually_exclusive_group()
     what.add_argument("--logs", action="store_true", help="print the job's logs")
     what.add_argument("--stop", action="store_true", help="stop the job and wait until it has stopped")
-    p.add_argument("--timeout", type=float, default=60, help="seconds --stop waits for the job to end")
+    p.add_argument("--timeout", type=positive_float, default=60, help="seconds --stop waits for the job to end")
     p.set_defaults(func=run)
 
 
@@ -28,6 +28,7 @@ def describe(info) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from samtone_ray.cluster.submit import TERMINAL, client, stop
+    from samtone_ray.core.redact import redact_uri  # a job submitted by other means may carry a password
 
     jobs = client(args.address)
     if not args.id:
@@ -45,13 +46,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.id}: {status}")
         return 0 if status in TERMINAL else 1
     if args.logs:
-        print(jobs.get_job_logs(args.id), end="")
+        print(redact_uri(jobs.get_job_logs(args.id)), end="")
         return 0
     info = jobs.get_job_info(args.id)
     print(describe(info))
-    print(f"  entrypoint: {info.entrypoint}")
+    print(f"  entrypoint: {redact_uri(info.entrypoint)}")
     if info.message:
-        print(f"  message:    {info.message}")
+        print(f"  message:    {redact_uri(info.message)}")
     for key, value in sorted((info.metadata or {}).items()):
-        print(f"  {key}: {value}")
+        print(f"  {key}: {redact_uri(value)}")
     return 0

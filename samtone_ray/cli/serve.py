@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from samtone_ray.cli.args import config_args, count_range, load
+from samtone_ray.cli.args import config_args, count_range, load, port, positive_float, positive_int
 
 
 def add_parser(sub) -> None:
@@ -16,13 +16,13 @@ def add_parser(sub) -> None:
                    "(default: models:/<registry.model_name>@<registry.alias>)")
     p.add_argument("--index", type=Path, help="a BEIR folder (its corpus is encoded at start) or a samtone index folder")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000)
     scale = p.add_mutually_exclusive_group()
-    scale.add_argument("--replicas", type=int, default=1)
+    scale.add_argument("--replicas", type=positive_int, default=1)
     scale.add_argument("--autoscale", metavar="MIN:MAX", type=count_range("--autoscale", single=False),
                        help="autoscale between MIN and MAX replicas")
     p.add_argument("--gpu", action="store_true", help="one GPU per replica")
-    p.add_argument("--num-cpus", type=float, help="CPUs per replica, torch threads follow (default: every core for one "
+    p.add_argument("--num-cpus", type=positive_float, help="CPUs per replica, torch threads follow (default: every core for one "
                    "replica on a local cluster started here, else 1)")
     p.add_argument("--print-config", action="store_true", help="print the `serve deploy` YAML and exit")
     p.set_defaults(func=run)
@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from samtone_ray.core.choices import check_precision
+    from samtone_ray.core.redact import redact_uri
     from samtone_ray.core.runtime import starts_local_cluster
     from samtone_ray.serve.app import (
         default_num_cpus,
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     app_args = {"model": model, "tracking_uri": tracking_uri, "index": str(args.index) if args.index else None,
                 "device": "cuda" if args.gpu else "cpu"}
     if args.print_config:
-        print(yaml.safe_dump(serve_config(app_args, options, args.host, args.port), sort_keys=False), end="")
+        # Masked: a password in the tracking URI is not for a file that gets committed and shared.
+        print(redact_uri(yaml.safe_dump(serve_config(app_args, options, args.host, args.port), sort_keys=False)), end="")
         return 0
     # A wrong URI or index fails here, with its reason, not inside a replica.
     resolve_model(model, tracking_uri)

@@ -3,14 +3,19 @@
 Everything goes through Ray's ``JobSubmissionClient`` (the job server on the head's dashboard
 port). The config is loaded and validated here, on the submitting machine, before anything is
 sent; the job then runs the same ``samtone`` command on the cluster from an uploaded copy of the
-working directory. The submission id is derived from the command and the config, so a retried
-submit of the same job attaches to it instead of starting it twice.
+working directory (less secrets and large files: ``cluster.upload``). The submission id is derived
+from the command and the config, so a retried submit of the same job attaches to it instead of
+starting it twice.
+
+Credentials never travel in the job: a URI with a password is refused in the config and sent
+without it from ``$MLFLOW_TRACKING_URI``; the job's environment names the variables the cluster
+supplies (``${MLFLOW_TRACKING_PASSWORD}``, resolved by Ray on the node from its own environment).
 """
 
 from __future__ import annotations
 
 import asyncio
-import fnmatch
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,23 +24,25 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from samtone_ray.core.config import BUNDLED_SAMPLE, Config, ConfigError
+from samtone_ray.cluster.upload import (
+    DEFAULT_MAX_FILE_MB, UploadPlan, human_bytes, ignored_rule, plan_upload, write_zip,
+)
+from samtone_ray.core.config import BUNDLED_SAMPLE, Config, ConfigError, flatten
+from samtone_ray.core.redact import has_credentials, redact_uri, strip_credentials
 from samtone_ray.tracking.runs import SUBMISSION_ID_ENV
 
 log = logging.getLogger(__name__)
 
 KINDS = ("train", "tune", "encode")
-# Never uploaded: VCS data, environments, local runs and results, and files only the submitter
-# needs (Ray caps a working_dir at 100 MiB; the KubeRay CRDs alone are 3 MB).
-EXCLUDES = [
-    ".git", ".venv", "venv", ".samtone", "results", "benchmarks/results", "outputs", "mlruns", "mlartifacts",
-    "deploy/kuberay/crds", "__pycache__", "*.pyc", ".pytest_cache", "*.egg-info", "build", "dist",
-]
+# MLflow's own credential variables: a job that tracks to a server behind auth reads them from the
+# cluster's environment (a Kubernetes secret, the nodes' profile), never from the submission.
+MLFLOW_CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 
@@ -53,6 +60,15 @@ class Submission:
     num_cpus: float
     num_gpus: float
     warnings: list[str]
+    upload: UploadPlan | None = None  # what of the working directory the job receives
+    command: list[str] = field(default_factory=list)  # the samtone arguments the entrypoint runs
+
+    def describe(self) -> str:
+        """What would be sent, for the terminal and --dry-run (credentials masked)."""
+        env = ", ".join(f"{k}={v}" for k, v in sorted(self.runtime_env.get("env_vars", {}).items()))
+        lines = [f"submission id: {self.submission_id}", f"entrypoint: {redact_uri(self.entrypoint)}",
+                 f"environment: {redact_uri(env)}"]
+        return "\n".join(lines + ([self.upload.describe()] if self.upload else []))
 
 
 def cluster_address(address: str | None) -> str:
@@ -101,25 +117,35 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def check_paths(cfg: Config, working_dir: Path, *, nodes: int) -> list[str]:
+def check_paths(cfg: Config, working_dir: Path, *, nodes: int, upload: UploadPlan) -> list[str]:
     """Paths the cluster cannot see are errors; paths it may not keep are warnings (returned)."""
     warnings = []
     for key, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval), ("model.name_or_path", cfg.model.name_or_path)):
-        if value == BUNDLED_SAMPLE or "://" in value or Path(value).is_absolute():
+        if not value or value == BUNDLED_SAMPLE or "://" in value or Path(value).is_absolute():
             continue
         if key == "model.name_or_path" and not Path(value).exists():
             continue  # an alias such as all-MiniLM-L6-v2, resolved on the cluster
-        # The job resolves it against its copy of the working directory, which lacks EXCLUDES.
+        # The job resolves it against its copy of the working directory: only what is uploaded.
         target = (working_dir / value).resolve()
         if not _inside(target, working_dir):
             raise SubmitError(
                 f"{key}={value} is a relative path outside the working directory {working_dir}: the cluster cannot "
                 "see it. Use a path on storage every node mounts (absolute, or s3://...), or move it under the working directory."
             )
-        rel = target.relative_to(working_dir)
-        for pattern in EXCLUDES:
-            if rel.as_posix().startswith(pattern + "/") or any(fnmatch.fnmatch(part, pattern) for part in rel.parts):
-                raise SubmitError(f"{key}={value} lies under {pattern}, which is not uploaded to the cluster")
+        rel = target.relative_to(working_dir).as_posix()
+        left = upload.holds(rel)
+        if left:
+            size = [s for s in left if s.reason == "size"]
+            hint = (f"; raise --max-file-mb above {human_bytes(max(s.size for s in size))} or" if size else ";") + \
+                " use a path on storage every node mounts"
+            raise SubmitError(f"{key}={value}: {left[0].path} is not uploaded ({left[0].reason}: {left[0].detail}){hint}")
+        if not any(f == rel or f.startswith(rel + "/") for f, _ in upload.files):
+            rule = ignored_rule(rel)
+            raise SubmitError(
+                f"{key}={value} lies under {rule}, which is not uploaded to the cluster" if rule else
+                f"{key}={value} is not uploaded to the cluster: nothing under {working_dir} by that name, or a "
+                ".gitignore / .rayignore entry leaves it out"
+            )
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if cfg.tracking.enabled:
         if not uri:
@@ -131,11 +157,11 @@ def check_paths(cfg: Config, working_dir: Path, *, nodes: int) -> list[str]:
             path = uri.split(":///", 1)[1] if ":///" in uri else uri.split(":", 1)[-1]
             if not path.startswith("/"):
                 raise SubmitError(
-                    f"tracking uri {uri} is relative: on the cluster it would point into the job's temporary directory"
+                    f"tracking uri {redact_uri(uri)} is relative: on the cluster it would point into the job's temporary directory"
                 )
             if nodes > 1:
                 raise SubmitError(
-                    f"tracking uri {uri} is a local file but the cluster has {nodes} nodes: workers on other nodes cannot "
+                    f"tracking uri {redact_uri(uri)} is a local file but the cluster has {nodes} nodes: workers on other nodes cannot "
                     "reach it. Run an MLflow server every node can reach (cluster.yaml starts one on the head) and pass its http:// URI."
                 )
     if not cfg.output_dir or not Path(cfg.output_dir).is_absolute():
@@ -144,6 +170,36 @@ def check_paths(cfg: Config, working_dir: Path, *, nodes: int) -> list[str]:
             "working directory; set it to shared storage (NFS, or a path every node mounts)"
         )
     return warnings
+
+
+def check_credentials(cfg: Config, args: list[str]) -> None:
+    """Refuse credentials in the config or the command line: both reach the cluster as they are (the
+    config file is uploaded, the command line is the job's entrypoint, shown by ``samtone jobs``)."""
+    found = [f"{k}={redact_uri(v)}" for k, v in flatten(cfg.to_dict()).items() if isinstance(v, str) and has_credentials(v)]
+    found += [redact_uri(a) for a in args if has_credentials(a)]
+    if found:
+        raise SubmitError(
+            f"{found[0]} carries a credential, which would be uploaded with the job and shown in its entrypoint: "
+            "give the URI without it and let the cluster supply it from its own environment (for MLflow: "
+            f"{', '.join(MLFLOW_CREDENTIAL_ENV)}, e.g. from a Kubernetes secret)"
+        )
+
+
+def job_env(submission_id: str, warnings: list[str]) -> dict[str, str]:
+    """The job's environment variables: no value of a credential, only references the cluster resolves."""
+    env_vars = {"HF_HUB_OFFLINE": "1", SUBMISSION_ID_ENV: submission_id}
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    needs_auth = has_credentials(uri) or any(os.environ.get(k) for k in MLFLOW_CREDENTIAL_ENV)
+    if uri:
+        env_vars["MLFLOW_TRACKING_URI"] = strip_credentials(uri)
+    if needs_auth:
+        # "${NAME}": Ray substitutes the node's own value when the job starts; the value never leaves here.
+        env_vars.update({k: "${" + k + "}" for k in MLFLOW_CREDENTIAL_ENV})
+        warnings.append(
+            "MLflow credentials are not sent with the job: the cluster's nodes must define "
+            f"{' / '.join(MLFLOW_CREDENTIAL_ENV)} themselves (e.g. from a Kubernetes secret)"
+        )
+    return env_vars
 
 
 def build_submission(
@@ -158,14 +214,16 @@ def build_submission(
     num_gpus: float,
     nodes: int = 1,
     submission_id: str | None = None,
+    max_file_mb: float = DEFAULT_MAX_FILE_MB,
 ) -> Submission:
-    """Everything sent to the job server, validated; pure apart from reading git."""
+    """Everything sent to the job server, validated; reads only the working directory and git."""
     if kind not in KINDS:
         raise SubmitError(f"unknown job kind {kind!r}; expected one of {', '.join(KINDS)}")
     working_dir = working_dir.resolve()
     if not working_dir.is_dir():
         raise SubmitError(f"working directory {working_dir} does not exist")
-    warnings = check_paths(cfg, working_dir, nodes=nodes)
+    upload = plan_upload(working_dir, max_file_mb=max_file_mb)
+    warnings = check_paths(cfg, working_dir, nodes=nodes, upload=upload)
     args = [kind]
     if config_path is not None:
         if not _inside(config_path, working_dir):
@@ -176,11 +234,10 @@ def build_submission(
     for item in overrides:
         args += ["--set", item]
     args += extra_args
+    check_credentials(cfg, args)
     digest = config_hash(kind, cfg, extra_args)
     sid = submission_id or submission_id_for(kind, cfg.name, digest)
-    env_vars = {"HF_HUB_OFFLINE": "1", SUBMISSION_ID_ENV: sid}
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        env_vars["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
+    env_vars = job_env(sid, warnings)
     # `python -m` from the job's working directory runs the uploaded code, not whatever samtone
     # version happens to be installed on the cluster.
     entrypoint = "python -m samtone_ray.cli " + " ".join(shlex.quote(a) for a in args)
@@ -191,8 +248,8 @@ def build_submission(
         "git_commit": git_commit(working_dir),
         "mlflow_experiment": cfg.tracking.experiment if cfg.tracking.enabled else "",
     }
-    runtime_env = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env_vars}
-    return Submission(sid, entrypoint, runtime_env, metadata, num_cpus, num_gpus, warnings)
+    runtime_env = {"working_dir": str(working_dir), "env_vars": env_vars}
+    return Submission(sid, entrypoint, runtime_env, metadata, num_cpus, num_gpus, warnings, upload, args)
 
 
 def client(address: str | None):
@@ -227,13 +284,24 @@ def submit(sub: Submission, jobs, *, agent_wait_s: float = AGENT_WAIT_S, poll_s:
     """Submit, or attach when this submission id exists already; returns (id, newly_submitted).
 
     While the head's job agent is not ready yet, waits (up to ``agent_wait_s``, saying so on ``out``)
-    and tries again."""
+    and tries again. The working directory goes as a zip of exactly ``sub.upload``'s files."""
     try:
         jobs.get_job_info(sub.submission_id)
         return sub.submission_id, False
     except RuntimeError as exc:
         if "404" not in str(exc):
             raise
+    with contextlib.ExitStack() as stack:
+        runtime_env = dict(sub.runtime_env)
+        if sub.upload is not None:
+            # Ray uploads a local .zip as it is: nothing it would add or drop on its own.
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="samtone-upload-")))
+            runtime_env["working_dir"] = str(write_zip(sub.upload, folder / "working_dir.zip"))
+        return _submit_when_ready(sub, runtime_env, jobs, agent_wait_s=agent_wait_s, poll_s=poll_s, out=out)
+
+
+def _submit_when_ready(sub: Submission, runtime_env: dict[str, Any], jobs, *, agent_wait_s: float, poll_s: float,
+                       out) -> tuple[str, bool]:
     deadline = time.monotonic() + agent_wait_s
     waited = False
     while True:
@@ -241,7 +309,7 @@ def submit(sub: Submission, jobs, *, agent_wait_s: float = AGENT_WAIT_S, poll_s:
             jobs.submit_job(
                 entrypoint=sub.entrypoint,
                 submission_id=sub.submission_id,
-                runtime_env=sub.runtime_env,
+                runtime_env=runtime_env,
                 metadata=sub.metadata,
                 entrypoint_num_cpus=sub.num_cpus,
                 entrypoint_num_gpus=sub.num_gpus,

@@ -22,6 +22,7 @@ import yaml
 from samtone_ray.core import choices as settings
 from samtone_ray.core.choices import Mode, NegativeSampling, Pooling, Precision, SameTower, Scheduler, TowerMode, TuneAlgorithm
 from samtone_ray.core.choices import PlacementStrategy
+from samtone_ray.core.redact import redact_uri
 
 BUNDLED_SAMPLE = "bundled:debian"
 """Placeholder for the Debian sample shipped inside the package (resolved by ``resolve_data_path``)."""
@@ -378,7 +379,8 @@ class Config:
         return from_dict(data)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The config as YAML for display: a URI's password or token is masked (``redact_uri``)."""
+        return redact_uri(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

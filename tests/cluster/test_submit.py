@@ -10,15 +10,16 @@ import pytest
 
 from samtone_ray.cli import build_parser, main
 from samtone_ray.core.config import load_config
-from samtone_ray.cluster.submit import EXCLUDES, SubmitError, build_submission, cluster_address
+from samtone_ray.cluster.submit import SubmitError, build_submission, cluster_address
+from samtone_ray.cluster.upload import IGNORED
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _build(overrides=(), *, config=None, nodes=1, kind="train", extra=(), working_dir=ROOT):
+def _build(overrides=(), *, config=None, nodes=1, kind="train", extra=(), working_dir=ROOT, max_file_mb=10.0):
     cfg = load_config(config, list(overrides))
     return build_submission(kind, cfg, config_path=config, overrides=list(overrides), extra_args=list(extra),
-                            working_dir=working_dir, num_cpus=0, num_gpus=0, nodes=nodes)
+                            working_dir=working_dir, num_cpus=0, num_gpus=0, nodes=nodes, max_file_mb=max_file_mb)
 
 
 def test_the_entrypoint_reruns_the_same_command_from_the_uploaded_copy():
@@ -27,7 +28,10 @@ def test_the_entrypoint_reruns_the_same_command_from_the_uploaded_copy():
     assert argv[:4] == ["python", "-m", "samtone_ray.cli", "train"]
     assert argv[4:] == ["--config", "jobs/train_debian.yaml", "--set", "train.lr=1e-4", "--set", "name=my run",
                         "--no-baseline"]
-    assert sub.runtime_env["working_dir"] == str(ROOT) and set(EXCLUDES) >= {".git", ".venv", ".samtone"}
+    assert sub.runtime_env["working_dir"] == str(ROOT) and set(IGNORED) >= {".git", ".venv", ".samtone"}
+    uploaded = {rel for rel, _ in sub.upload.files}
+    assert {"samtone_ray/cli/__init__.py", "jobs/train_debian.yaml", "pyproject.toml"} <= uploaded
+    assert not any(rel.startswith((".git/", ".venv/", ".samtone/")) for rel in uploaded)
     assert sub.runtime_env["env_vars"]["SAMTONE_SUBMISSION_ID"] == sub.submission_id
     assert sub.runtime_env["env_vars"]["HF_HUB_OFFLINE"] == "1"
     assert sub.metadata["samtone.kind"] == "train" and sub.metadata["mlflow_experiment"] == "samtone"
@@ -139,3 +143,74 @@ def test_submit_waits_while_a_fresh_head_has_no_job_agent_yet(capsys):
     assert err.count("job agent is not ready yet") == 1 and "retrying for up to 30s" in err  # said once, not per try
     with pytest.raises(SubmitError, match=r"still had no agent to run the job after 0s.*dashboard_agent.log"):
         submit(sub, _Jobs(not_ready=10**6), agent_wait_s=0.05, poll_s=0.01)
+
+
+SECRET = "s3cret-pw"
+
+
+def test_a_password_in_the_submitters_tracking_uri_is_never_sent(monkeypatch):
+    # The job gets the URI without it and references to the variables the cluster supplies.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{SECRET}@10.0.0.5:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)  # a local value is no reason to send it
+    sub = _build(["output_dir=/shared/out"])
+    env = sub.runtime_env["env_vars"]
+    assert env["MLFLOW_TRACKING_URI"] == "http://10.0.0.5:5000"
+    assert env["MLFLOW_TRACKING_PASSWORD"] == "${MLFLOW_TRACKING_PASSWORD}"
+    assert env["MLFLOW_TRACKING_USERNAME"] == "${MLFLOW_TRACKING_USERNAME}"
+    assert any("MLFLOW_TRACKING_PASSWORD" in w for w in sub.warnings)
+    sent = repr((sub.entrypoint, sub.runtime_env, sub.metadata, sub.warnings, sub.describe()))
+    assert SECRET not in sent and "alice" not in sent
+
+
+@pytest.mark.parametrize("where", [["tracking.uri=http://alice:s3cret-pw@10.0.0.5:5000"],
+                                   ["data.train=https://alice:s3cret-pw@data.example/beir"]])
+def test_a_credential_in_the_config_or_command_is_refused(where):
+    with pytest.raises(SubmitError, match=r"carries a credential.*MLFLOW_TRACKING_PASSWORD") as err:
+        _build(where)
+    assert SECRET not in str(err.value)
+    with pytest.raises(SubmitError, match=r"alice:\*\*\*@data.example/c.jsonl carries a credential"):
+        _build(kind="encode", extra=["--input", "https://alice:s3cret-pw@data.example/c.jsonl"])
+
+
+def test_data_the_upload_leaves_behind_is_an_error_before_submitting(tmp_path):
+    beir = tmp_path / "beir"
+    beir.mkdir()
+    with open(beir / "corpus.jsonl", "wb") as f:
+        f.truncate(12 << 20)
+    with pytest.raises(SubmitError, match=r"data.train=beir: beir/corpus.jsonl is not uploaded \(size: 12.0 MiB\); "
+                                          r"raise --max-file-mb above 12.0 MiB"):
+        _build(["data.train=beir", "data.eval="], working_dir=tmp_path)
+    assert _build(["data.train=beir", "data.eval="], working_dir=tmp_path, max_file_mb=16).upload.files == [
+        ("beir/corpus.jsonl", 12 << 20)]
+    with pytest.raises(SubmitError, match="data.train=nothing-here is not uploaded to the cluster"):
+        _build(["data.train=nothing-here", "data.eval="], working_dir=tmp_path)
+
+
+def test_dry_run_shows_what_would_be_sent_and_contacts_nothing(tmp_path, capsys, monkeypatch):
+    for rel, text in {"train.py": "x = 1\n", ".env": f"PASSWORD={SECRET}\n", ".ssh/id_rsa": "KEY\n"}.items():
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{SECRET}@10.0.0.5:5000")
+    for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)  # no cluster at all
+    assert main(["submit", "train", "--dry-run", "--working-dir", str(tmp_path), "--", "--no-baseline"]) == 0
+    out, err = capsys.readouterr()
+    assert "dry run: nothing submitted" in out and "1 file to upload, 6 B" in out and ".env" in out and ".ssh/" in out
+    assert "entrypoint: python -m samtone_ray.cli train --no-baseline" in out
+    assert "MLFLOW_TRACKING_URI=http://10.0.0.5:5000" in out
+    assert SECRET not in out + err
+
+
+def test_submit_runs_the_local_commands_checks_with_the_same_message(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    space = 'tune.space={"loss.temperature": {"grid": [0, 0.05]}}'
+    assert main(["tune", "--set", space]) == 2
+    local = capsys.readouterr().err
+    assert "tune.space.loss.temperature: value 0 is invalid" in local
+    assert main(["submit", "tune", "--set", space, "--address", "http://127.0.0.1:9"]) == 2
+    assert capsys.readouterr().err == local
+    # The job's own arguments are parsed here too: a usage error now, not a failed job later.
+    with pytest.raises(SystemExit) as exit_:
+        main(["submit", "encode", "--dry-run", "--", "--model", "m", "--input", "c.jsonl", "--output", "o",
+              "--batch-size", "0"])
+    assert exit_.value.code == 2 and "argument --batch-size: must be >= 1, got 0" in capsys.readouterr().err
