@@ -21,11 +21,14 @@ and encodes the rest; every id ends up exactly once with the embedding an uninte
 used: it cannot report a bad record's file and line, nor keep one file per input slice.
 
 A folder written with another model (fingerprint), tower, input or settings is refused unless
-``--overwrite``, so one index never mixes two model versions.
+``--overwrite``, so one index never mixes two model versions. ``--overwrite`` clears only encode's
+own output (a folder holding its manifest and nothing else), and only once the model has loaded and
+the input has been planned; any other non-empty folder is refused untouched.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -128,7 +131,18 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise EncodeError(f"{path}: not valid JSON ({exc}); pass --overwrite to start over") from None
+        # samtone writes its manifest atomically: a broken one is someone else's file.
+        raise EncodeError(f"{path}: not valid JSON ({exc}), so not a samtone encode manifest") from None
+
+
+def _is_encode_manifest(manifest: Any) -> bool:
+    return isinstance(manifest, dict) and {"format_version", "model", "tower", "input"} <= set(manifest)
+
+
+def _written_by_encode(name: str) -> bool:
+    """Whether ``name`` (an entry of an output folder) is one samtone encode writes there."""
+    return (name in (MANIFEST, REJECTS, REJECTS_DIR) or fnmatch.fnmatchcase(name, "part-*.parquet")
+            or fnmatch.fnmatchcase(name, ".*.tmp-*"))
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -325,17 +339,24 @@ def _identity(opts: EncodeOptions, resolved, plan: Plan, dim: int, max_length: i
 
 
 def _check_existing(output: Path, identity: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
-    """The existing manifest when this run continues it; refuse a folder made otherwise."""
+    """The existing manifest when this run continues it; None when the folder is new, empty, or
+    encode output that ``overwrite`` may clear. Anything else is refused and left as it is."""
     if not output.exists():
         return None
     if not output.is_dir():
         raise EncodeError(f"{output} exists and is not a folder")
-    old = read_manifest(output)
-    if old is None:
-        if any(output.iterdir()) and not overwrite:
-            raise EncodeError(f"{output} is not empty and holds no {MANIFEST}; pass --overwrite to replace it")
+    entries = sorted(p.name for p in output.iterdir())
+    if not entries:
         return None
+    refused = f"refusing to write into {output} (nothing was deleted): choose a new or empty folder"
+    old = read_manifest(output)
+    if not _is_encode_manifest(old):
+        raise EncodeError(f"{output} is not empty and holds no samtone encode {MANIFEST}; {refused}")
     if overwrite:
+        foreign = [name for name in entries if not _written_by_encode(name)]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise EncodeError(f"{output} holds files samtone encode did not write ({shown}); --overwrite {refused}")
         return None
     old_model, new_model = old.get("model") or {}, identity["model"]
     if old_model.get("fingerprint") != new_model["fingerprint"]:
@@ -364,9 +385,11 @@ def _model_label(model: dict[str, Any]) -> str:
 
 
 def _clear(output: Path) -> None:
-    """Empty ``output`` for --overwrite (the folder itself stays, so a mount point works)."""
+    """Remove a previous run's output for --overwrite: only what encode writes (the folder itself
+    stays, so a mount point works)."""
     for child in output.iterdir():
-        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        if _written_by_encode(child.name):
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
 def _remove_stale_temps(output: Path) -> None:

@@ -387,3 +387,57 @@ def test_cli_prints_figures_and_logs_an_mlflow_run(ray_cluster, tmp_path, tiny_m
     assert run.data.metrics["rows"] == 6 and run.data.params["model"] == str(tiny_model_dir)
     assert main(argv[:-2] + ["--set", "tracking.enabled=false", "--batch-size", "0"]) == 2  # a clear error, no traceback
     assert "batch_size must be >= 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ --overwrite
+
+
+def _encode_output_by_hand(out: Path) -> dict[str, bytes]:
+    """A folder laid out as encode leaves it (its manifest, a part, rejects); returns its files."""
+    out.mkdir(parents=True)
+    (out / "manifest.json").write_text(json.dumps({"format_version": 1, "model": {"fingerprint": "x"}, "tower": "document",
+                                                   "input": {"uri": "c.jsonl"}, "status": "complete", "rows": 1}))
+    (out / "part-00000-00000.parquet").write_bytes(b"PAR1")
+    (out / "rejects.jsonl").write_text("")
+    return _files(out)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_refuses_a_folder_that_never_held_encode_output(tmp_path, tiny_model_dir):
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", _docs(4))
+    home = tmp_path / "home"
+    (home / "notes").mkdir(parents=True)
+    (home / "thesis.tex").write_text("two years of work")
+    (home / "notes" / "todo.txt").write_text("back up")
+    (home / "manifest.json").write_text('{"name": "some other tool"}')  # a manifest, not encode's
+    before = _files(home)
+    with pytest.raises(EncodeError, match=rf"{home} is not empty and holds no samtone encode manifest.json; "
+                                          r"refusing to write into .* \(nothing was deleted\)"):
+        run_encode(_opts(tiny_model_dir, corpus, home, overwrite=True))
+    assert _files(home) == before
+
+
+def test_overwrite_refuses_encode_output_mixed_with_other_files(tmp_path, tiny_model_dir):
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", _docs(4))
+    out = tmp_path / "out"
+    _encode_output_by_hand(out)
+    (out / "README.md").write_text("my notes about this index")
+    before = _files(out)
+    with pytest.raises(EncodeError, match=r"holds files samtone encode did not write \(README.md\); --overwrite refusing"):
+        run_encode(_opts(tiny_model_dir, corpus, out, overwrite=True))
+    assert _files(out) == before
+
+
+@pytest.mark.parametrize("broken", ["model", "input"])
+def test_overwrite_deletes_nothing_when_the_runs_own_checks_fail(tmp_path, tiny_model_dir, broken):
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", _docs(4))
+    out = tmp_path / "out"
+    before = _encode_output_by_hand(out)
+    model = tmp_path / "no-such-model" if broken == "model" else tiny_model_dir
+    source = tmp_path / "no-such-corpus.jsonl" if broken == "input" else corpus
+    with pytest.raises(ValueError, match="no-such-"):  # ModelURIError, DataError: both ValueErrors
+        run_encode(_opts(model, source, out, overwrite=True))
+    assert _files(out) == before
