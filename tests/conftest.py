@@ -6,6 +6,8 @@ Markers say what a test starts, so ``pytest -m unit`` runs the pure tests in sec
 - ``unit``: pure code: no Ray, no MLflow, no other process. Given to every test that has none of
   the markers below, and checked: a unit test that starts Ray, imports MLflow or starts a process
   fails and says which marker it needs.
+- ``model``: pure and checked like ``unit``, but runs real weights (all-MiniLM-L6-v2, int8
+  kernels) or many training steps: seconds to a minute each on 2 cores, so not in ``-m unit``.
 - ``ray``: uses the session's local Ray cluster (the ``ray_cluster`` fixture gives it).
 - ``mlflow``: a real MLflow store (SQLite) or server, without Ray.
 - ``system``: end to end through processes of its own: a Ray head and its job server, a
@@ -68,7 +70,8 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-MARKERS = ("unit", "ray", "mlflow", "system", "gpu")
+MARKERS = ("unit", "model", "ray", "mlflow", "system", "gpu")
+PURE = ("unit", "model")  # checked by _tests_stay_pure
 # Short-lived queries made along the way (scikit-learn's thread-pool probe runs lscpu; a job's
 # metadata records `git rev-parse HEAD`): not processes a test runs.
 QUERY_COMMANDS = {"lscpu", "nproc", "getconf", "uname", "ldconfig", "git"}
@@ -77,6 +80,7 @@ QUERY_COMMANDS = {"lscpu", "nproc", "getconf", "uname", "ldconfig", "git"}
 def pytest_configure(config):
     for name, text in (
         ("unit", "pure code: no Ray, MLflow or other process (checked)"),
+        ("model", "pure like unit (checked), but real model weights or many training steps: seconds each"),
         ("ray", "uses the session's local Ray cluster"),
         ("mlflow", "a real MLflow store or server, without Ray"),
         ("system", "end to end through processes of its own (Ray head, samtone commands, Prometheus)"),
@@ -94,9 +98,10 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(autouse=True)
-def _unit_tests_stay_pure(request):
-    """A test marked ``unit`` (by default) must not start what the other markers stand for."""
-    if not request.node.get_closest_marker("unit"):
+def _tests_stay_pure(request):
+    """A test marked ``unit`` (by default) or ``model`` must not start what the other markers stand for."""
+    pure = next((m for m in PURE if request.node.get_closest_marker(m)), None)
+    if pure is None:
         yield
         return
     import subprocess
@@ -126,7 +131,7 @@ def _unit_tests_stay_pure(request):
     if spawned:
         problems.append(f"started {len(spawned)} process(es), e.g. {spawned[0][:80]!r} (mark it 'system')")
     if problems:
-        pytest.fail(f"unit test {request.node.nodeid}: " + "; ".join(problems), pytrace=False)
+        pytest.fail(f"{pure} test {request.node.nodeid}: " + "; ".join(problems), pytrace=False)
 
 
 def _ray_initialized() -> bool:

@@ -175,6 +175,7 @@ def test_default_reference_sets_in_batch_against_same_tower():
     assert default_reference([row("t1", "query")], row("t1", "query")) is None
 
 
+@pytest.mark.model
 def test_analyze_tuning_hook_compares_best_with_reference_or_zero_shot(tiny_model_dir, tiny_beir, tmp_path):
     from samtone_ray.core.config import load_config
 

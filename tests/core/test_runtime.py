@@ -55,6 +55,7 @@ def test_int8_quantises_every_linear_layer_once(int8_model):
         prepare_inference(int8_model, "fp32")
 
 
+@pytest.mark.model
 def test_int8_embeddings_are_close_to_fp32_sentence_transformers(int8_model, st_fp32, split):
     texts = list(split.corpus.values())[:256]
     queries = list(split.queries.values())[:256]
@@ -69,6 +70,7 @@ def test_int8_embeddings_are_close_to_fp32_sentence_transformers(int8_model, st_
         assert cos.max() < 0.99999  # it really ran int8, not fp32
 
 
+@pytest.mark.model
 def test_int8_rankings_stay_close_to_fp32_sentence_transformers(int8_model, st_fp32, split):
     """The sample's dev split: int8 through evaluate_model (what `samtone eval --precision int8`
     runs) against fp32 sentence-transformers embeddings searched and scored by pytrec_eval."""
@@ -88,6 +90,7 @@ def test_int8_rankings_stay_close_to_fp32_sentence_transformers(int8_model, st_f
     assert abs(ours["ndcg@10"] - ref_ndcg) < 0.03, (ours["ndcg@10"], ref_ndcg)
 
 
+@pytest.mark.model
 def test_serving_loads_int8_once_and_both_towers_of_separate_layouts(tiny_model_dir, tmp_path):
     torch.manual_seed(0)
     separate = DualEncoder.from_base(tiny_model_dir, tower_mode="separate", projection_dim=8).save_pretrained(tmp_path / "m")

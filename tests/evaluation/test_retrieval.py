@@ -348,6 +348,7 @@ def test_format_metrics_table_names_missing_metric():
 # ---------------------------------------------------------------- a bounded eval corpus
 
 
+@pytest.mark.model
 def test_evaluate_model_on_a_bounded_corpus_matches_pytrec_eval_over_that_corpus(tiny_model_dir):
     """``evaluate_model`` on a ``bound_eval_corpus`` split equals pytrec_eval on a brute-force run
     over the kept documents; and searching fewer distractors can only raise every metric."""

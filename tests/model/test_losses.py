@@ -534,6 +534,7 @@ class LiveTensors(TorchDispatchMode):
         return out
 
 
+@pytest.mark.model
 def test_chunked_anchors_bound_the_memory():
     batch, chunk = 96, 8
     q, d, hn = make_batch(batch=batch, num_hard=1, seed=5)

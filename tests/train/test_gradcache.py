@@ -120,6 +120,7 @@ CASES = {
     [("samtone-both-hard-masked", CHUNK), ("samtone-both-hard-masked", 2 * CHUNK),
      ("samtone-both-hard-masked", 100), ("plain-in-batch", 2 * CHUNK), ("separate-towers-projection", 2 * CHUNK)],
 )
+@pytest.mark.model
 def test_cached_step_matches_plain_step_with_dropout(dropout_model_dir, pairs, case, micro):
     cfg = _cfg(dropout_model_dir, **CASES[case])
     indices = np.arange(BATCH)
@@ -143,6 +144,7 @@ def test_cached_step_matches_plain_step_with_dropout(dropout_model_dir, pairs, c
     _assert_close_dicts(_grads(cached), _grads(plain))
 
 
+@pytest.mark.model
 def test_three_optimizer_steps_match_plain_steps(dropout_model_dir, pairs):
     cfg = _cfg(dropout_model_dir)
     models = {}
