@@ -304,6 +304,14 @@ class ServeConfig:
     max_input_chars: int = 20000
     max_body_bytes: int = 4_000_000
     max_top_k: int = 100
+    max_search_results: int = 1000
+    """Queries x top_k per /search request: each hit carries its document's text."""
+    body_timeout_s: float = 10.0
+    """A request body must arrive within this; else 408 (a client that stops mid-body)."""
+    request_timeout_s: float = 60.0
+    """Ray Serve's end-to-end limit per request (http_options.request_timeout_s); then 408."""
+    keep_alive_timeout_s: int = 5
+    """An idle connection is closed this long after its last response (http_options.keep_alive_timeout_s)."""
     poll_interval_s: float = 30.0
     """Re-resolve a models:/NAME@ALIAS URI this often (0 = only on reconfigure)."""
     index_batch_size: int = 128
@@ -313,7 +321,8 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         for key in ("max_batch_size", "max_ongoing_requests", "max_pending_texts",
-                    "max_inputs", "max_input_chars", "max_body_bytes", "max_top_k", "index_batch_size"):
+                    "max_inputs", "max_input_chars", "max_body_bytes", "max_top_k", "max_search_results",
+                    "body_timeout_s", "request_timeout_s", "keep_alive_timeout_s", "index_batch_size"):
             _positive(f"serve.{key}", getattr(self, key))
         for key in ("max_batch_tokens", "batch_wait_timeout_s", "poll_interval_s"):
             if getattr(self, key) < 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -38,6 +38,12 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def _shown(value: Any) -> str:
+    """A client's value quoted in an error, at most 80 characters of it."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
     return ApiError(400, message, param=param, code=code, type=type).body()
 
@@ -48,10 +54,11 @@ class Limits:
     max_input_chars: int
     max_body_bytes: int
     max_top_k: int
+    max_search_results: int
 
     @classmethod
     def of(cls, serve_cfg) -> Limits:
-        return cls(serve_cfg.max_inputs, serve_cfg.max_input_chars, serve_cfg.max_body_bytes, serve_cfg.max_top_k)
+        return cls(*(getattr(serve_cfg, f.name) for f in fields(cls)))
 
 
 # ----------------------------------------------------------------------------------- bodies
@@ -82,6 +89,8 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # [[[[... deeper than the parser's stack
+        raise ApiError(400, "request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(422, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_body")
     return body
@@ -98,33 +107,53 @@ class EmbeddingsRequest:
     input_type: InputType
 
 
-def parse_embeddings(body: dict[str, Any], limits: Limits, served_names: set[str], dim: int) -> EmbeddingsRequest:
-    if "model" not in body:
-        raise ApiError(422, "'model' is required (GET /v1/models lists the served model)", param="model", code="missing_field")
-    model = body["model"]
-    if not isinstance(model, str) or model not in served_names:
+# OpenAI's fields plus the input_type extension. Any other field is refused (422 naming it), not
+# ignored: a misspelt option (``encodingformat``) would otherwise silently do nothing.
+_EMBEDDINGS_KEYS = {"input", "model", "encoding_format", "dimensions", "user", "input_type"}
+
+
+def _refuse_unknown(body: dict[str, Any], known: set[str], route: str) -> None:
+    unknown = sorted(set(body) - known)
+    if unknown:
         raise ApiError(
-            404, f"model {model!r} is not served here; use one of {sorted(served_names)}", param="model", code="model_not_found"
+            422, f"unknown field {_shown(unknown[0])}; {route} takes {', '.join(sorted(known))}", param=unknown[0], code="unknown_field"
         )
+
+
+def check_model(body: dict[str, Any], served_name: str, required: bool) -> str:
+    """The served name only: a model's path or URI is not a name clients are given."""
+    if "model" not in body:
+        if required:
+            raise ApiError(422, "'model' is required (GET /v1/models lists the served model)", param="model", code="missing_field")
+        return served_name
+    model = body["model"]
+    if model != served_name:
+        raise ApiError(404, f"model {_shown(model)} is not served here; use {served_name!r}", param="model", code="model_not_found")
+    return model
+
+
+def parse_embeddings(body: dict[str, Any], limits: Limits, served_name: str, dim: int) -> EmbeddingsRequest:
+    _refuse_unknown(body, _EMBEDDINGS_KEYS, "/v1/embeddings")
+    model = check_model(body, served_name, required=True)
     if "input" not in body:
         raise ApiError(422, "'input' is required: a string or a list of strings", param="input", code="missing_field")
     texts = parse_texts(body["input"], "input", limits)
-    fmt = body.get("encoding_format") or "float"
-    if fmt not in ENCODING_FORMATS:
-        raise ApiError(422, f"encoding_format must be one of {ENCODING_FORMATS}, got {fmt!r}", param="encoding_format", code="invalid_value")
+    fmt = body.get("encoding_format", "float")
+    if not isinstance(fmt, str) or fmt not in ENCODING_FORMATS:
+        raise ApiError(422, f"encoding_format must be one of {ENCODING_FORMATS}, got {_shown(fmt)}", param="encoding_format", code="invalid_value")
     dims = body.get("dimensions")
-    if dims is not None and (isinstance(dims, bool) or dims != dim):
+    if "dimensions" in body and (type(dims) is not int or dims != dim):
         raise ApiError(
             422,
-            f"dimensions={dims!r}: this model only gives {dim}-dimensional embeddings; it was not trained for "
+            f"dimensions={_shown(dims)}: this model only gives {dim}-dimensional embeddings; it was not trained for "
             "shortened (Matryoshka) vectors, so truncating them would lose quality. Omit 'dimensions' or send "
             f"{dim}.",
             param="dimensions",
             code="invalid_value",
         )
     input_type = body.get("input_type", "document")
-    if input_type not in INPUT_TYPES:
-        raise ApiError(422, f"input_type must be one of {INPUT_TYPES}, got {input_type!r}", param="input_type", code="invalid_value")
+    if not isinstance(input_type, str) or input_type not in INPUT_TYPES:
+        raise ApiError(422, f"input_type must be one of {INPUT_TYPES}, got {_shown(input_type)}", param="input_type", code="invalid_value")
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise ApiError(422, "'user' must be a string", param="user", code="invalid_type")
     return EmbeddingsRequest(texts, model, fmt, input_type)
@@ -151,6 +180,11 @@ def parse_texts(value: Any, param: str, limits: Limits) -> list[str]:
             raise ApiError(422, f"{where} is empty: send some text", param=where, code="invalid_value")
         if len(text) > limits.max_input_chars:
             raise ApiError(422, f"{where} has {len(text)} characters, over the limit of {limits.max_input_chars}", param=where, code="input_too_long")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # JSON's \ud800 escapes give lone surrogates
+                raise ApiError(422, f"{where} is not valid Unicode: {exc.reason} at character {exc.start}", param=where, code="invalid_unicode") from None
     return texts
 
 
@@ -195,10 +229,9 @@ class SearchRequest:
     single: bool  # {"query": ...} rather than {"queries": [...]}
 
 
-def parse_search(body: dict[str, Any], limits: Limits) -> SearchRequest:
-    unknown = sorted(set(body) - _SEARCH_KEYS)
-    if unknown:
-        raise ApiError(422, f"unknown field {unknown[0]!r}; /search takes query or queries, and top_k", param=unknown[0], code="unknown_field")
+def parse_search(body: dict[str, Any], limits: Limits, served_name: str) -> SearchRequest:
+    _refuse_unknown(body, _SEARCH_KEYS, "/search")
+    check_model(body, served_name, required=False)
     if ("query" in body) == ("queries" in body):
         raise ApiError(422, "give exactly one of 'query' (a string) or 'queries' (a list of strings)", param="query", code="missing_field")
     if "query" in body:
@@ -211,5 +244,13 @@ def parse_search(body: dict[str, Any], limits: Limits) -> SearchRequest:
         queries, single = parse_texts(body["queries"], "queries", limits), False
     top_k = body.get("top_k", 10)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= limits.max_top_k:
-        raise ApiError(422, f"top_k must be an integer from 1 to {limits.max_top_k}, got {top_k!r}", param="top_k", code="invalid_value")
+        raise ApiError(422, f"top_k must be an integer from 1 to {limits.max_top_k}, got {_shown(top_k)}", param="top_k", code="invalid_value")
+    if len(queries) * top_k > limits.max_search_results:  # each hit carries its document's text
+        raise ApiError(
+            422,
+            f"{len(queries)} queries x top_k {top_k} = {len(queries) * top_k} hits, over the limit of "
+            f"{limits.max_search_results} hits per request (serve.max_search_results): send fewer queries or a smaller top_k",
+            param="top_k",
+            code="too_many_results",
+        )
     return SearchRequest(queries, top_k, single)

@@ -16,12 +16,15 @@ One deployment (``Embedder``) with a FastAPI ingress. Each replica:
 # of the Serve ingress class, or it takes `request` for a query parameter (422 on every call).
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,6 +49,7 @@ from samtone_ray.serve.api import (
     parse_json,
     parse_search,
 )
+from samtone_ray.serve.auth import WILDCARD_BINDS, AccessPolicy
 from samtone_ray.serve.replica import IndexSource, Served, load_model, with_index
 from samtone_ray.tracking.model_uri import is_registry_uri
 
@@ -61,8 +65,15 @@ app = FastAPI(
 )
 
 
+class _ErrorResponse(JSONResponse):
+    """Errors in ASCII JSON: a message that quotes a client's lone surrogate still renders."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+
+
 def _error(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    return _ErrorResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 @app.exception_handler(ApiError)
@@ -73,14 +84,45 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    return JSONResponse(error_body(str(exc.detail), code=code), status_code=exc.status_code, headers=exc.headers)
+    return _ErrorResponse(error_body(str(exc.detail), code=code), status_code=exc.status_code, headers=exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = (exc.errors() or [{}])[0]
     param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-    return JSONResponse(error_body(f"{param}: {first.get('msg', 'invalid request')}", param=param, code="invalid_value"), status_code=422)
+    return _ErrorResponse(error_body(f"{param}: {first.get('msg', 'invalid request')}", param=param, code="invalid_value"), status_code=422)
+
+
+class _Guard:
+    """API key and Host checks before any route (``/docs`` and unknown paths included), as pure
+    ASGI middleware; the policy is the replica's (``Embedder.access``)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            replica = serve.get_replica_context().servable_object
+            headers = {k: v for k, v in scope["headers"] if k in (b"host", b"authorization")}
+            path = scope["path"]
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):  # a route_prefix other than /
+                path = path[len(root):] or "/"
+            refusal = replica.access.refusal(
+                scope["method"], path, _latin1(headers.get(b"host")), _latin1(headers.get(b"authorization"))
+            )
+            if refusal is not None:
+                await replica._refused("access", refusal)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _latin1(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
+
+
+app.add_middleware(_Guard)
 
 
 class FastJSONResponse(JSONResponse):
@@ -101,9 +143,9 @@ class _Item:
     """One text of one request: the unit ``@serve.batch`` batches."""
 
     served: Served
-    text: str
+    ids: list[int]
     input_type: str
-    tokens: int
+    tokens: int  # len(ids), capped at max_batch_tokens
     scale: float  # max_batch_size / max_batch_tokens (0 = texts only); see _batch_cost
 
 
@@ -142,8 +184,15 @@ class _Metrics:
 @serve.deployment(name=DEPLOYMENT, max_ongoing_requests=ServeConfig().max_ongoing_requests, health_check_period_s=5)
 @serve.ingress(app)
 class Embedder:
-    def __init__(self, model: str, tracking_uri: str | None = None, index: str | None = None, device: str = "cpu") -> None:
+    def __init__(
+        self, model: str, tracking_uri: str | None = None, index: str | None = None, device: str = "cpu", access: dict | None = None
+    ) -> None:
         self.uri, self.tracking_uri, self.device = model, tracking_uri, device
+        access = access or {}
+        # Fails the replica (fail closed) when a key variable it was told to read is not set.
+        self.access = AccessPolicy.build(access.get("api_key_sha256") or (), access.get("api_key_env"), access.get("trusted_hosts"))
+        # One thread tokenises every request, off the event loop (the tokenizer copy is not thread-safe).
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="samtone-tokenize")
         self.index_source = IndexSource(index) if index else None
         self.cfg = ServeConfig()
         self.limits = Limits.of(self.cfg)
@@ -175,8 +224,8 @@ class Embedder:
                 await self._check()
             except Exception as exc:  # a broken new version must not take the serving one down
                 log.exception("checking %s failed", self.uri)
-                if self.embedder is None:
-                    self.load_error = f"{type(exc).__name__}: {exc}"
+                if self.embedder is None:  # shown by /readyz: no file path of this machine in it
+                    self.load_error = f"{type(exc).__name__}: {exc}".replace(self.uri, self._public_uri())
             with contextlib.suppress(asyncio.TimeoutError):
                 wait = self.cfg.poll_interval_s if is_registry_uri(self.uri) and self.cfg.poll_interval_s else None
                 await asyncio.wait_for(self._check_now.wait(), timeout=wait)
@@ -248,15 +297,15 @@ class Embedder:
             groups.setdefault((id(item.served), item.input_type), []).append(i)
         for rows in groups.values():
             served, input_type = items[rows[0]].served, items[rows[0]].input_type
-            texts = [items[i].text for i in rows]
+            ids = [items[i].ids for i in rows]
             # The batch runs as length-sorted forwards of at most FORWARD_TOKENS padded tokens:
             # 32 short queries stay one forward, 32 documents of mixed lengths become a few of
             # similar lengths instead of one padded to the longest.
             per_forward = max(1, FORWARD_TOKENS // max(items[i].tokens for i in rows))
-            emb = await asyncio.to_thread(served.embed, texts, input_type, self.cfg.precision, per_forward)
+            emb = await asyncio.to_thread(served.embed_ids, ids, input_type, self.cfg.precision, per_forward)
             for j, i in enumerate(rows):
                 out[i] = emb[j].numpy()
-            self.metrics.batch.observe(len(texts), tags={"model_version": str(served.version)})
+            self.metrics.batch.observe(len(ids), tags={"model_version": str(served.version)})
         return out
 
     async def _embed(self, served: Served, texts: list[str], input_type: str, route: str) -> tuple[np.ndarray, int]:
@@ -269,22 +318,24 @@ class Embedder:
                 code="queue_full",
                 headers={"Retry-After": RETRY_AFTER_S},
             )
-        tokens = served.token_counts(texts, input_type)
         cfg = self.cfg
         scale = cfg.max_batch_size / cfg.max_batch_tokens if cfg.max_batch_tokens else 0.0
         self.pending += len(texts)
         self.metrics.pending.set(self.pending)
         try:
+            # Tokenised once, in the tokenising thread: the count, the batch cost and the forward share it.
+            ids = await asyncio.get_running_loop().run_in_executor(self._tokenizing, served.tokenize, texts, input_type)
             rows = await asyncio.gather(
-                *(self._embed_batch(_Item(served, t, input_type, min(n, cfg.max_batch_tokens or n), scale)) for t, n in zip(texts, tokens))
+                *(self._embed_batch(_Item(served, r, input_type, min(len(r), cfg.max_batch_tokens or len(r)), scale)) for r in ids)
             )
         finally:
             self.pending -= len(texts)
             self.metrics.pending.set(self.pending)
+        tokens = sum(len(r) for r in ids)
         version = str(served.version)
         self.metrics.texts.inc(len(texts), tags={"route": route, "input_type": input_type, "model_version": version})
-        self.metrics.tokens.inc(sum(tokens), tags={"input_type": input_type, "model_version": version})
-        return np.stack(rows), sum(tokens)
+        self.metrics.tokens.inc(tokens, tags={"input_type": input_type, "model_version": version})
+        return np.stack(rows), tokens
 
     # ------------------------------------------------------------------ HTTP
 
@@ -292,9 +343,15 @@ class Embedder:
         check_content_type(request.headers.get("content-type"))
         check_declared_length(request.headers.get("content-length"), self.limits)
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            check_body_size(len(raw), self.limits)
+        try:
+            async with asyncio.timeout(self.cfg.body_timeout_s):
+                async for chunk in request.stream():
+                    raw += chunk
+                    check_body_size(len(raw), self.limits)
+        except TimeoutError:
+            raise ApiError(
+                408, f"the request body did not arrive within {self.cfg.body_timeout_s} s (serve.body_timeout_s)", code="body_timeout"
+            ) from None
         return parse_json(bytes(raw))
 
     def _refused(self, route: str, exc: ApiError) -> JSONResponse:
@@ -306,7 +363,7 @@ class Embedder:
         """OpenAI-compatible embeddings; ``input_type`` (query|document) picks the tower."""
         try:
             served = self._ready()
-            req = parse_embeddings(await self._json(request), self.limits, self._names(served), served.model.embedding_dim)
+            req = parse_embeddings(await self._json(request), self.limits, served.name, served.model.embedding_dim)
             vectors, tokens = await self._embed(served, req.texts, req.input_type, "embeddings")
         except ApiError as exc:
             return self._refused("embeddings", exc)
@@ -319,7 +376,7 @@ class Embedder:
             served = self._ready(searching=True)
             if served.index is None:
                 raise ApiError(404, "no index is served: start samtone serve with --index DIR", code="no_index")
-            req = parse_search(await self._json(request), self.limits)
+            req = parse_search(await self._json(request), self.limits, served.name)
             vectors, _ = await self._embed(served, req.queries, "query", "search")
         except ApiError as exc:
             return self._refused("search", exc)
@@ -333,8 +390,9 @@ class Embedder:
         ]
         return JSONResponse({"object": "list", "data": results, "model": served.name, "model_version": served.version})
 
-    def _names(self, served: Served) -> set[str]:
-        return {served.name, self.uri}
+    def _public_uri(self) -> str:
+        """The model URI as clients may see it: a registry or run URI, never a path of this machine."""
+        return self.uri if self.uri.startswith(("models:/", "runs:/")) else Path(self.uri.rstrip("/")).name
 
     @app.get("/v1/models")
     async def models(self) -> JSONResponse:
@@ -348,7 +406,7 @@ class Embedder:
                     "created": int(served.resolved.path.stat().st_mtime),
                     "owned_by": "samtone",
                     "version": served.version,
-                    "uri": self.uri,
+                    "uri": self._public_uri(),
                     "fingerprint": served.resolved.fingerprint,
                     "dimensions": served.model.embedding_dim,
                     "max_tokens": {"query": served.model.query_max_length, "document": served.model.doc_max_length},
@@ -364,7 +422,7 @@ class Embedder:
         searcher = self.searcher
         return JSONResponse(
             {
-                "model": self.uri,
+                "model": self._public_uri(),
                 "embeddings_version": self.embedder.version if self.embedder else None,
                 "search_version": searcher.version if searcher else None,
                 "index_documents": len(searcher.index) if searcher and searcher.index is not None else 0,
@@ -406,15 +464,32 @@ def deployment_options(replicas: int | None = 1, autoscale: tuple[int, int] | No
     return options
 
 
+ACCESS_ARGS = ("api_key_sha256", "api_key_env", "trusted_hosts")
+
+
 def build_app(args: dict[str, Any], options: dict[str, Any] | None = None):
     """Application builder for ``serve deploy`` / ``serve run``: ``import_path: samtone_ray.serve.app:build_app``.
 
-    args: ``model`` (URI, required), ``tracking_uri``, ``index``, ``device`` (cpu|cuda). ``serve
-    deploy`` takes the deployment options from the YAML's ``deployments`` entry instead of ``options``."""
+    args: ``model`` (URI, required), ``tracking_uri``, ``index``, ``device`` (cpu|cuda), and who may
+    call it: ``api_key_sha256`` (hex digests of the keys), ``api_key_env`` (the name of a variable
+    of the replicas' environment holding keys: a Kubernetes secret), ``trusted_hosts`` (Host
+    values; default: loopback names). No key given: no key asked. ``serve deploy`` takes the
+    deployment options from the YAML's ``deployments`` entry instead of ``options``."""
     if not args.get("model"):
         raise ValueError("samtone_ray.serve.app:build_app needs args.model (a model URI)")
     deployment = Embedder.options(**options) if options else Embedder
-    return deployment.bind(args["model"], args.get("tracking_uri") or None, args.get("index") or None, args.get("device", "cpu"))
+    access = {k: args[k] for k in ACCESS_ARGS if args.get(k)}
+    return deployment.bind(args["model"], args.get("tracking_uri") or None, args.get("index") or None, args.get("device", "cpu"), access)
+
+
+def http_options(host: str, port: int, serve_cfg: ServeConfig) -> dict[str, Any]:
+    """Serve's HTTP options: where to listen, and how long a request and an idle connection may last."""
+    return {
+        "host": host,
+        "port": port,
+        "request_timeout_s": serve_cfg.request_timeout_s,
+        "keep_alive_timeout_s": serve_cfg.keep_alive_timeout_s,
+    }
 
 
 def serve_config(args: dict[str, Any], options: dict[str, Any], host: str = "127.0.0.1", port: int = 8000) -> dict[str, Any]:
@@ -426,7 +501,7 @@ def serve_config(args: dict[str, Any], options: dict[str, Any], host: str = "127
     env_vars = {k: v for k, v in PROCESS_DEFAULTS.items() if not k.startswith("RAY_")}
     return {
         "proxy_location": "HeadOnly",
-        "http_options": {"host": host, "port": port},
+        "http_options": http_options(host, port, ServeConfig(**options["user_config"]["serve"])),
         "applications": [
             {
                 "name": APP_NAME,
@@ -481,7 +556,7 @@ def check_port_free(host: str, port: int) -> None:
             raise OSError(f"cannot serve on {host}:{port}: {exc.strerror or exc} (is another server running there? use --port)") from exc
 
 
-def run_blocking(app_args: dict[str, Any], options: dict[str, Any], host: str, port: int, local: bool) -> int:
+def run_blocking(app_args: dict[str, Any], options: dict[str, Any], host: str, port: int, local: bool, serve_cfg: ServeConfig | None = None) -> int:
     """Start the app, wait for /readyz, print the URL, block until Ctrl-C, then shut down.
 
     On a local cluster started here (``local``: ``starts_local_cluster()``) with one replica, that replica answers on ``port`` itself
@@ -513,12 +588,13 @@ def run_blocking(app_args: dict[str, Any], options: dict[str, Any], host: str, p
 
     signal.signal(signal.SIGTERM, interrupt)
     try:
-        serve.start(http_options={"host": host, "port": proxy_port})
+        serve.start(http_options=http_options(host, proxy_port, serve_cfg or ServeConfig()))
         serve.run(build_app(app_args, options), name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://{host}:{port}"
+        probe = f"http://127.0.0.1:{port}" if host in WILDCARD_BINDS else url  # a Host always trusted
         while True:  # the model loads (and the index is encoded) in the replica, in the background
             try:
-                with urllib.request.urlopen(f"{url}/readyz", timeout=5) as r:
+                with urllib.request.urlopen(f"{probe}/readyz", timeout=5) as r:
                     if r.status == 200:
                         break
             except urllib.error.HTTPError as exc:
@@ -529,7 +605,9 @@ def run_blocking(app_args: dict[str, Any], options: dict[str, Any], host: str, p
             except OSError:
                 pass
             time.sleep(0.5)
-        print(f"serving {app_args['model']} at {url}  (OpenAPI: {url}/docs; Ctrl-C stops)", flush=True)
+        keys = len(app_args.get("api_key_sha256") or ())
+        auth = f"{keys} API key{'s' if keys > 1 else ''}" if keys else "no API key"
+        print(f"serving {app_args['model']} at {url}  ({auth}; OpenAPI: {url}/docs; Ctrl-C stops)", flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +31,8 @@ DOCS = [
     ("d5", "", "reset a forgotten root password in grub"),
     ("d6", "Audio", "fix no sound output with pulseaudio"),
 ]
-LIMITS = {"max_inputs": 8, "max_input_chars": 500, "max_body_bytes": 20_000, "max_top_k": 5}
+LIMITS = {"max_inputs": 8, "max_input_chars": 500, "max_body_bytes": 20_000, "max_top_k": 5, "max_search_results": 20}
+TIMEOUTS = {"body_timeout_s": 2.0, "keep_alive_timeout_s": 2}
 
 
 def _post(url: str, payload, headers: dict | None = None, raw: bytes | None = None):
@@ -89,11 +91,11 @@ def server(ray_cluster, registry, beir_dir):
     from ray import serve
 
     from samtone_ray.core.config import ServeConfig
-    from samtone_ray.serve.app import build_app, deployment_options
+    from samtone_ray.serve.app import build_app, deployment_options, http_options
 
     port = free_loopback_port()
-    cfg = ServeConfig(max_batch_size=16, max_ongoing_requests=64, poll_interval_s=0.5, **LIMITS)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = ServeConfig(max_batch_size=16, max_ongoing_requests=64, poll_interval_s=0.5, **LIMITS, **TIMEOUTS)
+    serve.start(http_options=http_options("127.0.0.1", port, cfg))
     app = build_app(
         {"model": "models:/tiny@champion", "tracking_uri": registry["uri"], "index": str(beir_dir)},
         deployment_options(1, serve_cfg=cfg),
@@ -109,7 +111,7 @@ def server(ray_cluster, registry, beir_dir):
             break
         seen.append(_post(f"{url}/v1/embeddings", {"model": "tiny", "input": "x"})[:2] + (None,))
         time.sleep(0.05)
-    yield {"url": url, "readiness": seen}
+    yield {"url": url, "readiness": seen, "port": port}
     serve.shutdown()
 
 
@@ -210,6 +212,20 @@ BAD = [  # (route, payload or raw bytes, extra headers, status, param)
     ("/search", {"query": "disk", "queries": ["disk"]}, {}, 422, "query"),
     ("/search", {"text": "disk"}, {}, 422, "text"),
     ("/nowhere", {}, {}, 404, None),
+    # issue 20: strict fields, invalid Unicode, deep nesting, /search amplification
+    *[("/v1/embeddings", {"model": "tiny", "input": "x", "encoding_format": v}, {}, 422, "encoding_format") for v in ([], {}, "", None)],
+    ("/v1/embeddings", {"model": "tiny", "input": "x", "dimensions": 32.0}, {}, 422, "dimensions"),
+    ("/v1/embeddings", {"model": "tiny", "input": "x", "dimensions": None}, {}, 422, "dimensions"),
+    ("/v1/embeddings", {"model": "tiny", "input": "x", "encodingformat": "float"}, {}, 422, "encodingformat"),
+    ("/v1/embeddings", {"model": "tiny", "input": "\ud800abc"}, {}, 422, "input"),
+    ("/v1/embeddings", {"model": "tiny", "input": ["ok", "a\udfffb"]}, {}, 422, "input[1]"),
+    ("/v1/embeddings", {"model": "\ud800", "input": "x"}, {}, 404, "model"),
+    ("/v1/embeddings", {"model": "models:/tiny@champion", "input": "x"}, {}, 404, "model"),
+    ("/v1/embeddings", b"[" * 15_000, {}, 400, None),
+    ("/v1/embeddings", b'{"input": ' + b"[" * 15_000, {}, 400, None),
+    ("/search", {"query": "\ud800"}, {}, 422, "query"),
+    ("/search", {"queries": ["a", "b", "c", "d", "e"], "top_k": 5}, {}, 422, "top_k"),
+    ("/search", {"query": "disk", "model": "other"}, {}, 404, "model"),
 ]
 
 
@@ -236,9 +252,9 @@ def test_openai_client_raises_readable_errors(server):
 def test_wrong_dimension_message_names_the_reason():
     limits = Limits(**LIMITS)
     with pytest.raises(ApiError, match="not trained for shortened") as exc:
-        parse_embeddings({"model": "m", "input": "x", "dimensions": 64}, limits, {"m"}, 384)
+        parse_embeddings({"model": "m", "input": "x", "dimensions": 64}, limits, "m", 384)
     assert exc.value.status == 422 and exc.value.param == "dimensions"
-    assert parse_embeddings({"model": "m", "input": "x", "dimensions": 384}, limits, {"m"}, 384).texts == ["x"]
+    assert parse_embeddings({"model": "m", "input": "x", "dimensions": 384}, limits, "m", 384).texts == ["x"]
 
 
 def test_alias_hot_swap_under_load(server, registry):
@@ -300,30 +316,41 @@ def test_alias_hot_swap_under_load(server, registry):
 
 @pytest.mark.system
 def test_cli_serves_prints_the_url_and_stops_cleanly_on_ctrl_c(tiny_model_dir, tmp_path):
-    """`samtone serve` in its own process (its own local Ray): ready URL on stdout, SIGINT -> exit 0."""
+    """`samtone serve` in its own process (its own local Ray), with keys from a file and the
+    environment: ready URL on stdout, the keys asked for and never printed, SIGINT -> exit 0."""
     import signal
     import sys
 
     port = free_loopback_port()
+    (tmp_path / "keys").write_text("sk-cli-file-key\n")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "samtone_ray.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_ADDRESS": ""},
+        [sys.executable, "-m", "samtone_ray.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+         "--api-key-file", str(tmp_path / "keys")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "RAY_ADDRESS": "", "SAMTONE_API_KEY": "sk-cli-env-key"},
     )
+    output = []
     try:
         deadline = time.monotonic() + 240
         line = ""
         while time.monotonic() < deadline and not line.startswith("serving "):  # Ray logs its own lines too
             line = proc.stdout.readline()
+            output.append(line)
             assert line or proc.poll() is None, "samtone serve exited early"
-        assert f"http://127.0.0.1:{port}" in line
-        status, body, _ = _post(f"http://127.0.0.1:{port}/v1/embeddings", {"model": tiny_model_dir.name, "input": "hi"})
-        assert status == 200 and len(body["data"][0]["embedding"]) == 32
+        assert f"http://127.0.0.1:{port}" in line and "2 API keys" in line
+        request = {"model": tiny_model_dir.name, "input": "hi"}
+        assert _post(f"http://127.0.0.1:{port}/v1/embeddings", request)[0] == 401
+        for key in ("sk-cli-file-key", "sk-cli-env-key"):
+            status, body, _ = _post(f"http://127.0.0.1:{port}/v1/embeddings", request, {"Authorization": f"Bearer {key}"})
+            assert status == 200 and len(body["data"][0]["embedding"]) == 32
         # The replica itself answers on the port (direct ingress), not Serve's proxy, and only on loopback.
         owners = listeners(port)
         assert list(owners) == ["0100007F"], owners
         assert "ServeReplica:" in owners["0100007F"] and "ProxyActor" not in owners["0100007F"], owners
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 0
+        rest, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        assert "sk-cli" not in "".join(output) + rest
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -364,3 +391,265 @@ def test_a_local_cluster_is_started_only_without_an_address_or_a_connection(ray_
     joined = subprocess.run(ask, env={**env, "RAY_ADDRESS": "127.0.0.1:6379"}, capture_output=True, text=True, check=True)
     assert (fresh.stdout.strip(), joined.stdout.strip()) == ("True", "False")
     assert not starts_local_cluster()
+
+
+# ---------------------------------------------------------------------- issue 20: a server safe to expose
+# A second app on the same Serve instance (route /secure): a model directory, two API keys (one as
+# its digest, one from a variable of the replica's environment, as a Kubernetes secret gives it),
+# trusted hosts, and the default request limits (20,000-character inputs).
+
+KEYS = ("sk-samtone-test-digest-1", "sk-samtone-test-env-2")
+SECURE_LIMITS = {"max_inputs": 128}
+
+
+@pytest.fixture(scope="module")
+def secure(server, tiny_model_dir):
+    from ray import serve
+
+    from samtone_ray.core.config import ServeConfig
+    from samtone_ray.serve.app import build_app, deployment_options
+    from samtone_ray.serve.auth import digest
+
+    options = deployment_options(1, serve_cfg=ServeConfig(**SECURE_LIMITS, **TIMEOUTS))
+    options["ray_actor_options"]["runtime_env"] = {"env_vars": {"SAMTONE_TEST_KEYS": KEYS[1]}}  # the secret's stand-in
+    args = {
+        "model": str(tiny_model_dir),
+        "api_key_sha256": [digest(KEYS[0])],
+        "api_key_env": "SAMTONE_TEST_KEYS",
+        "trusted_hosts": ["127.0.0.1", "localhost", "api.example.test"],
+    }
+    serve.run(build_app(args, options), name="samtone-secure", route_prefix="/secure", blocking=False)
+    url = f"{server['url']}/secure"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and _get(f"{url}/readyz")[0] != 200:
+        time.sleep(0.1)
+    return {"url": url, "name": tiny_model_dir.name, "path": str(tiny_model_dir), "port": server["port"]}
+
+
+def _request(url: str, method: str = "GET", payload=None, headers: dict | None = None):
+    data = json.dumps(payload).encode() if payload is not None else None
+    hdrs = {"Content-Type": "application/json"} if data is not None else {}
+    req = urllib.request.Request(url, data=data, headers={**hdrs, **(headers or {})}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+def _auth(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+PROTECTED = [
+    ("POST", "/v1/embeddings", {"model": "x", "input": "hi"}),
+    ("POST", "/search", {"query": "hi"}),
+    ("GET", "/v1/models", None),
+    ("GET", "/info", None),
+    ("GET", "/docs", None),
+    ("GET", "/openapi.json", None),
+    ("GET", "/nowhere", None),
+]
+
+
+@pytest.mark.parametrize("method,route,payload", PROTECTED, ids=[r for _, r, _ in PROTECTED])
+def test_every_route_but_the_probes_needs_a_key(secure, method, route, payload):
+    for headers, code in (({}, "missing_api_key"), (_auth("sk-wrong"), "invalid_api_key"), ({"Authorization": KEYS[0]}, "invalid_api_key")):
+        status, body, hdrs = _request(secure["url"] + route, method, payload, headers)
+        assert status == 401, (route, headers, status, body)
+        assert hdrs.get("www-authenticate", hdrs.get("WWW-Authenticate")) == "Bearer"
+        error = json.loads(body)["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
+        assert KEYS[0] not in body.decode() and KEYS[1] not in body.decode()
+    status, _, _ = _request(secure["url"] + route, method, payload, _auth(KEYS[0]))
+    assert status != 401
+
+
+def test_both_keys_open_the_api_and_the_probes_and_options_stay_open(secure):
+    url = secure["url"]
+    for key in KEYS:  # one given as a digest, one read by the replica from its environment
+        status, body, _ = _request(f"{url}/v1/embeddings", "POST", {"model": secure["name"], "input": "hi"}, _auth(key))
+        assert status == 200, body
+    for probe in ("/healthz", "/readyz"):
+        assert _request(url + probe)[0] == 200
+    status, body, _ = _request(f"{url}/v1/embeddings", "OPTIONS")  # CORS preflight carries no credentials
+    assert status != 401 and status < 500, (status, body)
+
+
+def test_the_openai_client_works_with_its_api_key_and_says_401_without(secure, tiny_model_dir):
+    import openai
+    from openai import OpenAI
+
+    from samtone_ray.model.towers import DualEncoder
+
+    good = OpenAI(base_url=f"{secure['url']}/v1", api_key=KEYS[1], max_retries=0, timeout=60)
+    out = good.embeddings.create(model=secure["name"], input=["mount a disk"])
+    np.testing.assert_allclose(out.data[0].embedding, DualEncoder.from_pretrained(tiny_model_dir).encode_documents(["mount a disk"])[0].numpy(), atol=1e-5)
+    bad = OpenAI(base_url=f"{secure['url']}/v1", api_key="sk-not-this-one", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError, match="not valid"):
+        bad.embeddings.create(model=secure["name"], input="x")
+
+
+def test_untrusted_host_is_refused_even_with_a_key(secure):
+    url, port = secure["url"], secure["port"]
+    for host in ("evil.example", f"rebind.attacker.test:{port}", "api.example.test.evil"):
+        status, body, _ = _request(f"{url}/healthz", headers={"Host": host})
+        assert status == 400 and json.loads(body)["error"]["code"] == "untrusted_host", (host, status)
+        status, _, _ = _request(f"{url}/v1/models", headers={"Host": host, **_auth(KEYS[0])})
+        assert status == 400
+    for host in (f"localhost:{port}", f"API.example.test:{port}", "127.0.0.1"):
+        assert _request(f"{url}/v1/models", headers={"Host": host, **_auth(KEYS[0])})[0] == 200, host
+
+
+def test_the_model_path_is_never_shown_nor_taken_as_a_name(secure):
+    url, path = secure["url"], secure["path"]
+    for route in ("/v1/models", "/info"):
+        status, body, _ = _request(url + route, headers=_auth(KEYS[0]))
+        assert status == 200 and path not in body.decode(), route
+    assert json.loads(_request(f"{url}/v1/models", headers=_auth(KEYS[0]))[1])["data"][0]["id"] == secure["name"]
+    status, body, _ = _request(f"{url}/v1/embeddings", "POST", {"model": path, "input": "x"}, _auth(KEYS[0]))
+    assert status == 404 and json.loads(body)["error"]["code"] == "model_not_found"
+
+
+def test_the_keys_never_reach_the_logs(secure, ray_cluster):
+    """Requests with the digest-only key, right and wrong: Ray's session logs (Serve's access and
+    replica logs included) never hold it."""
+    from ray._private.worker import _global_node
+
+    for key in (KEYS[0], KEYS[0] + "x"):
+        _request(f"{secure['url']}/v1/models", headers=_auth(key))
+    time.sleep(1.0)  # log lines are flushed asynchronously
+    logs = Path(_global_node.get_session_dir_path()) / "logs"
+    leaked = [p for p in logs.rglob("*") if p.is_file() and KEYS[0].encode() in p.read_bytes()]
+    assert not leaked
+
+
+def test_long_inputs_are_cut_before_tokenising_and_embed_exactly(secure, tiny_model_dir):
+    """Inputs of up to max_input_chars (20,000) are cut to a bound from the max length before
+    tokenising; the embeddings and token counts are those of the full texts (the model's own
+    encode, which tokenises everything, is the oracle), including texts the cut alone would get
+    wrong (leading whitespace, one huge word)."""
+    from samtone_ray.model.towers import DualEncoder
+
+    model = DualEncoder.from_pretrained(tiny_model_dir)
+    texts = ["mount the usb disk " * 1000, " " * 15_000 + "grub password " * 300, "a" * 19_000, "kernel" * 3000]
+    status, body, _ = _request(f"{secure['url']}/v1/embeddings", "POST", {"model": secure["name"], "input": texts, "encoding_format": "float"}, _auth(KEYS[0]))
+    assert status == 200, body
+    body = json.loads(body)
+    np.testing.assert_allclose([d["embedding"] for d in body["data"]], model.encode_documents(texts).numpy(), atol=1e-5)
+    want = sum(len(model.tokenizer(t, truncation=True, max_length=model.doc_max_length)["input_ids"]) for t in texts)
+    assert body["usage"]["prompt_tokens"] == want
+
+
+def test_long_inputs_do_not_stall_the_event_loop(secure):
+    """Two requests of 128 texts of 20,000 characters while /healthz is polled: tokenising runs in
+    its own thread on cut texts, so the probe keeps answering (on the event loop it waited for
+    every request's tokenising: seconds)."""
+    text = "configure a static ip address with netplan " * 465  # 19,995 characters
+    payload = {"model": secure["name"], "input": [text] * 128}
+    results, latencies = [], []
+
+    def big():
+        results.append(_request(f"{secure['url']}/v1/embeddings", "POST", payload, _auth(KEYS[0]))[0])
+
+    threads = [threading.Thread(target=big) for _ in range(2)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        t0 = time.perf_counter()
+        assert _request(f"{secure['url']}/healthz")[0] == 200
+        latencies.append(time.perf_counter() - t0)
+        time.sleep(0.02)
+    for t in threads:
+        t.join()
+    print(f"/healthz during 2 x 128 x 20k characters: {len(latencies)} probes, worst {max(latencies):.3f} s")
+    assert results == [200, 200]
+    assert max(latencies) < 1.0, latencies
+
+
+def _raw(port: int, data: bytes, wait_s: float) -> tuple[bytes, float]:
+    """Send ``data`` on a fresh connection; what comes back until the server closes it (or
+    ``wait_s`` passes), and when the connection was closed (inf: still open)."""
+    import socket
+
+    t0 = time.monotonic()
+    got = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
+        sock.sendall(data)
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+        except (TimeoutError, socket.timeout):
+            return got, float("inf")
+        except ConnectionResetError:
+            pass
+    return got, time.monotonic() - t0
+
+
+def test_a_body_that_stops_halfway_gets_408(secure):
+    head = (
+        f"POST /secure/v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {KEYS[0]}\r\nContent-Length: 200\r\n\r\n"
+    ).encode()
+    got, _ = _raw(secure["port"], head + b'{"model": "x", "inp', wait_s=20)
+    assert got.startswith(b"HTTP/1.1 408"), got[:200]
+    assert b"body_timeout" in got
+
+
+def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(secure):
+    request = b"GET /secure/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    got, closed_after = _raw(secure["port"], request, wait_s=20)
+    assert got.startswith(b"HTTP/1.1 200")
+    assert closed_after < TIMEOUTS["keep_alive_timeout_s"] + 5, closed_after  # Serve's default: 90 s
+
+
+def test_fuzzed_json_never_gives_a_5xx(secure):
+    """About a minute of Hypothesis-made bodies (known and unknown fields, any JSON values,
+    lone surrogates, raw bytes) against both routes: every answer is a 2xx or an OpenAI-shaped
+    4xx, and the server answers after."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    text = st.text(st.characters(codec=None, exclude_categories=()), max_size=40)
+    scalar = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | text
+    value = st.recursive(scalar, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4), max_leaves=12)
+    fields = {
+        "/v1/embeddings": ["model", "input", "encoding_format", "dimensions", "user", "input_type"],
+        "/search": ["query", "queries", "top_k", "model"],
+    }
+    likely = {"model": st.just(secure["name"]) | value, "encoding_format": st.sampled_from(["float", "base64"]) | value,
+              "dimensions": st.just(32) | value, "input_type": st.sampled_from(["query", "document"]) | value,
+              "top_k": st.integers(-3, 200) | value, "input": text | st.lists(text, max_size=5) | value,
+              "query": text | value, "queries": st.lists(text, max_size=5) | value}
+
+    @st.composite
+    def bodies(draw):
+        route = draw(st.sampled_from(sorted(fields)))
+        keys = draw(st.lists(st.sampled_from(fields[route]) | text, max_size=5, unique=True))
+        body = {k: draw(likely.get(k, value)) for k in keys}
+        raw = draw(st.none() | st.binary(max_size=200))
+        return route, json.dumps(body).encode() if raw is None else raw
+
+    seen = []
+
+    @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(bodies())
+    def check(case):
+        route, raw = case
+        req = urllib.request.Request(
+            secure["url"] + route, data=raw, method="POST", headers={"Content-Type": "application/json", **_auth(KEYS[0])}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                status, body = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, body = e.code, e.read()
+        seen.append(status)
+        assert status < 500, (route, raw[:300], status, body[:300])
+        if status >= 400:
+            assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+
+    t0 = time.monotonic()
+    check()
+    print(f"fuzz: {len(seen)} requests in {time.monotonic() - t0:.0f} s, statuses {sorted(set(seen))}")
+    assert _request(f"{secure['url']}/healthz")[0] == 200
