@@ -58,9 +58,10 @@ def tiny_beir(tmp_path_factory):
 
 
 def samtone(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ) | {"PYTHONPATH": str(REPO)} | (env or {})
+    full_env = dict(os.environ) | {"PYTHONPATH": str(REPO)}
     full_env.pop("RAY_ADDRESS", None)
     full_env.pop("MLFLOW_TRACKING_URI", None)
+    full_env |= env or {}
     return subprocess.run(
         [sys.executable, "-m", "samtone_ray.cli", *args], capture_output=True, text=True, timeout=timeout,
         cwd=REPO, env=full_env,
@@ -138,6 +139,45 @@ def test_submit_refuses_paths_the_cluster_cannot_see(head, tmp_path):
     from ray.job_submission import JobSubmissionClient
 
     assert JobSubmissionClient(head.address).list_jobs() == []  # nothing was sent
+
+
+def test_no_secret_is_uploaded_and_no_password_reaches_the_job(head, tmp_path):
+    """Issue 20's working directory, and a tracking URI with a password, against a real head: what the
+    cluster unpacked, the job's runtime_env and entrypoint, and every line samtone printed."""
+    from ray.job_submission import JobSubmissionClient
+
+    secret = "s3cret-Pw-20"
+    work = tmp_path / "work"
+    marker = f"marker_{os.getpid()}_{time.monotonic_ns()}.py"  # finds this job's copy among the head's
+    files = {".env": f"PASSWORD={secret}\n", ".aws/credentials": f"aws_secret_access_key={secret}\n",
+             ".ssh/id_rsa": secret, "server.pem": secret, ".netrc": f"machine h password {secret}\n",
+             "gcp-credentials.json": secret, "mlflow.db": secret, marker: "x = 1\n", "pkg/code.py": "y = 2\n"}
+    for rel, text in files.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_text(text)
+    with open(work / "model.bin", "wb") as f:
+        f.truncate(12 << 20)
+    tracking = f"http://alice:{secret}@127.0.0.1:{free_port()}"
+    proc = samtone("submit", "train", "--address", head.address, "--working-dir", str(work), "--follow",
+                   "--set", f"data.train={tmp_path / 'not-here'}", "--set", f"output_dir={tmp_path / 'out'}",
+                   env={"MLFLOW_TRACKING_URI": tracking})
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # the job fails: no data, by design
+    sid = submission_id(proc.stdout)
+    assert "2 files to upload" in proc.stdout and "model.bin (12.0 MiB)" in proc.stdout and ".aws/" in proc.stdout
+
+    copies = list((head.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files").glob(f"*/{marker}"))
+    assert len(copies) == 1, copies
+    unpacked = sorted(p.relative_to(copies[0].parent).as_posix() for p in copies[0].parent.rglob("*") if p.is_file())
+    assert unpacked == sorted([marker, "pkg/code.py"])
+
+    info = JobSubmissionClient(head.address).get_job_info(sid)
+    env = info.runtime_env["env_vars"]
+    assert env["MLFLOW_TRACKING_URI"] == tracking.replace(f"alice:{secret}@", "")
+    assert env["MLFLOW_TRACKING_PASSWORD"] == "${MLFLOW_TRACKING_PASSWORD}"
+    shown = samtone("jobs", sid, "--address", head.address).stdout + samtone("jobs", sid, "--logs", "--address", head.address).stdout
+    assert f"{sid}" in shown and "entrypoint: python -m samtone_ray.cli train" in shown
+    for text in (repr(info.runtime_env), info.entrypoint, repr(info.metadata), proc.stdout, proc.stderr, shown):
+        assert secret not in text and "alice" not in text
 
 
 def test_tiny_train_job_succeeds_tagged_and_is_not_run_twice(head, tiny_model_dir, tiny_beir, tmp_path):
