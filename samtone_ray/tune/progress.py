@@ -29,6 +29,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
+from samtone_ray.core.redact import redact_uri
 from samtone_ray.tune.layout import TuneLayout
 from samtone_ray.tune.space import overrides_of
 
@@ -161,7 +162,7 @@ def format_plan(cfg, space, *, trials: int, concurrent: int, pairs: int, queries
     for key, text in rows:
         out.append(f"  {key if key != last else '':<{width}}  {text}")
         last = key
-    return "\n".join(out)
+    return redact_uri("\n".join(out))  # the tracking and data URIs, without their passwords
 
 
 def format_next_steps(*, model: str | None, model_name: str | None, corpus: str | None, output_dir: Path | str,
@@ -186,7 +187,7 @@ def format_next_steps(*, model: str | None, model_name: str | None, corpus: str 
         lines.append(f"  its versions:   {q(['samtone', 'models', model_name] + (['--tracking-uri', tracking_uri] if tracking_uri else []))}")
     if log:
         lines.append(f"  Ray's output:   {log}")
-    return "\n".join(lines)
+    return redact_uri("\n".join(lines))  # a password is typed by the user, never printed
 
 
 def short_path(path: Path | str) -> str:

@@ -238,3 +238,14 @@ Object store memory usage: [- objects spillable: 6
     assert error_summary("something odd\n\n") == "something odd"
     assert error_summary(None) == "no error message"
     assert len(error_summary("ValueError: " + "x" * 1000)) == 300
+
+
+def test_the_plan_and_the_next_steps_never_print_a_tracking_password():
+    cfg = from_dict({"scaling": {"num_workers": 1}})
+    uri = "http://alice:s3cret@mlflow.example:5000"
+    plan = format_plan(cfg, parse_space(cfg.tune.space, cfg), trials=1, concurrent=1, pairs=1, queries=1, corpus="c",
+                       output_dir="/o", log=None, tracking_uri=uri)
+    steps = format_next_steps(model="models:/samtone@champion", model_name="samtone", corpus=None, output_dir="/o",
+                              tracking_uri=uri)
+    for text in (plan, steps):
+        assert "s3cret" not in text and "http://alice:***@mlflow.example:5000" in text
