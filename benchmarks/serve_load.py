@@ -12,6 +12,8 @@
     ``samtone serve`` runs it (``--via direct``: Serve's throughput-optimised mode, the replica
     answering HTTP on its own port) or through Serve's default proxy (``--via proxy``);
   - ``samtone max_batch_size=1``: the same deployment reconfigured with ``serve.max_batch_size=1``;
+  - ``samtone batched, API key`` (``--systems keyed``): the batched row with an API key asked for
+    and sent on every request (``Authorization: Bearer``), to measure what the key check costs;
   - the peer: ``infinity-emb`` (``infinity_emb v2`` from ``--infinity-bin``, torch engine, CPU,
     the same local model directory, ``HF_HUB_OFFLINE=1``) when it runs here, else a plain FastAPI +
     sentence-transformers server (``benchmarks/st_server.py``, ``model.encode`` per request).
@@ -139,7 +141,8 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) 
     raise TimeoutError(f"{url} not ready after {timeout_s} s")
 
 
-async def load(url: str, model: str, texts: list[str], requests: int, concurrency: int, per_request: int, peer_pid: int | None = None) -> dict:
+async def load(url: str, model: str, texts: list[str], requests: int, concurrency: int, per_request: int, peer_pid: int | None = None,
+               headers: dict | None = None) -> dict:
     import aiohttp
 
     latencies: list[float] = []
@@ -154,7 +157,7 @@ async def load(url: str, model: str, texts: list[str], requests: int, concurrenc
             start = i * per_request
             batch = [texts[(start + j) % len(texts)] for j in range(per_request)]
             t0 = time.perf_counter()
-            async with session.post(url, json={"model": model, "input": batch, "encoding_format": "float"}) as r:
+            async with session.post(url, json={"model": model, "input": batch, "encoding_format": "float"}, headers=headers) as r:
                 body = await r.read()
                 if r.status != 200 or len(json.loads(body)["data"]) != per_request:
                     failed += 1
@@ -182,11 +185,11 @@ async def load(url: str, model: str, texts: list[str], requests: int, concurrenc
     }
 
 
-def bench(url: str, model: str, texts: list[str], args, peer_pid: int | None = None, label: str = "") -> dict:
-    asyncio.run(load(url, model, texts, args.warmup, args.concurrency, args.texts_per_request))
+def bench(url: str, model: str, texts: list[str], args, peer_pid: int | None = None, label: str = "", headers: dict | None = None) -> dict:
+    asyncio.run(load(url, model, texts, args.warmup, args.concurrency, args.texts_per_request, headers=headers))
     spies = start_profiles(args.profile, label, peer_pid) if args.profile else []
     try:
-        return asyncio.run(load(url, model, texts, args.requests, args.concurrency, args.texts_per_request, peer_pid))
+        return asyncio.run(load(url, model, texts, args.requests, args.concurrency, args.texts_per_request, peer_pid, headers))
     finally:
         for proc in spies:  # py-spy writes its file on SIGINT
             proc.send_signal(signal.SIGINT)
@@ -217,13 +220,20 @@ def run_samtone(model_dir: str, texts: list[str], args) -> dict[str, dict]:
         APP_NAME,
         build_app,
         deployment_options,
+        http_options,
         local_serve_env,
     )
+    from samtone_ray.serve.auth import digest
 
     serve_cfg = load_config(None, [f"serve.{kv}" for kv in args.serve_set]).serve
-    rows = (("batched", "samtone batched", replace(serve_cfg)), ("unbatched", "samtone max_batch_size=1", replace(serve_cfg, max_batch_size=1)))
+    key = "sk-serve-load-benchmark"
+    rows = (
+        ("batched", "samtone batched", replace(serve_cfg), None),
+        ("keyed", "samtone batched, API key", replace(serve_cfg), key),
+        ("unbatched", "samtone max_batch_size=1", replace(serve_cfg, max_batch_size=1), None),
+    )
     out = {}
-    for label, cfg in (r[1:] for r in rows if r[0] in args.systems):
+    for label, cfg, key in (r[1:] for r in rows if r[0] in args.systems):
         # Each row on a fresh cluster, as a fresh `samtone serve` start: a redeploy in place would
         # start the new replica while the old one still holds the one direct-ingress port.
         port = proxy_port = free_loopback_port()
@@ -232,15 +242,21 @@ def run_samtone(model_dir: str, texts: list[str], args) -> dict[str, dict]:
             proxy_port = free_loopback_port()
         connect_ray()
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
+            serve.start(http_options=http_options("127.0.0.1", proxy_port, cfg))
             base = f"http://127.0.0.1:{port}"
             options = deployment_options(1, num_cpus=args.num_cpus, serve_cfg=cfg)
-            serve.run(build_app({"model": model_dir}, options), name=APP_NAME, route_prefix="/", blocking=False)
+            app_args = {"model": model_dir, "api_key_sha256": [digest(key)] if key else None}
+            serve.run(build_app(app_args, options), name=APP_NAME, route_prefix="/", blocking=False)
             wait_http(f"{base}/readyz", 300)
-            served = json.loads(urllib.request.urlopen(f"{base}/info").read())["serve"]["max_batch_size"]
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+            def get(route: str) -> dict:
+                return json.loads(urllib.request.urlopen(urllib.request.Request(base + route, headers=headers)).read())
+
+            served = get("/info")["serve"]["max_batch_size"]
             assert served == cfg.max_batch_size, (served, cfg.max_batch_size)
-            name = json.loads(urllib.request.urlopen(f"{base}/v1/models").read())["data"][0]["id"]
-            out[label] = bench(f"{base}/v1/embeddings", name, texts, args, label=label)
+            name = get("/v1/models")["data"][0]["id"]
+            out[label] = bench(f"{base}/v1/embeddings", name, texts, args, label=label, headers=headers)
             print(f"{label:<28} {fmt(out[label])}", flush=True)
         finally:
             serve.shutdown()
@@ -309,7 +325,7 @@ def main() -> int:
     p.add_argument("--infinity-bin", default="/tmp/infinity-venv/bin/infinity_emb")
     p.add_argument("--peer-log", default="/tmp/serve_load_peer.log")
     p.add_argument("--systems", default="batched,unbatched,peer",
-                   help="comma-separated subset of the rows batched, unbatched, peer (to measure one lever at a time)")
+                   help="comma-separated subset of the rows batched, keyed, unbatched, peer (to measure one lever at a time)")
     p.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
                    help="ServeConfig override for the samtone rows, e.g. batch_wait_timeout_s=0.02 (repeatable)")
     p.add_argument("--via", choices=["direct", "proxy"], default="direct",
@@ -335,8 +351,9 @@ def main() -> int:
         texts = [f"{t} {x}" if t else x for t, x in zip(titles, texts)]
     else:
         texts = [r["text"] for _, r in iter_jsonl(sample / "queries.jsonl")]
+    load_before = [round(x, 2) for x in os.getloadavg()]  # other jobs on the machine: `uptime`'s 1, 5, 15 min
     print(f"{args.requests} requests x {args.texts_per_request} {args.texts[:-1]}(s), {args.concurrency} concurrent clients, "
-          f"all-MiniLM-L6-v2 on {os.cpu_count()} CPUs", flush=True)
+          f"all-MiniLM-L6-v2 on {os.cpu_count()} CPUs; load average {load_before}", flush=True)
     results = run_samtone(model_dir, texts, args)
     peer = None
     if "peer" in args.systems:
@@ -349,7 +366,8 @@ def main() -> int:
             proc.wait(timeout=30)
     record = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()]},
         "model": "all-MiniLM-L6-v2",
         "texts": args.texts,
         "peer": peer,
@@ -369,6 +387,9 @@ def main() -> int:
             r["cpu"]["share_outside_model"] = round(1 - model / r["cpu"]["cpu_s_ours"], 3)
             print(f"{label:<28} CPU outside the model: {100 * r['cpu']['share_outside_model']:.0f} % of {r['cpu']['cpu_s_ours']:.1f} s")
     ratios = {}
+    if {"samtone batched", "samtone batched, API key"} <= results.keys():
+        ratios["keyed_over_batched"] = results["samtone batched, API key"]["texts_per_s"] / results["samtone batched"]["texts_per_s"]
+        print(f"with an API key / without: {ratios['keyed_over_batched']:.3f}x")
     if {"samtone batched", "samtone max_batch_size=1"} <= results.keys():
         ratios["batched_over_unbatched"] = results["samtone batched"]["texts_per_s"] / results["samtone max_batch_size=1"]["texts_per_s"]
         print(f"batched / max_batch_size=1: {ratios['batched_over_unbatched']:.2f}x")
