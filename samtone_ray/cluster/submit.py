@@ -230,7 +230,13 @@ def build_submission(
             raise SubmitError(
                 f"--config {config_path} lies outside the working directory {working_dir}, which is all the job receives"
             )
-        args += ["--config", config_path.resolve().relative_to(working_dir).as_posix()]
+        rel = config_path.resolve().relative_to(working_dir).as_posix()
+        if not any(f == rel for f, _ in upload.files):
+            why = upload.holds(rel)
+            raise SubmitError(f"--config {config_path} is not uploaded to the cluster ("
+                              + (f"{why[0].reason}: {why[0].detail}" if why else "an ignored folder or ignore-file entry")
+                              + "): move it beside the code the job receives")
+        args += ["--config", rel]
     for item in overrides:
         args += ["--set", item]
     args += extra_args

@@ -91,6 +91,15 @@ def test_a_config_outside_the_working_directory_is_refused(tmp_path):
         _build(config=config)
 
 
+@pytest.mark.parametrize("rel, why", [("outputs/job.yaml", "an ignored folder"), ("prod.env", "secret: \\*.env")])
+def test_a_config_the_upload_leaves_behind_is_refused(tmp_path, rel, why):
+    config = tmp_path / rel
+    config.parent.mkdir(exist_ok=True)
+    config.write_text("train: {lr: 1.0e-4}\n")
+    with pytest.raises(SubmitError, match=rf"--config {config} is not uploaded to the cluster \({why}"):
+        _build(config=config, working_dir=tmp_path)
+
+
 def test_the_address_is_explicit(monkeypatch):
     for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
