@@ -287,21 +287,28 @@ def bm25_run(
     query_ids = list(queries)
     if not query_ids:
         return {}
-
-    def tokenize(texts: list[str]) -> list[list[str]]:
-        # Strings, not ids: bm25s.tokenize numbers tokens per call, so query ids would not
-        # match the corpus vocabulary.
-        return bm25s.tokenize(texts, lower=True, stopwords="en", return_ids=False, show_progress=False)
-
-    retriever = bm25s.BM25(k1=k1, b=b, method="lucene")
-    retriever.index(tokenize([corpus[did] for did in doc_ids]), show_progress=False)
+    retriever = bm25_index([corpus[did] for did in doc_ids], k1, b)
     indices, scores = retriever.retrieve(
-        tokenize([queries[qid] for qid in query_ids]), k=min(k, len(doc_ids)), show_progress=False
+        bm25_tokenize([queries[qid] for qid in query_ids]), k=min(k, len(doc_ids)), show_progress=False
     )
     return {
         qid: {doc_ids[j]: s for j, s in zip(row_idx, row_scores) if s > 0}
         for qid, row_idx, row_scores in zip(query_ids, indices.tolist(), scores.tolist())
     }
+
+
+def bm25_tokenize(texts: list[str], show_progress: bool = False) -> list[list[str]]:
+    """``bm25_run``'s analysis of a text: lower-cased ``\\b\\w\\w+\\b`` tokens, English stopwords out."""
+    # Strings, not ids: bm25s.tokenize numbers tokens per call, so query ids would not match the
+    # corpus vocabulary.
+    return bm25s.tokenize(texts, lower=True, stopwords="en", return_ids=False, show_progress=show_progress)
+
+
+def bm25_index(texts: list[str], k1: float = 0.9, b: float = 0.4, show_progress: bool = False) -> bm25s.BM25:
+    """A bm25s index (Lucene variant) of ``texts``, analysed by :func:`bm25_tokenize`."""
+    retriever = bm25s.BM25(k1=k1, b=b, method="lucene")
+    retriever.index(bm25_tokenize(texts, show_progress), show_progress=show_progress)
+    return retriever
 
 
 def format_metrics_table(
