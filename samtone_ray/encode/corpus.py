@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from samtone_ray.core.redact import redact_uri
 from samtone_ray.data.sources import DataError, join_text
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -37,12 +38,17 @@ _SCAN_BLOCK = 8 << 20
 class Shard:
     key: str  # "FFFFF-PPPPP": file index and part; names the output file
     path: str  # the file, as pyarrow's filesystem sees it
-    uri: str  # the file, as the user would name it (for messages)
+    uri: str  # the file, as the user named it (credentials included: it opens the file)
     fmt: str  # "jsonl" | "parquet"
     start: int  # jsonl: first byte; parquet: first row group
     stop: int  # jsonl: end byte; parquet: row group stop
     first_row: int  # jsonl: 1-based line of the first byte; parquet: 0-based row of the first group
     rows: int  # lines (jsonl, blank ones included) or rows (parquet)
+
+    @property
+    def label(self) -> str:
+        """The file for messages and rejects: ``uri`` without a password or key it may carry."""
+        return redact_uri(self.uri)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -97,11 +103,11 @@ def list_files(uri: str) -> tuple[pafs.FileSystem, list[tuple[str, str]]]:
     fs, root = _filesystem(uri)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
-        raise DataError(f"{uri}: input not found")
+        raise DataError(f"{redact_uri(uri)}: input not found")
     if info.type == pafs.FileType.File:
         fmt = _fmt(root)
         if fmt is None:
-            raise DataError(f"{uri}: not a corpus file (expected {JSONL_SUFFIXES + PARQUET_SUFFIXES})")
+            raise DataError(f"{redact_uri(uri)}: not a corpus file (expected {JSONL_SUFFIXES + PARQUET_SUFFIXES})")
         return fs, [(root, fmt)]
     found = []
     for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
@@ -112,10 +118,10 @@ def list_files(uri: str) -> tuple[pafs.FileSystem, list[tuple[str, str]]]:
         if fmt is not None:
             found.append((entry.path, fmt))
     if not found:
-        raise DataError(f"{uri}: folder holds no {JSONL_SUFFIXES + PARQUET_SUFFIXES} files")
+        raise DataError(f"{redact_uri(uri)}: folder holds no {JSONL_SUFFIXES + PARQUET_SUFFIXES} files")
     formats = {fmt for _, fmt in found}
     if len(formats) > 1:
-        raise DataError(f"{uri}: folder mixes JSONL and Parquet files; give one kind")
+        raise DataError(f"{redact_uri(uri)}: folder mixes JSONL and Parquet files; give one kind")
     return fs, sorted(found)
 
 
@@ -175,7 +181,7 @@ def _plan_parquet(fs, path: str, display: str, rows_per_shard: int, digest) -> I
         with fs.open_input_file(path) as f:
             meta = pq.ParquetFile(f).metadata
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{display}: not a readable Parquet file ({exc})") from None
+        raise DataError(f"{redact_uri(display)}: not a readable Parquet file ({exc})") from None
     digest.update(f"{meta.num_rows}:{meta.num_row_groups}:{meta.schema}".encode())
     start, first_row, rows = 0, 0, 0
     for group in range(meta.num_row_groups):
@@ -226,7 +232,7 @@ def _jsonl_rows(fs, shard: Shard, id_field: str, text_fields: tuple[str, ...]) -
     if lines and lines[-1] == b"":
         lines.pop()  # the shard's final newline
     for offset, raw in enumerate(lines):
-        where = f"{shard.uri}:{shard.first_row + offset}"
+        where = f"{shard.label}:{shard.first_row + offset}"
         try:
             # Windows tools start a UTF-8 file with a byte-order mark: not part of the first record.
             line = raw.decode("utf-8-sig" if shard.start == 0 and offset == 0 else "utf-8")
@@ -271,16 +277,16 @@ def _parquet_rows(fs, shard: Shard, id_field: str, text_fields: tuple[str, ...])
         names = set(pf.schema_arrow.names)
         for column in (id_field, *text_fields):
             if column not in names:
-                raise DataError(f"{shard.uri}: no column {column!r} (columns: {sorted(names)})")
+                raise DataError(f"{shard.label}: no column {column!r} (columns: {sorted(names)})")
         kind = pf.schema_arrow.field(id_field).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)):
-            raise DataError(f"{shard.uri}: column {id_field!r} must be string or integer, not {kind}")
+            raise DataError(f"{shard.label}: column {id_field!r} must be string or integer, not {kind}")
         for name in text_fields:
             kind = pf.schema_arrow.field(name).type
             if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-                raise DataError(f"{shard.uri}: column {name!r} must be string, not {kind}")
+                raise DataError(f"{shard.label}: column {name!r} must be string, not {kind}")
         table = pf.read_row_groups(range(shard.start, shard.stop), columns=[id_field, *text_fields])
     columns = {name: table.column(name).to_pylist() for name in (id_field, *text_fields)}
     for i in range(table.num_rows):
         record = {name: values[i] for name, values in columns.items()}
-        yield _check_record(f"{shard.uri}: row {shard.first_row + i}", record, id_field, text_fields)
+        yield _check_record(f"{shard.label}: row {shard.first_row + i}", record, id_field, text_fields)

@@ -47,6 +47,7 @@ from samtone_ray.encode.corpus import Plan, Reject, Shard, plan_shards, read_sha
 from samtone_ray.data.sources import DataError, join_text
 from samtone_ray.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from samtone_ray.core.choices import check_precision
+from samtone_ray.core.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +329,8 @@ def _identity(opts: EncodeOptions, resolved, plan: Plan, dim: int, max_length: i
         "normalized": True,
         "precision": opts.precision,
         "input": {
-            "uri": opts.input if "://" in opts.input else os.path.abspath(opts.input),
+            # Stored in the manifest and MLflow: without a key or password the URI may carry.
+            "uri": redact_uri(opts.input) if "://" in opts.input else os.path.abspath(opts.input),
             "fingerprint": plan.fingerprint,
             "id_field": opts.id_field,
             "text_fields": list(opts.text_fields),
@@ -420,7 +422,7 @@ def run_encode(opts: EncodeOptions) -> EncodeResult:
     )
     plan = plan_shards(opts.input, rows_per_file)
     if not plan.shards:
-        raise EncodeError(f"{opts.input}: no records to encode")
+        raise EncodeError(f"{redact_uri(opts.input)}: no records to encode")
     identity = _identity(opts, resolved, plan, dim, max_length, rows_per_file)
     output = opts.output
     old = _check_existing(output, identity, opts.overwrite)

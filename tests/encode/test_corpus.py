@@ -100,3 +100,32 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
     path.write_bytes("\n".join(_lines(2)).encode() + b"\n\xef\xbb\xbf" + _lines(3)[2].encode() + b"\n")
     good, rejects = read_shard(plan_shards(str(path), 10).shards[0], "_id", ("title", "text"))
     assert [r.where for r in rejects] == [f"{path}:3"] and len(good) == 2
+
+
+def test_credentials_in_an_s3_uri_open_the_file_but_never_show(tmp_path):
+    """s3://KEY:SECRET@bucket/... is how pyarrow takes keys inline: they must reach the filesystem
+    and nothing else (a reject's place, an error message). A real S3 API (moto) on loopback."""
+    import pyarrow.fs as pafs
+
+    from samtone_ray.core.runtime import free_loopback_port
+
+    ThreadedMotoServer = pytest.importorskip("moto.server", reason="needs moto[server] (S3 API)").ThreadedMotoServer
+
+    port = free_loopback_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        uri = f"s3://AKIDEXAMPLE:s3cret-key@corpora/c.jsonl?{query}"
+        fs, _ = pafs.FileSystem.from_uri(f"{uri}&allow_bucket_creation=true")
+        fs.create_dir("corpora")
+        with fs.open_output_stream("corpora/c.jsonl") as f:
+            f.write(("\n".join(_lines(2)) + "\nnot json\n").encode())
+        good, rejects = read_shard(plan_shards(uri, 10).shards[0], "_id", ("title", "text"))
+        assert [doc_id for _, doc_id, _ in good] == ["d0", "d1"]
+        assert rejects[0].where.startswith("s3://AKIDEXAMPLE:***@corpora/c.jsonl") and rejects[0].where.endswith(":3")
+        with pytest.raises(DataError) as missing:
+            plan_shards(uri.replace("c.jsonl", "absent.jsonl"), 10)
+        assert "input not found" in str(missing.value) and "s3cret-key" not in str(missing.value)
+    finally:
+        server.stop()
