@@ -22,7 +22,7 @@ import yaml
 from samtone_ray.core import choices as settings
 from samtone_ray.core.choices import Mode, NegativeSampling, Pooling, Precision, SameTower, Scheduler, TowerMode, TuneAlgorithm
 from samtone_ray.core.choices import PlacementStrategy
-from samtone_ray.core.redact import redact_uri
+from samtone_ray.core.redact import has_credentials, redact_uri
 
 BUNDLED_SAMPLE = "bundled:debian"
 """Placeholder for the Debian sample shipped inside the package (resolved by ``resolve_data_path``)."""
@@ -244,6 +244,14 @@ class TrackingConfig:
     uri: str = ""
     """MLflow tracking URI; empty = $MLFLOW_TRACKING_URI, else SQLite under ``.samtone/``."""
     experiment: str = "samtone"
+
+    def __post_init__(self) -> None:
+        # A config is echoed, copied into tuning state and uploaded by `samtone submit`: no place for a secret.
+        if has_credentials(self.uri):
+            raise ConfigError(
+                f"tracking.uri={redact_uri(self.uri)} carries a password or token: give the URI without it and set "
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), which MLflow reads"
+            )
 
 
 @dataclass

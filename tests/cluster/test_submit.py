@@ -171,11 +171,9 @@ def test_a_password_in_the_submitters_tracking_uri_is_never_sent(monkeypatch):
     assert SECRET not in sent and "alice" not in sent
 
 
-@pytest.mark.parametrize("where", [["tracking.uri=http://alice:s3cret-pw@10.0.0.5:5000"],
-                                   ["data.train=https://alice:s3cret-pw@data.example/beir"]])
-def test_a_credential_in_the_config_or_command_is_refused(where):
+def test_a_credential_in_the_config_or_command_is_refused():
     with pytest.raises(SubmitError, match=r"carries a credential.*MLFLOW_TRACKING_PASSWORD") as err:
-        _build(where)
+        _build(["data.train=https://alice:s3cret-pw@data.example/beir"])
     assert SECRET not in str(err.value)
     with pytest.raises(SubmitError, match=r"alice:\*\*\*@data.example/c.jsonl carries a credential"):
         _build(kind="encode", extra=["--input", "https://alice:s3cret-pw@data.example/c.jsonl"])
