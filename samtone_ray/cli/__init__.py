@@ -17,7 +17,7 @@ apply_defaults()  # before anything imports ray, mlflow or transformers
 
 # One module per command, each with ``add_parser(sub)`` and ``run(args) -> int``; listed in the
 # order ``samtone --help`` shows them. The handlers parse and print; the work is in the library.
-COMMANDS = ("train", "tune", "eval", "serve", "encode", "index", "models", "analyze", "submit", "jobs")
+COMMANDS = ("train", "tune", "eval", "serve", "encode", "index", "mine", "models", "analyze", "submit", "jobs")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from samtone_ray.core.config import MiningConfig
@@ -48,6 +49,7 @@ class MineOptions:
     cache_dir: Path | None = DEFAULT_CACHE_DIR  # None: encode every time
     tracking_uri: str | None = None
     show_progress: bool = False
+    drop_empty: bool = False  # leave out the pairs of queries given no negative (train refuses them)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -113,10 +115,16 @@ def run_mine(opts: MineOptions) -> MineResult:
     timings["filter_s"] = time.perf_counter() - t0
 
     table = _with_negatives(pairs, query_ids, negatives, doc_ids, doc_texts)
+    dropped = 0
+    if opts.drop_empty:
+        kept = table.filter(pc.greater(pc.list_value_length(table.column("negatives")), 0))
+        dropped, table = table.num_rows - kept.num_rows, kept
+        if not table.num_rows:
+            raise DataError(f"{root}: no query of split {opts.split!r} got a negative; nothing to write (loosen the filters)")
     summary = {
         "data": str(root), "split": opts.split, "retriever": opts.retriever, "model": model_info,
         "search": opts.search if opts.retriever == "dense" else None, "mining": asdict(opts.mining),
-        "window": window, "depth": depth, "pairs": table.num_rows, "documents": len(doc_ids),
+        "window": window, "depth": depth, "pairs": table.num_rows, "dropped_pairs": dropped, "documents": len(doc_ids),
         "report": report.as_dict(), "timings": timings, "output": str(opts.out),
     }
     timings["total_s"] = time.perf_counter() - start  # before the write: the summary holds it
@@ -197,3 +205,26 @@ def format_report(report: MiningReport | dict[str, Any]) -> str:
     lines.append(f"{data['short_queries']} queries got fewer than {data['num_negatives']} negatives "
                  f"({data['empty_queries']} got none)")
     return "\n".join(lines)
+
+
+def log_to_mlflow(tracking_uri: str, experiment: str, result: MineResult) -> str:
+    """A ``mine`` run: the settings as params, the report's counts as metrics, the summary as an artifact."""
+    from samtone_ray.tracking import runs as tracking
+
+    uri = tracking.tracking_uri(tracking_uri)
+    s = result.summary
+    params = {"data": s["data"], "split": s["split"], "retriever": s["retriever"], "search": s["search"],
+              "output": s["output"], "window": s["window"], "depth": s["depth"]}
+    params |= {f"mining.{k}": v for k, v in s["mining"].items()}
+    if s["model"]:
+        params |= {"model": s["model"]["uri"], "model_version": s["model"]["version"],
+                   "model_fingerprint": s["model"]["fingerprint"]}
+    run_id = tracking.start_run(uri, experiment, "mine", params, tags={"samtone.task": "mine"})
+    logger = tracking.RunLogger(uri, run_id)
+    report = s["report"]
+    metrics = {k: report[k] for k in ("queries", "candidates", "negatives", "short_queries", "empty_queries")}
+    metrics |= {f"removed.{k}": v for k, v in report["removed"].items()} | {k: v for k, v in s["timings"].items()}
+    logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
+    logger.log_artifact(result.summary_path)
+    logger.finish()
+    return run_id
