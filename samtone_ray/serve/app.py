@@ -2,6 +2,8 @@
 
 One deployment (``Embedder``) with a FastAPI ingress. Each replica:
 
+* checks every request's ``Host`` and API key before any route (``serve/auth.py``);
+* tokenises each text once, cut to a bound from the max length, in one thread off the event loop;
 * loads the model in the background (``/healthz`` answers at once, ``/readyz`` only once the model
   is loaded, a warm-up batch has run on both towers, and the index, if any, is built);
 * embeds every input of every request as its own item of a ``@serve.batch`` batch (sized in texts

@@ -130,6 +130,8 @@ def _client(server):
 def test_ready_only_after_load_and_warm_up(server):
     *before, (status, body) = [s for s in server["readiness"] if s[0] is not None]
     assert status == 200 and body["version"] == "1"
+    if before and before[-1][0] == 200:  # the model became ready between the last probe and this request
+        before.pop()
     for s in before:  # anything answered before readiness is a clean 503 "loading", never a 500
         assert s[0] == 503 and s[1]["error"]["code"] == "model_loading", s
     assert _get(f"{server['url']}/healthz") == (200, {"status": "ok"})
