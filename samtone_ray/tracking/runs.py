@@ -50,10 +50,11 @@ def client(uri: str):
     from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:///"):
-        # Local registry lives beside the tracking store.
-        mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri if uri.startswith("sqlite:///") else None)
+    # The registry is the tracking store's (SQLite, a database, an http:// server). Left unset, it
+    # would be what an earlier call set ($MLFLOW_REGISTRY_URI, inherited by Ray's workers too),
+    # e.g. another store's SQLite file: a champion registered in the wrong store.
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def experiment_id(uri: str, name: str) -> str:

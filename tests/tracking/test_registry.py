@@ -5,49 +5,13 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-import torch
 
 from samtone_ray.core.config import from_dict
-from samtone_ray.data.sources import BeirSplit, bundled_sample_path, load_beir
 from samtone_ray.evaluation.retrieval import evaluate_model
 from samtone_ray.tracking.registry import PromotionError, promote_best
 from samtone_ray.model.towers import DualEncoder
 
 pytestmark = pytest.mark.mlflow
-
-
-@pytest.fixture(scope="module")
-def split():
-    """20 dev queries of the bundled sample, their relevant documents and 80 distractors."""
-    dev = load_beir(bundled_sample_path(), "dev")
-    qids = sorted(dev.qrels)[:20]
-    qrels = {q: dict(dev.qrels[q]) for q in qids}
-    needed = {d for q in qids for d in qrels[q]}
-    docs = [d for d in dev.corpus if d in needed] + [d for d in dev.corpus if d not in needed][:80]
-    return BeirSplit(corpus={d: dev.corpus[d] for d in docs}, queries={q: dev.queries[q] for q in qids}, qrels=qrels)
-
-
-@pytest.fixture(scope="module")
-def models(tiny_model_dir, split, tmp_path_factory):
-    """Two saved DualEncoders with different scores, ordered (worse, better), each with its score."""
-    root = tmp_path_factory.mktemp("models")
-    base = DualEncoder.from_base(str(tiny_model_dir), query_max_length=16, doc_max_length=32)
-    out = []
-    for seed in range(1, 20):
-        model = DualEncoder.from_base(str(tiny_model_dir), query_max_length=16, doc_max_length=32)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.5 * p.std().nan_to_num(0.02) * torch.randn_like(p))
-        score = evaluate_model(model, split, 16, "fp32")["mrr@10"]
-        if score != evaluate_model(base, split, 16, "fp32")["mrr@10"]:
-            break
-    for name, model in (("base", base), ("perturbed", model)):
-        path = model.save_pretrained(root / name)
-        # The oracle: the saved directory evaluated directly, not through the registry.
-        out.append((path, evaluate_model(DualEncoder.from_pretrained(path), split, 16, "fp32")["mrr@10"]))
-    assert out[0][1] != out[1][1]
-    return sorted(out, key=lambda m: m[1])
 
 
 @pytest.fixture
