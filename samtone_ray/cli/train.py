@@ -17,11 +17,13 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from samtone_ray.data.sources import load_data
     from samtone_ray.evaluation.retrieval import evaluate_model, format_metrics_table
+    from samtone_ray.mining.prepare import prepare_negatives
     from samtone_ray.model.towers import DualEncoder
     from samtone_ray.train.trainer import train
 
     cfg = load(args).with_output_dir()
     echo(cfg)
+    cfg = prepare_negatives(cfg, show_progress=True)  # data.negatives: bm25|dense (a mined setting is reused)
     data = load_data(cfg)
     rows = {}
     if data[1] is not None and not args.no_baseline:

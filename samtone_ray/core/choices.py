@@ -26,6 +26,7 @@ Mode = Literal["max", "min"]
 NegativeSampling = Literal["top", "random"]
 """How mined hard negatives are picked from a query's filtered candidates: the best-scoring ones, or a
 seeded random sample of them (``MiningConfig.sampling``)."""
+NegativeSource = Literal["none", "file", "bm25", "dense"]
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_SPREAD"]
 """Where Ray puts the training workers: PACK on as few nodes as possible (the default: collectives
 stay inside a node), SPREAD over as many nodes as it can, STRICT_SPREAD each on a node of its own
@@ -37,6 +38,7 @@ SAME_TOWER_CHOICES: tuple[str, ...] = get_args(SameTower)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 PLACEMENT_STRATEGIES: tuple[str, ...] = get_args(PlacementStrategy)
 NEGATIVE_SAMPLINGS: tuple[str, ...] = get_args(NegativeSampling)
+NEGATIVE_SOURCES: tuple[str, ...] = get_args(NegativeSource)
 
 
 def check_positive_int(name: str, value: int) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from samtone_ray.core import choices as settings
-from samtone_ray.core.choices import Mode, NegativeSampling, Pooling, Precision, SameTower, Scheduler, TowerMode, TuneAlgorithm
+from samtone_ray.core.choices import Mode, NegativeSampling, NegativeSource, Pooling, Precision, SameTower, Scheduler, TowerMode, TuneAlgorithm
 from samtone_ray.core.choices import PlacementStrategy
 from samtone_ray.core.redact import has_credentials, redact_uri
 
@@ -60,10 +60,24 @@ class DataConfig:
     eval: str = BUNDLED_SAMPLE
     eval_split: str = "dev"
     num_hard_negatives: int = 0
+    negatives: NegativeSource = "file"
+    """Where hard negatives come from: ``file``, data.train's ``negatives`` column; ``bm25`` / ``dense``,
+    mined from data.train (a BEIR folder) with the ``mining:`` settings before training, once per
+    setting (``mining.prepare``); ``none``, no hard negatives."""
+    mining_model: str = ""
+    """The dense miner's model URI; empty = model.name_or_path (the zero-shot model)."""
 
     def __post_init__(self) -> None:
         if self.num_hard_negatives < 0:
             raise ConfigError(f"data.num_hard_negatives must be >= 0, got {self.num_hard_negatives}")
+        if self.negatives not in settings.NEGATIVE_SOURCES:
+            raise ConfigError(f"data.negatives must be one of {settings.NEGATIVE_SOURCES}; got {self.negatives!r}")
+        if self.negatives == "none" and self.num_hard_negatives:
+            raise CombinationError(f"data.negatives=none trains without hard negatives, but "
+                                   f"data.num_hard_negatives={self.num_hard_negatives}")
+        if self.negatives in ("bm25", "dense") and not self.num_hard_negatives:
+            raise CombinationError(f"data.negatives={self.negatives} mines hard negatives that "
+                                   "data.num_hard_negatives=0 would not use")
 
 
 @dataclass
@@ -346,6 +360,7 @@ class ServeConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)

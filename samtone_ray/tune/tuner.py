@@ -198,9 +198,11 @@ def _start(cfg: Config, *, resume: bool, data, zero_shot: bool, output) -> TuneO
     from samtone_ray.tune.progress import format_plan, planned_trials
     from samtone_ray.data.sources import load_data
     from samtone_ray.core.runtime import check_ray_cluster, connect_ray
+    from samtone_ray.mining.prepare import check_not_searched, prepare_negatives
 
     cfg = cfg.with_output_dir()
     space = check_tune_config(cfg)  # fail before anything starts
+    check_not_searched(set(space.fixed) | set(space.sampled) | set(space.grid_values))
     out = Path(cfg.output_dir).resolve()
     layout = TuneLayout(out)
     state_path = layout.saved_state  # tune.json, or an older study's search.json
@@ -218,6 +220,8 @@ def _start(cfg: Config, *, resume: bool, data, zero_shot: bool, output) -> TuneO
 
     connect_ray()
     output.connected()  # the workers' output Ray forwards to this driver: to the log too
+    if data is None:
+        cfg = prepare_negatives(cfg, show_progress=True)  # data.negatives: bm25|dense, mined once for every trial
     pairs, eval_split = data or load_data(cfg)
     if eval_split is None:
         raise ConfigError("a tuning run ranks trials by evaluating them: it needs eval data (data.eval)")

@@ -1,0 +1,86 @@
+"""Mined negatives for training and tuning (``data.negatives: bm25 | dense``), once per setting.
+
+The mined pairs are content-addressed: their file name hashes the training data's bytes, the
+split, the retriever, the miner's weights fingerprint (dense) and the ``mining:`` settings. A
+run whose setting was mined before (by ``samtone train``, a tuning run, another trial) reads the
+file instead of mining again; two processes mining one setting at once take turns on a lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from samtone_ray.core.config import Config, ConfigError
+from samtone_ray.data.sources import DataError, resolve_data_path
+
+DEFAULT_MINED_DIR = Path(".samtone/cache/mined")
+_MINED_KEYS = ("data.negatives", "data.mining_model")
+
+
+def _files_digest(root: Path, split: str) -> str:
+    h = hashlib.sha256()
+    for path in (root / "corpus.jsonl", root / "queries.jsonl", root / "qrels" / f"{split}.tsv"):
+        if not path.is_file():
+            raise DataError(f"{path}: data.negatives mines from a BEIR folder, and this file is missing")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def mining_identity(cfg: Config) -> dict[str, Any]:
+    """What the mined pairs of ``cfg`` depend on (and nothing else: not its path, not training settings)."""
+    root = Path(resolve_data_path(cfg.data.train))
+    identity = {"data": _files_digest(root, cfg.data.train_split), "split": cfg.data.train_split,
+                "retriever": cfg.data.negatives, "mining": asdict(cfg.mining)}
+    if cfg.data.negatives == "dense":
+        from samtone_ray.tracking.model_uri import resolve_model
+
+        model = resolve_model(cfg.data.mining_model or cfg.model.name_or_path, cfg.tracking.uri or None)
+        identity["model"] = model.fingerprint
+    return identity
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def prepare_negatives(cfg: Config, mined_dir: Path = DEFAULT_MINED_DIR, *, show_progress: bool = False) -> Config:
+    """``cfg`` training on mined pairs when ``data.negatives`` is ``bm25`` or ``dense`` (mined now
+    unless this setting was mined before), else ``cfg`` itself. Pairs whose query got no negative
+    are left out: training with ``data.num_hard_negatives`` > 0 needs one in every pair."""
+    if cfg.data.negatives not in ("bm25", "dense"):
+        return cfg
+    from samtone_ray.mining.job import MineOptions, run_mine
+
+    key = hashlib.sha256(json.dumps(mining_identity(cfg), sort_keys=True).encode()).hexdigest()[:24]
+    out = Path(mined_dir).resolve() / f"{cfg.data.negatives}-{key}.parquet"
+    with _locked(out.with_suffix(".lock")):
+        if not out.is_file():
+            model = (cfg.data.mining_model or cfg.model.name_or_path) if cfg.data.negatives == "dense" else None
+            run_mine(MineOptions(data=cfg.data.train, out=out, split=cfg.data.train_split, retriever=cfg.data.negatives,
+                                 model=model, mining=cfg.mining, tracking_uri=cfg.tracking.uri or None,
+                                 show_progress=show_progress, drop_empty=True))
+    return cfg.with_overrides({"data.train": str(out), "data.negatives": "file"})
+
+
+def check_not_searched(keys: set[str]) -> None:
+    """Refuse a search space that varies where negatives come from: a tuning run mines one
+    setting before its trials (``prepare_negatives``), and every trial shares those pairs."""
+    varied = sorted(k for k in keys if k in _MINED_KEYS)
+    if varied:
+        raise ConfigError(f"tune.space varies {varied[0]}: a tuning run mines its negatives once, before the "
+                          "trials, for one setting; set it in the config and run one tuning run per setting")

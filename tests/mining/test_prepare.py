@@ -1,0 +1,81 @@
+"""``data.negatives: bm25 | dense``: mined before training, once per setting, shared by every run
+and trial that asks for the same setting."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from samtone_ray.core.config import CombinationError, ConfigError, load_config
+from samtone_ray.data.sources import load_training_pairs
+from samtone_ray.mining.prepare import check_not_searched, prepare_negatives
+
+
+def config(data, **overrides):
+    return load_config(None, {"data.train": str(data), "data.negatives": "bm25", "data.num_hard_negatives": 2,
+                              "mining.num_negatives": 2} | overrides)
+
+
+def test_a_setting_is_mined_once_and_trains_as_it_is(tiny_sample, tmp_path):
+    first = prepare_negatives(config(tiny_sample), tmp_path)
+    mined = tmp_path / first.data.train.rsplit("/", 1)[1]
+    stamp = mined.stat().st_mtime_ns
+    # Other training settings, same mining setting: the same file, not mined again.
+    again = prepare_negatives(config(tiny_sample, **{"train.lr": 1e-4, "loss.temperature": 0.1}), tmp_path)
+    assert again.data.train == first.data.train and mined.stat().st_mtime_ns == stamp
+    assert first.data.negatives == "file"
+    pairs = load_training_pairs(first.data.train, num_negatives=first.data.num_hard_negatives)
+    assert len(pairs) > 0 and pairs.has_negatives
+
+
+def test_another_mining_setting_or_other_data_is_mined_apart(tiny_sample, tmp_path):
+    base = prepare_negatives(config(tiny_sample), tmp_path).data.train
+    margin = prepare_negatives(config(tiny_sample, **{"mining.relative_margin": 0.05}), tmp_path).data.train
+    copy = shutil.copytree(tiny_sample, tmp_path / "copy")
+    same_bytes = prepare_negatives(config(copy), tmp_path).data.train
+    qrels = copy / "qrels" / "train.tsv"
+    qrels.write_text("\n".join(qrels.read_text().splitlines()[:-1]) + "\n")
+    changed = prepare_negatives(config(copy), tmp_path).data.train
+    assert len({base, margin, changed}) == 3
+    assert same_bytes == base  # the key is the data's content, not its path
+
+
+def test_dense_mining_is_keyed_by_the_model(tiny_sample, st_model_dir, tiny_model_dir, tmp_path):
+    dense = {"data.negatives": "dense", "data.mining_model": str(st_model_dir)}
+    a = prepare_negatives(config(tiny_sample, **dense), tmp_path).data.train
+    b = prepare_negatives(config(tiny_sample, **dense | {"data.mining_model": str(tiny_model_dir)}), tmp_path).data.train
+    assert a != b and "dense-" in a
+    assert len(load_training_pairs(a, num_negatives=2)) > 0
+
+
+def test_other_negative_sources_are_left_as_they_are(tmp_path):
+    cfg = load_config(None, {"data.negatives": "none"})
+    assert prepare_negatives(cfg, tmp_path) is cfg and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"data.negatives": "none", "data.num_hard_negatives": 2}, "data.negatives=none trains without hard negatives"),
+    ({"data.negatives": "bm25"}, "data.negatives=bm25 mines hard negatives that data.num_hard_negatives=0"),
+])
+def test_a_source_and_a_count_that_disagree_are_a_combination_error(overrides, message):
+    with pytest.raises(CombinationError, match=message):
+        load_config(None, overrides)
+
+
+def test_a_search_may_not_vary_the_negatives_source():
+    check_not_searched({"loss.temperature", "data.num_hard_negatives"})
+    with pytest.raises(ConfigError, match="tune.space varies data.negatives: a tuning run mines"):
+        check_not_searched({"data.negatives", "train.lr"})
+
+
+def test_a_tuning_run_varying_the_source_stops_before_ray(tmp_path):
+    import ray
+
+    from samtone_ray.tune.tuner import tune
+
+    cfg = load_config(None, {"output_dir": str(tmp_path / "run"), "data.num_hard_negatives": 2,
+                             "tune.space": {"data.negatives": {"grid": ["bm25", "file"]}}})
+    with pytest.raises(ConfigError, match="tune.space varies data.negatives"):
+        tune(cfg, verbose=True)
+    assert not ray.is_initialized()
