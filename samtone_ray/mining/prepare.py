@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 
 from samtone_ray.core.config import Config, ConfigError
 from samtone_ray.data.sources import DataError, resolve_data_path
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MINED_DIR = Path(".samtone/cache/mined")
 _MINED_KEYS = ("data.negatives", "data.mining_model")
@@ -64,16 +67,20 @@ def prepare_negatives(cfg: Config, mined_dir: Path = DEFAULT_MINED_DIR, *, show_
     are left out: training with ``data.num_hard_negatives`` > 0 needs one in every pair."""
     if cfg.data.negatives not in ("bm25", "dense"):
         return cfg
-    from samtone_ray.mining.job import MineOptions, run_mine
+    from samtone_ray.mining.job import MineOptions, format_report, run_mine
 
     key = hashlib.sha256(json.dumps(mining_identity(cfg), sort_keys=True).encode()).hexdigest()[:24]
     out = Path(mined_dir).resolve() / f"{cfg.data.negatives}-{key}.parquet"
     with _locked(out.with_suffix(".lock")):
-        if not out.is_file():
+        if out.is_file():
+            log.info("hard negatives: %s (mined before with these settings)", out)
+        else:
             model = (cfg.data.mining_model or cfg.model.name_or_path) if cfg.data.negatives == "dense" else None
-            run_mine(MineOptions(data=cfg.data.train, out=out, split=cfg.data.train_split, retriever=cfg.data.negatives,
-                                 model=model, mining=cfg.mining, tracking_uri=cfg.tracking.uri or None,
-                                 show_progress=show_progress, drop_empty=True))
+            result = run_mine(MineOptions(data=cfg.data.train, out=out, split=cfg.data.train_split,
+                                          retriever=cfg.data.negatives, model=model, mining=cfg.mining,
+                                          tracking_uri=cfg.tracking.uri or None, show_progress=show_progress,
+                                          drop_empty=True))
+            log.info("hard negatives: %s mined into %s\n%s", cfg.data.negatives, out, format_report(result.report))
     return cfg.with_overrides({"data.train": str(out), "data.negatives": "file"})
 
 

@@ -17,13 +17,16 @@ def config(data, **overrides):
                               "mining.num_negatives": 2} | overrides)
 
 
-def test_a_setting_is_mined_once_and_trains_as_it_is(tiny_sample, tmp_path):
+def test_a_setting_is_mined_once_and_trains_as_it_is(tiny_sample, tmp_path, caplog):
+    caplog.set_level("INFO", logger="samtone_ray.mining.prepare")
     first = prepare_negatives(config(tiny_sample), tmp_path)
     mined = tmp_path / first.data.train.rsplit("/", 1)[1]
     stamp = mined.stat().st_mtime_ns
+    assert f"hard negatives: bm25 mined into {mined}" in caplog.text and "removed by positive" in caplog.text
     # Other training settings, same mining setting: the same file, not mined again.
     again = prepare_negatives(config(tiny_sample, **{"train.lr": 1e-4, "loss.temperature": 0.1}), tmp_path)
     assert again.data.train == first.data.train and mined.stat().st_mtime_ns == stamp
+    assert f"hard negatives: {mined} (mined before with these settings)" in caplog.text
     assert first.data.negatives == "file"
     pairs = load_training_pairs(first.data.train, num_negatives=first.data.num_hard_negatives)
     assert len(pairs) > 0 and pairs.has_negatives
