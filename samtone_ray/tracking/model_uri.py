@@ -16,6 +16,8 @@ same weights agree and an index built by one model version is recognisable as su
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +83,7 @@ class ResolvedModel:
 
 def resolve_model(uri: str, tracking_uri: str | None = None, *, download_dir: str | Path | None = None) -> ResolvedModel:
     """Resolve ``uri`` to a local directory (downloading registry/run artifacts when they are not
-    on a local filesystem; into ``download_dir`` or a fresh temporary directory)."""
+    on a local filesystem; into ``download_dir``, else once per machine into ``model_cache_dir()``)."""
     if is_registry_uri(uri):
         return _resolve_registered(uri, tracking_uri, download_dir)
     if uri.startswith("runs:/"):
@@ -115,7 +117,8 @@ def _resolve_registered(uri: str, tracking_uri: str | None, download_dir) -> Res
     from samtone_ray.tracking import runs as tracking
 
     name, alias, version = _parse_registered(uri)
-    c = tracking.client(tracking.tracking_uri(tracking_uri or ""))
+    tracking_uri = tracking.tracking_uri(tracking_uri or "")
+    c = tracking.client(tracking_uri)
     try:
         mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
     except Exception as exc:  # MLflow raises RestException / MlflowException subclasses
@@ -133,7 +136,8 @@ def _resolve_run(uri: str, tracking_uri: str | None, download_dir) -> ResolvedMo
     if len(parts) != 2 or not parts[0]:
         raise ModelURIError(f"model URI {uri!r}: expected runs:/RUN_ID/ARTIFACT_PATH (e.g. runs:/<id>/model)")
     run_id, artifact = parts
-    c = tracking.client(tracking.tracking_uri(tracking_uri or ""))
+    tracking_uri = tracking.tracking_uri(tracking_uri or "")
+    c = tracking.client(tracking_uri)
     try:
         run = c.get_run(run_id)
     except Exception as exc:
@@ -143,8 +147,9 @@ def _resolve_run(uri: str, tracking_uri: str | None, download_dir) -> ResolvedMo
     return ResolvedModel(uri, path, run_id=run_id, fingerprint=fingerprint(path))
 
 
-def _local_artifacts(source: str, download_dir, tracking_uri: str | None) -> Path:
-    """A local folder holding ``source``: itself when it is on this filesystem, else a download."""
+def _local_artifacts(source: str, download_dir, tracking_uri: str) -> Path:
+    """A local folder holding ``source``: itself when it is on this filesystem, else a download
+    (into ``download_dir``, or once into ``model_cache_dir()``)."""
     parsed = urlparse(source)
     if parsed.scheme in ("", "file"):
         local = Path(unquote(parsed.path))
@@ -152,9 +157,36 @@ def _local_artifacts(source: str, download_dir, tracking_uri: str | None) -> Pat
             return local
     import mlflow.artifacts
 
-    dst = Path(download_dir) if download_dir else Path(tempfile.mkdtemp(prefix="samtone-model-"))
-    dst.mkdir(parents=True, exist_ok=True)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri))
+    def download(dst: Path) -> Path:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri))
+
+    if download_dir:
+        Path(download_dir).mkdir(parents=True, exist_ok=True)
+        return download(Path(download_dir))
+    # A run's files do not change: each source is downloaded once per machine, not at every
+    # resolution (a serving replica resolves its alias at every poll).
+    cache = model_cache_dir()
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    done = cache / hashlib.sha256(f"{tracking_uri}\n{source}".encode()).hexdigest()[:32]
+    if not done.is_dir():
+        part = Path(tempfile.mkdtemp(prefix=".part-", dir=cache))
+        download(part)
+        try:
+            part.rename(done)  # whole or not at all
+        except OSError:  # another process finished the same download first
+            if not done.is_dir():
+                raise
+            shutil.rmtree(part, ignore_errors=True)
+    (root,) = done.iterdir()  # download_artifacts puts the artifact (a folder) inside dst
+    return root
+
+
+def model_cache_dir() -> Path:
+    """Where models downloaded from a tracking server are kept: ``$SAMTONE_MODEL_CACHE``, else
+    ``$XDG_CACHE_HOME/samtone/models`` (``~/.cache/samtone/models``)."""
+    if os.environ.get("SAMTONE_MODEL_CACHE"):
+        return Path(os.environ["SAMTONE_MODEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "samtone" / "models"
 
 
 def _model_dir(root: Path, uri: str) -> Path:

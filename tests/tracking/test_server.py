@@ -47,6 +47,7 @@ def test_a_champion_registered_through_the_server_is_served_from_s3(tracking_ser
     from samtone_ray.model.towers import DualEncoder
     from samtone_ray.serve.replica import load_model
     from samtone_ray.tracking import runs as tracking
+    from samtone_ray.tracking.model_uri import resolve_model
 
     # A node's view: the server's URI and nothing else; no S3 credentials, no local store.
     for var in ("MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"):
@@ -81,8 +82,12 @@ def test_a_champion_registered_through_the_server_is_served_from_s3(tracking_ser
     assert listed == {str(second["version"]): "champion", str(first["version"]): "-"}
 
     # What `samtone serve` does with models:/NAME@champion: the better model's embeddings.
+    monkeypatch.setenv("SAMTONE_MODEL_CACHE", str(tmp_path / "cache"))
     served = load_model(f"models:/{name}@champion", uri)
     assert served.resolved.version == str(second["version"])
+    # Downloaded once: a replica resolving its alias at every poll reuses the files.
+    assert resolve_model(f"models:/{name}@champion", uri).path == served.resolved.path
+    assert len(list((tmp_path / "cache").iterdir())) == 1
 
     texts = ["how do I install a package", "apt-get update"]
     with torch.no_grad():
