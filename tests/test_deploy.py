@@ -73,18 +73,47 @@ def mlflow_server_options(cluster_config) -> dict[str, str | bool]:
     return options
 
 
-def test_serving_reads_the_tracking_store_the_cluster_jobs_write(cluster_config):
+def tracking_server_uri(cluster_config) -> str:
+    """The URI the head's tracking server answers on for other nodes: the Host it accepts."""
+    server = mlflow_server_options(cluster_config)
+    host = server["--allowed-hosts"].split(",")[0]
+    assert host.endswith(f":{server['--port']}")
+    return f"http://{host}"
+
+
+def test_serving_follows_the_tracking_server_the_cluster_jobs_log_to(cluster_config):
     server = mlflow_server_options(cluster_config)
     serve = yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text())
     (app,) = serve["applications"]
     # One store: the champion a job registers through the server is the one the replicas follow.
-    assert app["args"]["tracking_uri"] == server["--backend-store-uri"]
-    # ...which replicas on any node can open: the shared disk, mounted in every container.
-    assert server["--backend-store-uri"].startswith("sqlite:////mnt/shared/")
-    # Model files as plain shared paths: served artifacts (mlflow-artifacts:/ URIs) resolve only
-    # through the server, so a replica reading the SQLite file could not load the model.
-    assert server["--default-artifact-root"].startswith("/mnt/shared/") and server["--no-serve-artifacts"] is True
-    assert "--artifacts-destination" not in server
+    assert app["args"]["tracking_uri"] == tracking_server_uri(cluster_config)
+    # A cluster's store: PostgreSQL, not SQLite on a shared disk; artifacts proxied to S3, so a
+    # replica needs only the server's URI. The password is no part of any of it (PGPASSWORD).
+    store = server["--backend-store-uri"]
+    assert store.startswith("postgresql+psycopg2://") and ":" not in store.split("://")[1].split("@")[0]
+    assert server["--artifacts-destination"].startswith("s3://") and "--no-serve-artifacts" not in server
+    (command,) = [c for c in cluster_config["head_setup_commands"] if "mlflow server" in c]
+    assert 'PGPASSWORD="$(' in command and "secretsmanager" in command
+
+
+def test_the_kubernetes_tracking_server_is_the_one_the_ray_jobs_log_to():
+    from urllib.parse import urlparse
+
+    deployment, service = yaml.safe_load_all((ROOT / "deploy" / "mlflow" / "tracking-server.yaml").read_text())
+    uris = {yaml.safe_load(yaml.safe_load(p.read_text())["spec"]["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"]
+            for p in KUBERAY.glob("rayjob-*.yaml")}
+    (uri,) = uris
+    url = urlparse(uri)
+    assert url.hostname == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+    assert url.port in [p["port"] for p in service["spec"]["ports"]]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    args = dict(a.removeprefix("--").split("=", 1) for a in container["args"] if a.startswith("--"))
+    assert url.netloc in args["allowed-hosts"].split(",") and args["port"] == str(url.port)
+    assert args["backend-store-uri"].startswith("postgresql+psycopg2://") and args["artifacts-destination"].startswith("s3://")
+    # The password: from a secret into PGPASSWORD, in no URI and no literal.
+    assert ":" not in args["backend-store-uri"].split("://")[1].split("@")[0]
+    env = {e["name"]: e for e in container["env"]}
+    assert set(env["PGPASSWORD"]) == {"name", "valueFrom"} and "secretKeyRef" in env["PGPASSWORD"]["valueFrom"]
 
 
 @pytest.mark.parametrize("path", SAMTONE_JOB_CONFIGS, ids=lambda p: p.name)
@@ -253,7 +282,7 @@ def printed_serve_config(capsys, extra: list[str], quoted_in: Path) -> dict:
 @pytest.mark.system
 def test_jobs_serve_yaml_is_what_print_config_writes(capsys, cluster_config):
     path = ROOT / "jobs" / "serve.yaml"
-    store = mlflow_server_options(cluster_config)["--backend-store-uri"]
+    store = tracking_server_uri(cluster_config)
     assert yaml.safe_load(path.read_text()) == printed_serve_config(capsys, ["--set", f"tracking.uri={store}"], path)
 
 
