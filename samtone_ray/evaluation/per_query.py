@@ -1,4 +1,9 @@
-"""Per-query evaluation metrics on disk: one Parquet row per query (``query_id``, ``step``, metrics)."""
+"""Per-query evaluation metrics on disk: one Parquet row per query and evaluation (``query_id``,
+``step``, ``pairs``, metrics).
+
+A training run keeps every evaluation, keyed by the training pairs it had seen (its budget), so two
+runs can be compared at a budget both reached rather than at whatever point each stopped.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +15,45 @@ from samtone_ray.core.files import atomic_write_bytes
 PER_QUERY_FILE = "per_query.parquet"  # in a training run's (a trial's) output directory
 
 
-def write_per_query(path: str | Path, rows: dict[str, dict[str, float]], step: int) -> None:
-    """Write ``{query_id: {metric: value}}`` (as ``evaluate_model(per_query=True)`` returns) atomically."""
+def write_per_query(path: str | Path, rows: dict[str, dict[str, float]], step: int, pairs: int) -> None:
+    """Add one evaluation, ``{query_id: {metric: value}}`` (as ``evaluate_model(per_query=True)``
+    returns) after ``pairs`` training pairs, to the file, atomically. An evaluation at the same
+    budget replaces the one there: a restored run evaluates that step again."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    path = Path(path)
     qids = sorted(rows)
     metrics = sorted({m for values in rows.values() for m in values})
     table = pa.table(
-        {"query_id": qids, "step": [step] * len(qids)} | {m: [float(rows[q][m]) for q in qids] for m in metrics}
+        {"query_id": qids, "step": [step] * len(qids), "pairs": [pairs] * len(qids)}
+        | {m: [float(rows[q][m]) for q in qids] for m in metrics}
     )
+    if path.exists():
+        earlier = pq.read_table(path)
+        if "pairs" in earlier.column_names:  # files from before budgets held the latest evaluation only
+            earlier = earlier.filter(pc.not_equal(earlier["pairs"], pairs))
+            table = pa.concat_tables([earlier, table], promote_options="default")
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_budgets(path: str | Path, metric: str) -> dict[int, dict[str, float]]:
+    """``{pairs: {query_id: value}}`` of one metric, every evaluation in the file, by budget.
+    A file from before budgets were kept reads as one evaluation at budget -1."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(path))
+    budgets = table.column("pairs").to_pylist() if "pairs" in table.column_names else [-1] * table.num_rows
+    out: dict[int, dict[str, float]] = {}
+    for pairs, qid, value in zip(budgets, table.column("query_id").to_pylist(), table.column(metric).to_pylist()):
+        out.setdefault(pairs, {})[qid] = value
+    return dict(sorted(out.items()))
 
 
 def read_per_query(path: str | Path, metric: str) -> dict[str, float]:
-    """``{query_id: value}`` of one metric from a file written by ``write_per_query``."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(Path(path), columns=["query_id", metric])
-    return dict(zip(table.column("query_id").to_pylist(), table.column(metric).to_pylist()))
+    """``{query_id: value}`` of one metric at the file's last (largest) budget."""
+    budgets = read_budgets(path, metric)
+    return budgets[max(budgets)] if budgets else {}

@@ -323,8 +323,8 @@ def _evaluate_and_report(run: _Run, metrics: dict[str, Any], cfg: Config, eval_s
         metrics |= scores
         if rank == 0:
             meter.evaluation(metrics)
-            # The latest evaluation's per-query values: confidence intervals and paired tests.
-            write_per_query(output_dir / PER_QUERY_FILE, per_query, run.state.step)
+            # Every evaluation's per-query values, by budget: intervals, and paired tests at equal budget.
+            write_per_query(output_dir / PER_QUERY_FILE, per_query, run.state.step, metrics["pairs"])
         if logger:
             logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if "@" in k}, run.state.step)
     _report(metrics, run, rank, rngs=rngs)

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 METRIC_COLUMNS = ("mrr@10", "ndcg@10", "recall@10", "recall@100", "p@1")
 # One column per setting the config schema marks as a hyperparameter, named by its last part.
 SETTING_COLUMNS = {key.rsplit(".", 1)[1]: key for key in Config.hyperparameter_keys()}
-STAT_COLUMNS = ("ci_low", "ci_high", "diff_vs_ref", "diff_low", "diff_high", "p_value", "verdict")
+# ``vs_ref_pairs``: the training pairs at which a trial was compared with the reference, the largest
+# budget both reached (a trial ASHA stopped early is compared with the others at its own last budget).
+STAT_COLUMNS = ("ci_low", "ci_high", "diff_vs_ref", "diff_low", "diff_high", "p_value", "vs_ref_pairs", "verdict")
 
 
 def build_leaderboard(results, cfg: Config, space: Space) -> list[dict[str, Any]]:
@@ -72,25 +74,29 @@ def build_leaderboard(results, cfg: Config, space: Space) -> list[dict[str, Any]
     metric = cfg.tune.metric
     sign = -1 if cfg.tune.mode == "max" else 1
     rows.sort(key=lambda r: (math.isnan(r["metrics"].get(metric, math.nan)), sign * r["metrics"].get(metric, 0.0)))
-    from samtone_ray.evaluation.per_query import read_per_query
+    from samtone_ray.evaluation.per_query import read_budgets
 
-    per_query = {r["trial"]: read_per_query(r["per_query_file"], metric) for r in rows if r["per_query_file"]}
+    per_query = {r["trial"]: read_budgets(r["per_query_file"], metric) for r in rows if r["per_query_file"]}
     add_statistics(rows, per_query, metric, cfg.tune.mode, cfg.tune.reference)
     return rows
 
 
 def add_statistics(
-    rows: list[dict[str, Any]], per_query: dict[str, dict[str, float]], metric: str, mode: str, reference: str = ""
+    rows: list[dict[str, Any]], per_query: dict[str, dict[int, dict[str, float]]], metric: str, mode: str, reference: str = ""
 ) -> dict[str, Any] | None:
-    """Give each row with per-query values (``per_query[trial]``) its interval (``ci``) and, against
-    the reference trial, its paired test (``vs_reference``) and ``verdict``; returns the reference row.
+    """Give each row with per-query values its interval (``ci``, at its last evaluation) and,
+    against the reference trial, its paired test (``vs_reference``), the budget of that test
+    (``vs_ref_pairs``: the most training pairs both had seen when evaluated) and ``verdict``;
+    returns the reference row.
 
+    ``per_query[trial]``: ``{pairs: {query_id: value}}``, every evaluation of the trial by budget.
     ``rows`` are ordered best first. ``reference`` is ``tune.reference`` (see config.py).
     """
+    per_query = {trial: evals for trial, evals in per_query.items() if evals}
     for row in rows:
-        values = per_query.get(row["trial"])
-        row["ci"] = bootstrap_ci(list(values.values())) if values else None
-        row["vs_reference"], row["verdict"] = None, None
+        evals = per_query.get(row["trial"])
+        row["ci"] = bootstrap_ci(list(evals[max(evals)].values())) if evals else None
+        row["vs_reference"], row["vs_ref_pairs"], row["verdict"] = None, None, None
     ref = pick_reference([r for r in rows if r["trial"] in per_query], reference)
     if ref is None:
         return None
@@ -98,12 +104,18 @@ def add_statistics(
     for row in rows:
         if row is ref or row["trial"] not in per_query:
             continue
+        common = set(per_query[row["trial"]]) & set(per_query[ref["trial"]])
+        if not common:
+            log.warning("trial %s vs reference %s: evaluated at no common budget (pairs %s vs %s)", row["trial"],
+                        ref["trial"], sorted(per_query[row["trial"]]), sorted(per_query[ref["trial"]]))
+            continue
+        budget = max(common)
         try:
-            test = paired_test(*align(per_query[row["trial"]], per_query[ref["trial"]]))
+            test = paired_test(*align(per_query[row["trial"]][budget], per_query[ref["trial"]][budget]))
         except ValueError as exc:  # evaluated on other queries: nothing to pair
             log.warning("trial %s vs reference %s: %s", row["trial"], ref["trial"], exc)
             continue
-        row["vs_reference"] = test
+        row["vs_reference"], row["vs_ref_pairs"] = test, budget
         if not test.excludes_zero():
             row["verdict"] = "no sig. diff"
         else:
@@ -145,7 +157,8 @@ def _flat_row(row: dict[str, Any], columns: list[str]) -> dict[str, Any]:
     ci, test = row.get("ci"), row.get("vs_reference")
     out |= {"ci_low": ci.low if ci else None, "ci_high": ci.high if ci else None, "verdict": row.get("verdict")}
     if test:
-        out |= {"diff_vs_ref": test.diff, "diff_low": test.low, "diff_high": test.high, "p_value": test.p_value}
+        out |= {"diff_vs_ref": test.diff, "diff_low": test.low, "diff_high": test.high, "p_value": test.p_value,
+                "vs_ref_pairs": row.get("vs_ref_pairs")}
     return out
 
 
@@ -172,14 +185,16 @@ def significance_lines(rows: list[dict[str, Any]], metric: str) -> list[str]:
     if ref is None:
         return []
     n = next((r["vs_reference"].queries for r in rows if r.get("vs_reference")), 0)
-    out = ["", f"reference: {_label(ref)}; paired {metric} differences over {n} queries, 95% bootstrap CI, "
-           "randomisation p (\"beats\" only when the CI excludes 0):"]
+    out = ["", f"reference: {_label(ref)}; paired {metric} differences over {n} queries, each at the most training "
+           "pairs both trials had seen (vs_ref_pairs), 95% bootstrap CI, randomisation p (\"beats\" only when the CI excludes 0):"]
     for row in rows:
-        test = row.get("vs_reference")
+        test, at = row.get("vs_reference"), f"at {row.get('vs_ref_pairs')} pairs"
         if row.get("verdict") == "beats ref":
-            out.append(f"  {_label(row)} beats the reference: {test.diff:+.4f} [{test.low:+.4f}, {test.high:+.4f}], p={test.p_value:.3g}")
+            out.append(f"  {_label(row)} beats the reference {at}: {test.diff:+.4f} [{test.low:+.4f}, {test.high:+.4f}], "
+                       f"p={test.p_value:.3g}")
         elif row.get("verdict") == "worse than ref":
-            out.append(f"  the reference beats {_label(row)}: {-test.diff:+.4f} [{-test.high:+.4f}, {-test.low:+.4f}], p={test.p_value:.3g}")
+            out.append(f"  the reference beats {_label(row)} {at}: {-test.diff:+.4f} [{-test.high:+.4f}, {-test.low:+.4f}], "
+                       f"p={test.p_value:.3g}")
     if len(out) == 2:
         out.append("  no trial differs from the reference with a CI excluding 0")
     return out

@@ -400,7 +400,7 @@ def _close_trial_runs(uri: str, board: list[dict[str, Any]]) -> None:
     c = tracking.client(uri)
     for row in board:
         if row.get("run_id") and row.get("per_query_file"):
-            c.log_artifact(row["run_id"], str(row["per_query_file"]))  # the latest evaluation's, per query
+            c.log_artifact(row["run_id"], str(row["per_query_file"]))  # every evaluation's, per query, by budget
         if row.get("run_id") and row["status"] in RUN_STATUS:
             c.set_tag(row["run_id"], "samtone.status", row["status"])
             c.set_terminated(row["run_id"], status=RUN_STATUS[row["status"]])

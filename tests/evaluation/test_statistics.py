@@ -116,7 +116,7 @@ def test_leaderboard_tests_every_trial_against_the_none_trial_and_says_beats_onl
         "bad": {q: v * 0.5 for q, v in base.items()},
     }
     rows = [_row("clear", "both", 0.5), _row("noise", "query", 0.4), _row("ref", "none", 0.35), _row("bad", "doc", 0.2)]
-    ref = add_statistics(rows, per_query, "mrr@10", "max")
+    ref = add_statistics(rows, {trial: {32: values} for trial, values in per_query.items()}, "mrr@10", "max")
     assert ref["trial"] == "ref"  # the same_tower=none trial, though not the best
     verdicts = {r["trial"]: r["verdict"] for r in rows}
     oracle = {}
@@ -128,11 +128,33 @@ def test_leaderboard_tests_every_trial_against_the_none_trial_and_says_beats_onl
     assert verdicts["clear"] == "beats ref" and verdicts["bad"] == "worse than ref"
     text = format_leaderboard(rows, "mrr@10")
     for trial, verdict in verdicts.items():  # "A beats B" printed exactly when its interval excludes 0
-        said = any(f"trial {trial} (" in line and " beats the reference" in line for line in text.splitlines())
+        said = any(f"trial {trial} (" in line and " beats the reference at 32 pairs" in line for line in text.splitlines())
         assert said == (verdict == "beats ref")
     assert any(line.startswith("  the reference beats trial bad (") for line in text.splitlines())
     ci = rows[0]["ci"]
     assert ci.low < ci.mean < ci.high
+
+
+def test_trials_are_compared_with_the_reference_at_the_largest_budget_both_reached():
+    """ASHA stopped the reference after 32 pairs; the other trial went on to 64 and improved. At 32
+    pairs the two are the same model quality, so the verdict there is no difference, not "beats"."""
+    from samtone_ray.tune.leaderboard import add_statistics, format_leaderboard
+
+    qids = [f"q{i}" for i in range(150)]
+    base = dict(zip(qids, _mrr_like(150, 10)))
+    per_query = {
+        "ref": {32: base},
+        "late": {32: dict(base), 64: {q: min(1.0, v + 0.3) for q, v in base.items()}},
+        "elsewhere": {48: {q: min(1.0, v + 0.3) for q, v in base.items()}},  # no budget in common
+    }
+    rows = [_row("late", "both", 0.6), _row("elsewhere", "query", 0.6), _row("ref", "none", 0.35, status="stopped")]
+    add_statistics(rows, per_query, "mrr@10", "max")
+    late, elsewhere, ref = rows
+    assert ref["verdict"] == "reference"
+    assert late["vs_ref_pairs"] == 32 and late["vs_reference"].diff == 0 and late["verdict"] == "no sig. diff"
+    assert late["ci"].mean == pytest.approx(np.mean([per_query["late"][64][q] for q in qids]))  # its own last budget
+    assert elsewhere["vs_reference"] is None and elsewhere["verdict"] is None
+    assert "beats the reference" not in format_leaderboard(rows, "mrr@10")
 
 
 def test_tune_reference_picks_a_trial_by_id_or_settings_else_the_best():

@@ -16,7 +16,7 @@ import yaml
 from samtone_ray.core.config import ConfigError, from_dict
 from samtone_ray.data.sources import bundled_sample_path, iter_jsonl, load_beir
 from samtone_ray.tracking.registry import beats
-from samtone_ray.evaluation.per_query import read_per_query
+from samtone_ray.evaluation.per_query import read_budgets, read_per_query
 from samtone_ray.tune.layout import TuneLayout
 from samtone_ray.tune.space import overrides_of, parse_space
 
@@ -282,7 +282,7 @@ def test_tuning_runs_every_valid_trial_and_writes_the_leaderboard(tuned):
         assert 0.0 <= r["metrics"]["mrr@10"] <= 1.0
     csv = (outcome.output_dir / "leaderboard.csv").read_text().splitlines()
     assert csv[0].startswith("trial,same_tower,bidirectional,temperature,same_tower_weight,false_negative_margin,"
-                             "batch_size,lr,mrr@10,ci_low,ci_high,diff_vs_ref,diff_low,diff_high,p_value,verdict")
+                             "batch_size,lr,mrr@10,ci_low,ci_high,diff_vs_ref,diff_low,diff_high,p_value,vs_ref_pairs,verdict")
     assert len(csv) == 1 + len(outcome.leaderboard)
     assert (outcome.output_dir / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
     # Each trial's per-query values are its reported metric's, with an interval around it; its row
@@ -297,6 +297,12 @@ def test_tuning_runs_every_valid_trial_and_writes_the_leaderboard(tuned):
     refs = [r for r in trials if r["verdict"] == "reference"]
     assert len(refs) == 1 and refs[0]["settings"]["same_tower"] == "none"
     assert all(r["vs_reference"] is not None for r in trials if r is not refs[0])
+    # Each comparison is at the largest budget both trials were evaluated at: the pairs both saw.
+    budgets = {r["trial"]: set(read_budgets(TuneLayout(outcome.output_dir).trial(r["trial"]).per_query, "mrr@10")) for r in trials}
+    assert all(max(b) == r["pairs"] for r, b in zip(trials, budgets.values()))
+    for r in trials:
+        if r is not refs[0]:
+            assert r["vs_ref_pairs"] == max(budgets[r["trial"]] & budgets[refs[0]["trial"]])
     # The best row really is the best finished trial by the metric.
     finished = [r for r in trials if r["status"] == "finished"]
     assert outcome.best["metrics"]["mrr@10"] == max(r["metrics"]["mrr@10"] for r in finished)
