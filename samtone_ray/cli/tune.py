@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from samtone_ray.evaluation.retrieval import DEFAULT_TABLE_KEYS
     from samtone_ray.tracking.model_uri import alias_uri
     from samtone_ray.tune.layout import TuneLayout
-    from samtone_ray.tune.leaderboard import format_leaderboard
+    from samtone_ray.tune.leaderboard import format_configurations, format_leaderboard
     from samtone_ray.tune.progress import next_steps
     from samtone_ray.tune.tuner import tune
 
@@ -44,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n# leaderboard ({cfg.tune.metric}, {cfg.data.eval} [{cfg.data.eval_split}])")
     print(f"eval corpus: {outcome.eval_corpus}")
     print(format_leaderboard(outcome.leaderboard, cfg.tune.metric))
+    if outcome.configurations:
+        print(f"\n# by configuration ({cfg.tune.seeds} seeds each; the champion comes from the best mean)")
+        print(format_configurations(outcome.configurations, cfg.tune.metric))
     if outcome.zero_shot is not None:
         print(f"zero-shot {cfg.model.name_or_path}: " + ", ".join(f"{k}={outcome.zero_shot[k]:.4f}" for k in DEFAULT_TABLE_KEYS))
     print(f"\nleaderboard: {outcome.output_dir / 'leaderboard.csv'}")

@@ -282,6 +282,11 @@ class TuneConfig:
     """Trial the leaderboard tests every other against: a trial id, or dotted settings
     (``loss.same_tower=none,train.batch_size=64``: the best trial matching them); empty = the
     best ``loss.same_tower=none`` trial when there is one, else the best trial."""
+    seeds: int = 1
+    """Training seeds per configuration (grid search): ``train.seed``, ``train.seed + 1``, ... Each
+    seed is a trial of its own, which ASHA judges on its own; the leaderboard adds a table by
+    configuration (mean and spread over seeds, a paired test pooled over seeds) and the champion
+    comes from the configuration with the best mean."""
     analyze: bool = False
     """At the end, run ``samtone analyze`` on the best trial and its reference (``<output_dir>/analysis``)."""
     space: dict[str, Any] = field(
@@ -291,6 +296,12 @@ class TuneConfig:
     def __post_init__(self) -> None:
         _positive("tune.num_samples", self.num_samples)
         _positive("tune.grace_period", self.grace_period)
+        _positive("tune.seeds", self.seeds)
+        if self.seeds > 1 and self.algorithm != "grid":
+            # A sampler draws configurations one trial at a time: it has no way to repeat a draw per seed.
+            raise ConfigError(f"tune.seeds={self.seeds} needs tune.algorithm: grid (got {self.algorithm})")
+        if self.seeds > 1 and "train.seed" in self.space:
+            raise ConfigError("tune.space.train.seed and tune.seeds both set the training seeds: use one")
         if self.max_concurrent_trials != "auto":
             _positive("tune.max_concurrent_trials", self.max_concurrent_trials)
 

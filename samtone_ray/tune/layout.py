@@ -3,6 +3,7 @@
     <output_dir>/tune.json                  the config and the MLflow parent run (what --resume reads;
                                             search.json in studies from before the rename)
     <output_dir>/leaderboard.csv|png
+    <output_dir>/configurations.csv          the leaderboard by configuration, over seeds (tune.seeds > 1)
     <output_dir>/ray.log                     Ray's own output (Tune's tables, Ray's logs, the workers' stdout/stderr)
     <output_dir>/tune/                       Ray Tune's experiment (trial folders named by trial id)
     <output_dir>/trials/<trial id>/          one trial: config.json (its resolved config), model/, mlflow_run_id,
@@ -85,6 +86,10 @@ class TuneLayout:
     @property
     def leaderboard_csv(self) -> Path:
         return self.root / "leaderboard.csv"
+
+    @property
+    def configurations_csv(self) -> Path:
+        return self.root / "configurations.csv"  # by configuration, over seeds (tune.seeds > 1)
 
     @property
     def leaderboard_png(self) -> Path:

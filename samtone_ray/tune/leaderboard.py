@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from samtone_ray.core.config import Config
 from samtone_ray.core.files import atomic_write_bytes, atomic_write_text
 from samtone_ray.tune.layout import TuneLayout
-from samtone_ray.tune.space import Space, overrides_of
+from samtone_ray.tune.space import SEED_KEY, Space, overrides_of
 from samtone_ray.evaluation.statistics import align, bootstrap_ci, paired_test
 
 log = logging.getLogger(__name__)
@@ -76,8 +79,9 @@ def build_leaderboard(results, cfg: Config, space: Space) -> list[dict[str, Any]
     rows.sort(key=lambda r: (math.isnan(r["metrics"].get(metric, math.nan)), sign * r["metrics"].get(metric, 0.0)))
     from samtone_ray.evaluation.per_query import read_budgets
 
-    per_query = {r["trial"]: read_budgets(r["per_query_file"], metric) for r in rows if r["per_query_file"]}
-    add_statistics(rows, per_query, metric, cfg.tune.mode, cfg.tune.reference)
+    for r in rows:
+        r["budgets"] = read_budgets(r["per_query_file"], metric) if r["per_query_file"] else {}
+    add_statistics(rows, {r["trial"]: r["budgets"] for r in rows}, metric, cfg.tune.mode, cfg.tune.reference)
     return rows
 
 
@@ -121,6 +125,98 @@ def add_statistics(
         else:
             row["verdict"] = "beats ref" if (test.diff > 0) == (mode == "max") else "worse than ref"
     return ref
+
+
+def configuration_of(row: dict[str, Any]) -> str:
+    """A trial's configuration: every setting but its training seed (``tune.seeds``)."""
+    return json.dumps({k: v for k, v in sorted(row["flat"].items()) if k != SEED_KEY}, default=str)
+
+
+def group_seeds(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+    """The trials of ``build_leaderboard`` + ``add_statistics`` grouped by configuration, best mean first.
+
+    Each group: its ``trials`` (one per seed), the ``mean`` of ``metric`` over its seeds (each at its
+    last evaluation) and the ``spread`` (sample standard deviation over seeds), and against the
+    reference trial's configuration a paired test pooled over seeds: seed ``i`` of the configuration
+    is paired with seed ``i`` of the reference, each pair at the largest budget both reached, and
+    the per-query values are averaged over the pairs, so the bootstrap resamples queries and every
+    seed weighs the same.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["trial"] != "-" and row["status"] != "skipped":
+            groups.setdefault(configuration_of(row), []).append(row)
+    ref_row = next((r for r in rows if r.get("verdict") == "reference"), None)
+    ref_key = configuration_of(ref_row) if ref_row else None
+    out = []
+    for key, trials in groups.items():
+        trials.sort(key=lambda r: r["flat"].get(SEED_KEY, 0))
+        values = [r["metrics"][metric] for r in trials if metric in r["metrics"]]
+        group = {
+            "settings": {k: v for k, v in trials[0]["settings"].items() if k != SEED_KEY}, "trials": [r["trial"] for r in trials],
+            "seeds": len(values), "mean": float(np.mean(values)) if values else math.nan,
+            "spread": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan,
+            "statuses": [r["status"] for r in trials], "verdict": "reference" if key == ref_key else None, "vs_reference": None,
+        }
+        if ref_key is not None and key != ref_key:
+            group["vs_reference"], group["pairs"] = _pooled_test(trials, groups[ref_key], metric)
+            if group["vs_reference"] is not None:
+                test = group["vs_reference"]
+                group["verdict"] = ("no sig. diff" if not test.excludes_zero()
+                                    else "beats ref" if (test.diff > 0) == (mode == "max") else "worse than ref")
+        out.append(group)
+    sign = -1 if mode == "max" else 1
+    out.sort(key=lambda g: (math.isnan(g["mean"]), sign * (0.0 if math.isnan(g["mean"]) else g["mean"])))
+    return out
+
+
+def _pooled_test(trials: list[dict[str, Any]], reference: list[dict[str, Any]], metric: str):
+    """The paired test of ``group_seeds``; (None, []) when no seed pair has a common budget and queries."""
+    mine, theirs, budgets = [], [], []
+    for a, b in zip(trials, reference):
+        common = set(a.get("budgets") or {}) & set(b.get("budgets") or {})
+        if not common:
+            continue
+        budget = max(common)
+        try:
+            x, y = align(a["budgets"][budget], b["budgets"][budget])
+        except ValueError:
+            continue
+        if mine and len(x) != len(mine[0]):
+            continue  # another query set: cannot be averaged query by query
+        mine.append(x)
+        theirs.append(y)
+        budgets.append(budget)
+    if not mine:
+        return None, []
+    return paired_test(np.mean(mine, axis=0), np.mean(theirs, axis=0)), budgets
+
+
+def configuration_cells(groups: list[dict[str, Any]], metric: str) -> list[list[str]]:
+    """The table by configuration (``tune.seeds`` > 1), header first: printed and written as CSV."""
+    cells = [["configuration", "seeds", f"mean_{metric}", "spread", "diff_vs_ref", "diff_low", "diff_high", "at_pairs",
+              "verdict", "trials"]]
+    for g in groups:
+        test = g["vs_reference"]
+        shown = ", ".join(f"{k}={v}" for k, v in g["settings"].items() if v is not None)
+        cells.append([shown, str(g["seeds"]), _fmt(g["mean"]), _fmt(g["spread"]),
+                      *(_fmt(v) for v in ((test.diff, test.low, test.high) if test else (None, None, None))),
+                      "/".join(map(str, g.get("pairs") or [])) or "-", g["verdict"] or "-", " ".join(g["trials"])])
+    return cells
+
+
+def format_configurations(groups: list[dict[str, Any]], metric: str) -> str:
+    cells = configuration_cells(groups, metric)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_configurations(groups: list[dict[str, Any]], out_dir: Path, metric: str) -> None:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(configuration_cells(groups, metric))
+    atomic_write_text(TuneLayout(out_dir).configurations_csv, buffer.getvalue())
 
 
 def pick_reference(rows: list[dict[str, Any]], spec: str) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 TUNABLE = ("model", "data", "loss", "train", "scaling")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 GRID_KEY = "grid"  # Tune param holding one valid combination of the grid keys
+SEED_KEY = "train.seed"  # varied by tune.seeds
 
 
 @dataclass
@@ -104,6 +105,8 @@ def parse_space(space: dict[str, Any], base: Config) -> Space:
         else:
             _check_value(base, key, spec, where)
             result.fixed[key] = spec
+    if base.tune.seeds > 1:  # the seeds are the innermost grid key: a configuration's seeds run side by side
+        grid_values[SEED_KEY] = [base.train.seed + i for i in range(base.tune.seeds)]
     result.grid_values = grid_values
     if grid_values:
         keys = list(grid_values)

@@ -175,6 +175,8 @@ class TuneOutcome:
     zero_shot: dict[str, float] | None = None
     eval_corpus: str = ""
     """What every evaluation searched (``BeirSplit.corpus_summary``)."""
+    configurations: list[dict[str, Any]] | None = None
+    """The leaderboard by configuration, over seeds (``tune.seeds`` > 1; ``group_seeds``)."""
 
 
 def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = False, verbose: bool = False) -> TuneOutcome:
@@ -256,7 +258,7 @@ def _tune(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, da
     from samtone_ray.tracking import runs as tracking
     from samtone_ray.evaluation.retrieval import bm25_run, retrieval_metrics
     from samtone_ray.evaluation.retrieval import evaluate_model as evaluate
-    from samtone_ray.tune.leaderboard import build_leaderboard, write_leaderboard
+    from samtone_ray.tune.leaderboard import build_leaderboard, group_seeds, write_configurations, write_leaderboard
     from samtone_ray.core.telemetry import tune_callback
     from samtone_ray.data.pairs import PairTable
     from samtone_ray.tracking.registry import PromotionError, promote_best
@@ -313,7 +315,10 @@ def _tune(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, da
         _close_trial_runs(uri, board)
     references = {"zero-shot": baseline, "BM25": bm25} if baseline else {}
     write_leaderboard(board, out, cfg.tune.metric, {k: v[cfg.tune.metric] for k, v in references.items()})
-    best = _best(board, cfg)
+    groups = group_seeds(board, cfg.tune.metric, cfg.tune.mode) if cfg.tune.seeds > 1 else None
+    if groups is not None:
+        write_configurations(groups, out, cfg.tune.metric)
+    best = _best(board, cfg, groups)
     champion = None
     if best is not None and uri:
         try:
@@ -341,7 +346,7 @@ def _tune(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, da
         if champion and "error" in champion:
             parent.set_tags({"champion.error": champion["error"]})
         parent.finish("FAILED" if champion and "error" in champion else "FINISHED")
-    return TuneOutcome(board, best, champion, state["parent_run_id"], out, baseline, eval_split.corpus_summary())
+    return TuneOutcome(board, best, champion, state["parent_run_id"], out, baseline, eval_split.corpus_summary(), groups)
 
 
 def _tune_config(cfg: Config, space: Space):
@@ -378,10 +383,14 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def _best(board: list[dict[str, Any]], cfg: Config) -> dict[str, Any] | None:
-    """The best trial that trained to the end (early-stopped trials have no final model)."""
+def _best(board: list[dict[str, Any]], cfg: Config, groups: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The best trial that trained to the end (early-stopped trials have no final model); with
+    seeds (``groups``), the best such trial of the configuration with the best mean that has one."""
     metric = cfg.tune.metric
     finished = [r for r in board if r["status"] == "finished" and not math.isnan(r["metrics"].get(metric, math.nan))]
+    if groups:
+        best_group = next((g for g in groups if any(r["trial"] in g["trials"] for r in finished)), None)
+        finished = [r for r in finished if best_group and r["trial"] in best_group["trials"]]
     if not finished:
         return None
     sign = 1 if cfg.tune.mode == "max" else -1
