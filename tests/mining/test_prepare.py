@@ -82,3 +82,24 @@ def test_a_tuning_run_varying_the_source_stops_before_ray(tmp_path):
     with pytest.raises(ConfigError, match="tune.space varies data.negatives"):
         tune(cfg, verbose=True)
     assert not ray.is_initialized()
+
+
+def test_every_trial_of_a_tuning_run_trains_on_the_one_mined_file(ray_cluster, tiny_model_dir, tiny_sample, tmp_path,
+                                                                   monkeypatch):
+    import json
+
+    from samtone_ray.tune.tuner import tune
+
+    monkeypatch.chdir(tmp_path)  # the mined files' cache, .samtone/cache/mined, is relative to it
+    cfg = load_config(None, {
+        "output_dir": str(tmp_path / "run"), "model.name_or_path": str(tiny_model_dir), "model.query_max_length": 16,
+        "model.doc_max_length": 32, "data.train": str(tiny_sample), "data.negatives": "bm25",
+        "data.num_hard_negatives": 2, "mining.num_negatives": 2, "train.batch_size": 8, "train.max_steps": 2,
+        "train.eval_max_docs": 100, "scaling.num_workers": 1, "tracking.enabled": False, "tune.scheduler": "none",
+        "tune.space": {"loss.same_tower": {"grid": ["none", "both"]}}})
+    outcome = tune(cfg)
+    mined = sorted((tmp_path / ".samtone" / "cache" / "mined").glob("*.parquet"))
+    assert len(mined) == 1  # mined once, before the trials
+    trained_on = [json.loads(p.read_text())["data"] for p in (tmp_path / "run" / "trials").glob("*/config.json")]
+    assert len(trained_on) == 2 and all(d["train"] == str(mined[0]) and d["negatives"] == "file" for d in trained_on)
+    assert [row["status"] for row in outcome.leaderboard if row["trial"] != "-"] == ["finished", "finished"]
