@@ -138,3 +138,36 @@ def test_postgres_restarted_logging_waits_and_promotion_refuses(tracking_server,
         pg.start()
     assert _champion_in_postgres(tracking_server, name) == (incumbent, 1)
     assert os.environ.get("PGPASSWORD") is None  # the password stayed with the server processes
+
+
+def test_a_tuning_run_on_ray_logs_and_registers_through_the_server(tracking_server, ray_cluster, tiny_model_dir,
+                                                                   tmp_path):
+    """The trial's steps and model are logged by its Ray Train worker, another process, over HTTP."""
+    from cluster.multinode import write_tiny_beir
+
+    from samtone_ray.tune.tuner import tune
+
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "beir").mkdir()
+    data = write_tiny_beir(tmp_path / "beir", train_pairs=16, dev_queries=8)
+    outcome = tune(from_dict({
+        "name": "t", "output_dir": str(tmp_path / "out"),
+        "model": {"name_or_path": str(tiny_model_dir), "query_max_length": 16, "doc_max_length": 32},
+        "data": {"train": str(data), "eval": str(data)},
+        "train": {"batch_size": 8, "max_steps": 2, "eval_every": 2, "log_every": 1},
+        "scaling": {"num_workers": 1},
+        "tracking": {"uri": tracking_server.uri, "experiment": name},
+        "tune": {"space": {"train.lr": {"grid": [1e-3]}}},
+        "registry": {"model_name": name},
+    }))
+    assert outcome.champion["promoted"]
+    assert _champion_in_postgres(tracking_server, name) == (outcome.champion["version"], 1)
+    trial = outcome.best["run_id"]
+    with tracking_server.postgres.connect() as db, db.cursor() as cur:
+        cur.execute("SELECT DISTINCT step FROM metrics WHERE run_uuid = %s AND key = 'loss'", (trial,))
+        assert sorted(r[0] for r in cur.fetchall()) == [1, 2]
+        cur.execute("SELECT status FROM runs WHERE run_uuid IN (%s, %s)", (trial, outcome.parent_run_id))
+        assert [r[0] for r in cur.fetchall()] == ["FINISHED", "FINISHED"]
+    keys = tracking_server.s3.keys("mlartifacts/")
+    assert any(k.endswith(f"/{trial}/artifacts/model/MLmodel") for k in keys)
+    assert any(f"/{outcome.parent_run_id}/artifacts/" in k and k.endswith("leaderboard.csv") for k in keys)
