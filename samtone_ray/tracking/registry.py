@@ -1,8 +1,9 @@
 """The model registry: every tuning run's best model becomes a version; the alias moves only on a win.
 
 Like with like: the candidate and the incumbent champion are both re-evaluated here, from their
-registered artifacts, on the *current* eval data, with the same code path, device and precision
-(the candidate's in-training number is never compared with a number measured another way).
+logged artifacts (the files a version points to), on the *current* eval data, with the same code
+path, device and precision (the candidate's in-training number is never compared with a number
+measured another way).
 
 Fail closed: only "no such model/alias yet" counts as having no incumbent. Any other registry or
 database error aborts the promotion with ``PromotionError`` and leaves the alias where it was.
@@ -14,7 +15,7 @@ import logging
 from typing import Any
 
 from samtone_ray.core.config import Config
-from samtone_ray.tracking.model_uri import version_uri
+from samtone_ray.tracking.model_uri import RUN_MODEL_PATH, run_model_uri, version_uri
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,22 @@ def promote_best(cfg: Config, uri: str, best: dict[str, Any], eval_split) -> dic
     c = tracking.client(uri)
     exists, incumbent_version = champion_version(c, name, alias)
     held = f"@{alias} stays on v{incumbent_version}" if incumbent_version else f"@{alias} stays unset"
+
+    def score(model_uri: str) -> tuple[float, dict[str, float]]:
+        means, rows = evaluate_registered(uri, model_uri, eval_split, cfg.train.eval_batch_size,
+                                          cfg.train.precision, per_query=True)
+        return means[metric], {q: values[metric] for q, values in rows.items()}
+
     try:
+        run = c.get_run(best["run_id"])
+        # Scored from the run's files before anything is registered: a model that did not upload
+        # whole (the tracking server or its database down mid-upload) becomes no version at all.
+        candidate, candidate_rows = score(run_model_uri(best["run_id"]))
         if not exists:
             c.create_registered_model(name, description="Dual-encoder retrievers trained by samtone-ray")
-        run = c.get_run(best["run_id"])
         version = c.create_model_version(
             name,
-            source=f"{run.info.artifact_uri}/model",
+            source=f"{run.info.artifact_uri}/{RUN_MODEL_PATH}",
             run_id=best["run_id"],
             tags={
                 "metric": metric,
@@ -94,14 +104,8 @@ def promote_best(cfg: Config, uri: str, best: dict[str, Any], eval_split) -> dic
             },
         )
 
-        def score(v: str) -> tuple[float, dict[str, float]]:
-            means, rows = evaluate_registered(uri, version_uri(name, v), eval_split, cfg.train.eval_batch_size,
-                                              cfg.train.precision, per_query=True)
-            return means[metric], {q: values[metric] for q, values in rows.items()}
-
-        candidate, candidate_rows = score(version.version)
         c.set_model_version_tag(name, version.version, tracking.metric_key(metric), f"{candidate:.6f}")
-        incumbent, incumbent_rows = score(incumbent_version) if incumbent_version else (None, None)
+        incumbent, incumbent_rows = score(version_uri(name, incumbent_version)) if incumbent_version else (None, None)
         paired = paired_test(*align(candidate_rows, incumbent_rows)) if incumbent_version else None
     except Exception as exc:
         raise PromotionError(f"champion decision aborted ({type(exc).__name__}: {exc}); {held}") from exc

@@ -96,6 +96,18 @@ def test_a_champion_registered_through_the_server_is_served_from_s3(tracking_ser
     assert second["candidate_metric"] == pytest.approx(better_score)
 
 
+def test_a_model_that_did_not_upload_whole_is_never_registered(tracking_server, models, split):
+    uri, name, s3 = tracking_server.uri, f"m-{uuid.uuid4().hex[:8]}", tracking_server.s3
+    (_, _), (better, _) = models
+    candidate = _logged(uri, better, name)
+    # What an upload cut off by a server or database outage leaves: the model without its weights.
+    (weights,) = [k for k in s3.keys("mlartifacts/") if f"/{candidate['run_id']}/" in k and k.endswith(".safetensors")]
+    s3.client().delete_object(Bucket=s3.bucket, Key=weights)
+    with pytest.raises(PromotionError, match="@champion stays unset"):
+        promote_best(_cfg(name), uri, candidate, split)
+    assert _champion_in_postgres(tracking_server, name) == (None, 0)
+
+
 def test_postgres_restarted_logging_waits_and_promotion_refuses(tracking_server, models, split, monkeypatch, caplog):
     from mlflow import MlflowClient
 
