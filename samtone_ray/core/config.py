@@ -287,6 +287,10 @@ class TuneConfig:
     seed is a trial of its own, which ASHA judges on its own; the leaderboard adds a table by
     configuration (mean and spread over seeds, a paired test pooled over seeds) and the champion
     comes from the configuration with the best mean."""
+    results_dir: str = ""
+    """A folder (e.g. under ``results/``, committed) where every tuning run adds each trial that
+    ended: ``<configuration>-seed<N>/summary.json`` and its ``per_query.parquet``, plus
+    ``progress.md`` over all of them, so a study too long for one session grows run by run."""
     analyze: bool = False
     """At the end, run ``samtone analyze`` on the best trial and its reference (``<output_dir>/analysis``)."""
     space: dict[str, Any] = field(

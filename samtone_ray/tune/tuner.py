@@ -318,6 +318,10 @@ def _tune(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, da
     groups = group_seeds(board, cfg.tune.metric, cfg.tune.mode) if cfg.tune.seeds > 1 else None
     if groups is not None:
         write_configurations(groups, out, cfg.tune.metric)
+    if cfg.tune.results_dir:
+        from samtone_ray.tune.study import export_trials
+
+        export_trials(board, Path(cfg.tune.results_dir), cfg.tune.metric, [*space.grid_values, *space.sampled])
     best = _best(board, cfg, groups)
     champion = None
     if best is not None and uri:
