@@ -385,8 +385,10 @@ def test_cli_prints_figures_and_logs_an_mlflow_run(ray_cluster, tmp_path, tiny_m
     c = tracking.client(uri)
     (run,) = c.search_runs([tracking.experiment_id(uri, "samtone")])
     assert run.data.metrics["rows"] == 6 and run.data.params["model"] == str(tiny_model_dir)
-    assert main(argv[:-2] + ["--set", "tracking.enabled=false", "--batch-size", "0"]) == 2  # a clear error, no traceback
-    assert "batch_size must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:  # a usage error naming the flag, no traceback
+        main(argv[:-2] + ["--set", "tracking.enabled=false", "--batch-size", "0"])
+    assert usage.value.code == 2
+    assert "--batch-size: must be >= 1, got 0" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ --overwrite

@@ -79,9 +79,11 @@ def test_a_tuning_run_varying_the_source_stops_before_ray(tmp_path):
 
     cfg = load_config(None, {"output_dir": str(tmp_path / "run"), "data.num_hard_negatives": 2,
                              "tune.space": {"data.negatives": {"grid": ["bm25", "file"]}}})
+    ray_was_up = ray.is_initialized()  # another test's session cluster may be
     with pytest.raises(ConfigError, match="tune.space varies data.negatives"):
         tune(cfg, verbose=True)
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_was_up
+    assert not (tmp_path / "run" / "tune.json").exists()  # refused before the run wrote anything
 
 
 def test_every_trial_of_a_tuning_run_trains_on_the_one_mined_file(ray_cluster, tiny_model_dir, tiny_sample, tmp_path,
