@@ -85,6 +85,13 @@ def build_leaderboard(results, cfg: Config, space: Space) -> list[dict[str, Any]
     return rows
 
 
+def verdict(test, mode: str) -> str:
+    """"beats ref" or "worse than ref" only when the paired interval excludes 0, else "no sig. diff"."""
+    if not test.excludes_zero():
+        return "no sig. diff"
+    return "beats ref" if (test.diff > 0) == (mode == "max") else "worse than ref"
+
+
 def add_statistics(
     rows: list[dict[str, Any]], per_query: dict[str, dict[int, dict[str, float]]], metric: str, mode: str, reference: str = ""
 ) -> dict[str, Any] | None:
@@ -119,11 +126,7 @@ def add_statistics(
         except ValueError as exc:  # evaluated on other queries: nothing to pair
             log.warning("trial %s vs reference %s: %s", row["trial"], ref["trial"], exc)
             continue
-        row["vs_reference"], row["vs_ref_pairs"] = test, budget
-        if not test.excludes_zero():
-            row["verdict"] = "no sig. diff"
-        else:
-            row["verdict"] = "beats ref" if (test.diff > 0) == (mode == "max") else "worse than ref"
+        row["vs_reference"], row["vs_ref_pairs"], row["verdict"] = test, budget, verdict(test, mode)
     return ref
 
 
@@ -161,9 +164,7 @@ def group_seeds(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict
         if ref_key is not None and key != ref_key:
             group["vs_reference"], group["pairs"] = _pooled_test(trials, groups[ref_key], metric)
             if group["vs_reference"] is not None:
-                test = group["vs_reference"]
-                group["verdict"] = ("no sig. diff" if not test.excludes_zero()
-                                    else "beats ref" if (test.diff > 0) == (mode == "max") else "worse than ref")
+                group["verdict"] = verdict(group["vs_reference"], mode)
         out.append(group)
     sign = -1 if mode == "max" else 1
     out.sort(key=lambda g: (math.isnan(g["mean"]), sign * (0.0 if math.isnan(g["mean"]) else g["mean"])))
@@ -206,11 +207,7 @@ def configuration_cells(groups: list[dict[str, Any]], metric: str) -> list[list[
 
 
 def format_configurations(groups: list[dict[str, Any]], metric: str) -> str:
-    cells = configuration_cells(groups, metric)
-    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(_aligned(configuration_cells(groups, metric)))
 
 
 def write_configurations(groups: list[dict[str, Any]], out_dir: Path, metric: str) -> None:
@@ -260,14 +257,16 @@ def _flat_row(row: dict[str, Any], columns: list[str]) -> dict[str, Any]:
 
 def format_leaderboard(rows: list[dict[str, Any]], metric: str) -> str:
     columns = _columns(rows, metric)
-    cells = [columns]
-    for row in rows:
-        flat = _flat_row(row, columns)
-        cells.append([_fmt(flat.get(c)) for c in columns])
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    cells = [columns] + [[_fmt(flat.get(c)) for c in columns] for flat in (_flat_row(row, columns) for row in rows)]
+    return "\n".join(_aligned(cells) + significance_lines(rows, metric))
+
+
+def _aligned(cells: list[list[str]]) -> list[str]:
+    """Rows of text cells as aligned columns, a rule under the header row."""
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines + significance_lines(rows, metric))
+    return lines
 
 
 def _label(row: dict[str, Any]) -> str:
