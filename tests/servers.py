@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,15 +21,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from samtone_ray.core.runtime import free_loopback_port
+
 BIN = Path(sys.executable).parent  # moto_server and mlflow of this environment
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "samtone-test", "AWS_SECRET_ACCESS_KEY": "samtone-test-secret",
            "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(ready, what: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
@@ -158,7 +153,7 @@ def start_postgres() -> Postgres:
     user = pwd.getpwnam("postgres")
     root = Path(tempfile.mkdtemp(prefix="samtone-pg-"))
     os.chown(root, user.pw_uid, user.pw_gid)
-    pg = Postgres(root, free_port(), os.environ.get("SAMTONE_TEST_PG_PASSWORD") or secrets.token_urlsafe(24))
+    pg = Postgres(root, free_loopback_port(), os.environ.get("SAMTONE_TEST_PG_PASSWORD") or secrets.token_urlsafe(24))
     pwfile = root / "pwfile"
     pwfile.touch(mode=0o600)
     pwfile.write_text(pg.password)
@@ -220,7 +215,7 @@ class S3:
 
 
 def start_s3(log_dir: Path, bucket: str = "samtone") -> S3:
-    port = free_port()
+    port = free_loopback_port()
     log = log_dir / "moto.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
@@ -251,7 +246,7 @@ class MLflowServer:
 def start_mlflow_server(pg: Postgres, s3: S3, log_dir: Path) -> MLflowServer:
     """``mlflow server`` with PostgreSQL as its backend store and artifacts proxied to S3 (clients
     see ``mlflow-artifacts:/`` URIs and need no S3 credentials)."""
-    port = free_port()
+    port = free_loopback_port()
     artifacts = f"s3://{s3.bucket}/mlartifacts"
     log = log_dir / "mlflow-server.log"
     # No job executor: it starts worker processes for GenAI jobs these tests never run.
