@@ -41,7 +41,8 @@ def write_per_query(path: str | Path, rows: dict[str, dict[str, float]], step: i
 
 
 def read_budgets(path: str | Path, metric: str) -> dict[int, dict[str, float]]:
-    """``{pairs: {query_id: value}}`` of one metric, every evaluation in the file, by budget.
+    """``{pairs: {query_id: value}}`` of one metric, every evaluation in the file, by budget (the
+    last evaluation: the largest key).
     A file from before budgets were kept reads as one evaluation at budget -1."""
     import pyarrow.parquet as pq
 
@@ -51,9 +52,3 @@ def read_budgets(path: str | Path, metric: str) -> dict[int, dict[str, float]]:
     for pairs, qid, value in zip(budgets, table.column("query_id").to_pylist(), table.column(metric).to_pylist()):
         out.setdefault(pairs, {})[qid] = value
     return dict(sorted(out.items()))
-
-
-def read_per_query(path: str | Path, metric: str) -> dict[str, float]:
-    """``{query_id: value}`` of one metric at the file's last (largest) budget."""
-    budgets = read_budgets(path, metric)
-    return budgets[max(budgets)] if budgets else {}
