@@ -30,7 +30,41 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3_env():
+    """The AWS variables of the tests' S3 server (``s3_server``) in this process's environment, set
+    before the session's Ray cluster starts so that its workers inherit them as a cluster's nodes
+    do. Only an address and test keys: the server starts when a test asks for ``s3_server``."""
+    from servers import S3_KEYS
+
+    from samtone_ray.core.runtime import free_loopback_port
+
+    port = free_loopback_port()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", **S3_KEYS}
+    previous = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield port
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_env, tmp_path_factory):
+    """moto's S3 server (tests/servers.py) at ``s3_env``'s address, with the bucket ``samtone``."""
+    import servers
+
+    reason = servers.s3_unavailable()
+    if reason:
+        pytest.skip(reason)
+    s3 = servers.start_s3(tmp_path_factory.mktemp("s3"), port=s3_env)
+    yield s3
+    servers.stop_s3(s3)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_env):
     import ray
 
     from samtone_ray.core.runtime import start_local_ray

@@ -214,8 +214,8 @@ class S3:
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
-def start_s3(log_dir: Path, bucket: str = "samtone") -> S3:
-    port = free_loopback_port()
+def start_s3(log_dir: Path, bucket: str = "samtone", port: int | None = None) -> S3:
+    port = port or free_loopback_port()
     log = log_dir / "moto.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],

@@ -32,11 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that mean bad input rather than a bug: one line on stderr and exit status 2."""
     from samtone_ray.core.config import ConfigError
+    from samtone_ray.core.storage import StorageError
     from samtone_ray.data.sources import DataError
     from samtone_ray.encode.index import IndexError_
     from samtone_ray.tracking.model_uri import ModelURIError
 
-    return ConfigError, DataError, IndexError_, ModelURIError, FileNotFoundError, FileExistsError
+    return ConfigError, StorageError, DataError, IndexError_, ModelURIError, FileNotFoundError, FileExistsError
 
 
 def main(argv: list[str] | None = None) -> int:

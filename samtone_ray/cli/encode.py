@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from samtone_ray.cli.args import config_args, count_range, load, positive_float, positive_int
 
@@ -16,7 +15,9 @@ def add_parser(sub) -> None:
     config_args(p)
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a local dir")
     p.add_argument("--input", required=True, help="BEIR corpus.jsonl, JSON Lines or Parquet: a file or a folder (local, s3://, ...)")
-    p.add_argument("--output", required=True, type=Path, help="output folder (Parquet parts + manifest.json)")
+    # Not a Path: Path("s3://bucket/x") is "s3:/bucket/x", a relative local folder.
+    p.add_argument("--output", required=True, help="output folder (Parquet parts + manifest.json): local, or s3://... "
+                   "with the AWS_* environment")
     p.add_argument("--tower", choices=["document", "query"], default="document")
     p.add_argument("--batch-size", type=positive_int, default=64, help="texts per forward pass")
     p.add_argument("--actors", default=(1, 1), type=count_range("--actors", single=True), help="embedding actors: N or MIN:MAX (autoscaling)")

@@ -35,6 +35,7 @@ from samtone_ray.cluster.upload import (
 )
 from samtone_ray.core.config import BUNDLED_SAMPLE, Config, ConfigError, flatten
 from samtone_ray.core.redact import has_credentials, redact_uri, strip_credentials
+from samtone_ray.core.storage import is_uri
 from samtone_ray.tracking.runs import SUBMISSION_ID_ENV
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def check_paths(cfg: Config, working_dir: Path, *, nodes: int, upload: UploadPla
                     f"tracking uri {redact_uri(uri)} is a local file but the cluster has {nodes} nodes: workers on other nodes cannot "
                     "reach it. Run an MLflow server every node can reach (cluster.yaml starts one on the head) and pass its http:// URI."
                 )
-    if not cfg.output_dir or not Path(cfg.output_dir).is_absolute():
+    if not cfg.output_dir or not (Path(cfg.output_dir).is_absolute() or is_uri(cfg.output_dir)):
         warnings.append(
             f"output_dir={cfg.output_dir or '(default)'} is relative: models and checkpoints stay in the job's temporary "
             "working directory; set it to shared storage (NFS, or a path every node mounts)"

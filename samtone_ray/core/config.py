@@ -23,6 +23,7 @@ from samtone_ray.core import choices as settings
 from samtone_ray.core.choices import Mode, NegativeSampling, NegativeSource, Pooling, Precision, SameTower, Scheduler, TowerMode, TuneAlgorithm
 from samtone_ray.core.choices import PlacementStrategy
 from samtone_ray.core.redact import has_credentials, redact_uri
+from samtone_ray.core.storage import StorageError, is_uri, normalize
 
 BUNDLED_SAMPLE = "bundled:debian"
 """Placeholder for the Debian sample shipped inside the package (resolved by ``resolve_data_path``)."""
@@ -384,10 +385,16 @@ class Config:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     output_dir: str = ""
-    """Where models, checkpoints and leaderboards go; empty = ``.samtone/runs/<name>-<timestamp>``."""
+    """Where models, checkpoints and leaderboards go: a folder, or object storage (``s3://bucket/run``,
+    credentials from the nodes' AWS_* environment); empty = ``.samtone/runs/<name>-<timestamp>``."""
     name: str = "samtone"
 
     def __post_init__(self) -> None:
+        if is_uri(self.output_dir):
+            try:
+                normalize(self.output_dir)
+            except StorageError as exc:
+                raise ConfigError(f"output_dir: {exc}") from None
         if self.train.batch_size % self.scaling.num_workers:
             raise ConfigError(
                 f"train.batch_size={self.train.batch_size} is the global batch and must be divisible "

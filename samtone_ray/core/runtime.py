@@ -15,6 +15,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from samtone_ray.core.storage import is_uri
+
 log = logging.getLogger(__name__)
 
 
@@ -185,8 +187,9 @@ def check_cluster(
 
     On a cluster of ``num_nodes`` > 1 nodes rank 0 may run on any node: a SQLite tracking URI
     names a file on one node only, and ``output_dir`` (models, checkpoints, leaderboards) must be
-    on a file system that every node shares (``output_fs``: its type, e.g. from ``filesystem_type``),
-    or one that every node was seen to share (``output_seen_by_all``: ``seen_by_every_node``).
+    object storage (a URI such as ``s3://bucket/run``: every node reaches it), on a file system that
+    every node shares (``output_fs``: its type, e.g. from ``filesystem_type``), or one that every node
+    was seen to share (``output_seen_by_all``: ``seen_by_every_node``).
     """
     if num_nodes <= 1:
         return
@@ -197,12 +200,13 @@ def check_cluster(
             f"{num_nodes} nodes and rank 0 may log from any of them: use an MLflow server every node "
             "can reach (tracking.uri=http://HOST:5000) or set tracking.enabled=false"
         )
-    if output_fs not in SHARED_FILESYSTEMS and not output_seen_by_all:
+    if output_fs not in SHARED_FILESYSTEMS and not output_seen_by_all and not is_uri(output_dir):
         raise ClusterConfigError(
             f"output_dir {output_dir!r} is on a {output_fs or 'unknown'} file system, local to one node, but "
             f"Ray has {num_nodes} nodes and rank 0 writes models and checkpoints from whichever node it "
-            "runs on: set output_dir to a folder on a shared file system mounted on every node (NFS, "
-            "Lustre, a FUSE-mounted bucket, ...)"
+            "runs on: set output_dir to object storage every node reaches (s3://bucket/run, with "
+            "AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / ... set on the nodes) or a folder on a shared file "
+            "system mounted on every node (NFS, Lustre, a FUSE-mounted bucket, ...)"
         )
 
 
@@ -232,6 +236,9 @@ def check_ray_cluster(tracking_uri: str | None, output_dir: str) -> None:
     import ray
 
     nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if is_uri(output_dir):  # object storage: every node reaches the same objects
+        check_cluster(len(nodes), tracking_uri, output_dir, "", output_seen_by_all=True)
+        return
     fs = filesystem_type(output_dir)
     # A file system of a local type may still be every node's (nodes sharing one machine, a
     # host path mounted into every container): then every node reads what rank 0 writes there.

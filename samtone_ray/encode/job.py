@@ -4,7 +4,7 @@ Pipeline, one Ray Data row per input shard (``corpus.plan_shards``)::
 
     shards -> read + check + tokenise (CPU tasks, length-sorted chunks of --batch-size)
            -> embed + write (actor pool: DualEncoder.embed_documents / embed_queries, the forward
-              pass evaluation and serving run; one Parquet file per shard, committed by rename)
+              pass evaluation and serving run; one Parquet file per shard, committed atomically)
            -> the driver collects per-shard summaries
 
 Output folder::
@@ -14,7 +14,11 @@ Output folder::
     _rejects/<shard>.jsonl     bad records of a shard (--on-bad-record skip), committed before it
     rejects.jsonl              all of them, in input order, at the end
 
-Crash safety: a shard's output appears only by an atomic rename of a complete file, so after a
+The output is a local folder or object storage (``s3://bucket/prefix``, ``core/storage.py``; the
+nodes' AWS_* environment reaches it), so actors on any node of a cluster write to the same place.
+
+Crash safety: a shard's output appears only whole (a local file by a rename of a complete temp file,
+an object by one upload that becomes visible when complete), so after a
 kill (driver or worker) the same command re-plans the same shards, skips those already committed
 and encodes the rest; every id ends up exactly once with the embedding an uninterrupted run gives
 (each shard is tokenised and batched the same way every time). Ray Data's own checkpointing is not
@@ -33,7 +37,6 @@ import json
 import logging
 import os
 import pickle
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +48,7 @@ import pyarrow.parquet as pq
 
 from samtone_ray.encode.corpus import Plan, Reject, Shard, plan_shards, read_shard
 from samtone_ray.data.sources import DataError, join_text
-from samtone_ray.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from samtone_ray.core.storage import Store, normalize, open_store
 from samtone_ray.core.choices import check_precision
 from samtone_ray.core.redact import redact_uri
 
@@ -69,7 +72,7 @@ class EncodeError(DataError):
 class EncodeOptions:
     model: str
     input: str
-    output: Path
+    output: str | Path  # a local folder or a URI (s3://bucket/prefix); normalised to a str
     tower: str = "document"
     batch_size: int = 64
     actors: tuple[int, int] = (1, 1)  # (min, max) actor pool size
@@ -85,7 +88,7 @@ class EncodeOptions:
     tracking_uri: str | None = None
 
     def __post_init__(self) -> None:
-        self.output = Path(self.output)
+        self.output = normalize(self.output)
         if self.tower not in TOWERS:
             raise ValueError(f"tower must be one of {TOWERS}; got {self.tower!r}")
         if self.on_bad_record not in ("error", "skip"):
@@ -104,7 +107,7 @@ class EncodeOptions:
 
 @dataclass
 class EncodeResult:
-    output: Path
+    output: str
     rows: int  # rows in the output
     rows_encoded: int  # rows encoded by this run (the rest were committed before)
     rejected: int
@@ -125,15 +128,19 @@ def part_files(directory: Path) -> list[Path]:
     return sorted(Path(directory).glob("part-*.parquet"))
 
 
-def read_manifest(directory: Path) -> dict[str, Any] | None:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
+def _part_names(output: Store) -> list[str]:
+    return [n for n in output.names() if fnmatch.fnmatchcase(n, "part-*.parquet")]
+
+
+def read_manifest(directory: str | Path | Store) -> dict[str, Any] | None:
+    store = directory if isinstance(directory, Store) else open_store(directory)
+    if not store.is_file(MANIFEST):
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(store.read_text(MANIFEST))
     except json.JSONDecodeError as exc:
         # samtone writes its manifest atomically: a broken one is someone else's file.
-        raise EncodeError(f"{path}: not valid JSON ({exc}), so not a samtone encode manifest") from None
+        raise EncodeError(f"{store.url(MANIFEST)}: not valid JSON ({exc}), so not a samtone encode manifest") from None
 
 
 def _is_encode_manifest(manifest: Any) -> bool:
@@ -247,9 +254,9 @@ class EmbedWriter:
         self.model = model.to(self.device).eval()
         self.precision = prepare_inference(self.model, precision)  # int8: quantised here, once per actor
         self.embed = self.model.embed_queries if tower == "query" else self.model.embed_documents
-        self.output = Path(output)
+        self.output = open_store(output)
         self.schema_meta = schema_meta
-        self.failed = _FailedBlocks(self.output.name)
+        self.failed = _FailedBlocks(_label(self.output))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
@@ -287,9 +294,9 @@ class EmbedWriter:
         }
 
     def _commit(self, key: str, ids: list[str], emb: np.ndarray, rejects: list[dict]) -> None:
-        if rejects:  # before the part file: a committed shard always has its rejects on disk
-            atomic_write_text(self.output / REJECTS_DIR / f"{key}.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
-        atomic_write_bytes(self.output / part_name(key), embeddings_parquet(ids, emb, self.schema_meta))
+        if rejects:  # before the part file: a committed shard always has its rejects stored
+            self.output.write_text(f"{REJECTS_DIR}/{key}.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
+        self.output.write_bytes(part_name(key), embeddings_parquet(ids, emb, self.schema_meta))
 
 
 def embedding_array(emb: np.ndarray) -> pa.FixedSizeListArray:
@@ -340,30 +347,35 @@ def _identity(opts: EncodeOptions, resolved, plan: Plan, dim: int, max_length: i
     }
 
 
-def _check_existing(output: Path, identity: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+def _label(output: Store) -> str:
+    """The output's last path component: the metrics' ``output`` tag."""
+    return output.location.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _check_existing(output: Store, identity: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
     """The existing manifest when this run continues it; None when the folder is new, empty, or
     encode output that ``overwrite`` may clear. Anything else is refused and left as it is."""
     if not output.exists():
         return None
     if not output.is_dir():
-        raise EncodeError(f"{output} exists and is not a folder")
-    entries = sorted(p.name for p in output.iterdir())
+        raise EncodeError(f"{output.location} exists and is not a folder")
+    entries = output.names()
     if not entries:
         return None
-    refused = f"refusing to write into {output} (nothing was deleted): choose a new or empty folder"
+    refused = f"refusing to write into {output.location} (nothing was deleted): choose a new or empty folder"
     old = read_manifest(output)
     if not _is_encode_manifest(old):
-        raise EncodeError(f"{output} is not empty and holds no samtone encode {MANIFEST}; {refused}")
+        raise EncodeError(f"{output.location} is not empty and holds no samtone encode {MANIFEST}; {refused}")
     if overwrite:
         foreign = [name for name in entries if not _written_by_encode(name)]
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise EncodeError(f"{output} holds files samtone encode did not write ({shown}); --overwrite {refused}")
+            raise EncodeError(f"{output.location} holds files samtone encode did not write ({shown}); --overwrite {refused}")
         return None
     old_model, new_model = old.get("model") or {}, identity["model"]
     if old_model.get("fingerprint") != new_model["fingerprint"]:
         raise EncodeError(
-            f"{output} was written by another model version: {_model_label(old_model)}, "
+            f"{output.location} was written by another model version: {_model_label(old_model)}, "
             f"not {_model_label(new_model)}; pass --overwrite to re-encode it with this model"
         )
     diffs = [
@@ -373,7 +385,7 @@ def _check_existing(output: Path, identity: dict[str, Any], overwrite: bool) -> 
     ]
     if diffs:
         raise EncodeError(
-            f"{output} was written with other settings ({'; '.join(diffs)}); "
+            f"{output.location} was written with other settings ({'; '.join(diffs)}); "
             "rerun with the same settings to resume, or pass --overwrite to start over"
         )
     return old
@@ -386,22 +398,25 @@ def _model_label(model: dict[str, Any]) -> str:
     return f"{label} [fingerprint {model.get('fingerprint')}]"
 
 
-def _clear(output: Path) -> None:
+def _clear(output: Store) -> None:
     """Remove a previous run's output for --overwrite: only what encode writes (the folder itself
     stays, so a mount point works)."""
-    for child in output.iterdir():
-        if _written_by_encode(child.name):
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    for name in output.names():
+        if _written_by_encode(name):
+            output.delete(name)
 
 
-def _remove_stale_temps(output: Path) -> None:
-    """Temp files of writes a kill interrupted: never committed, safe to drop."""
-    for tmp in [*output.glob(".part-*.tmp-*"), *output.glob(f"{REJECTS_DIR}/.*.tmp-*"), *output.glob(f".{MANIFEST}.tmp-*")]:
-        tmp.unlink(missing_ok=True)
+def _remove_stale_temps(output: Store) -> None:
+    """Temp files of local writes a kill interrupted: never committed, safe to drop (an object
+    store has none: an interrupted upload never becomes an object)."""
+    stale = [n for n in output.names() if fnmatch.fnmatchcase(n, ".part-*.tmp-*") or fnmatch.fnmatchcase(n, f".{MANIFEST}.tmp-*")]
+    stale += [f"{REJECTS_DIR}/{n}" for n in output.names(REJECTS_DIR) if fnmatch.fnmatchcase(n, ".*.tmp-*")]
+    for name in stale:
+        output.delete(name)
 
 
-def _committed_rows(path: Path) -> int:
-    return pq.ParquetFile(path).metadata.num_rows
+def _committed_rows(output: Store, name: str) -> int:
+    return pq.ParquetFile(output.open_input(name)).metadata.num_rows
 
 
 def run_encode(opts: EncodeOptions) -> EncodeResult:
@@ -424,19 +439,20 @@ def run_encode(opts: EncodeOptions) -> EncodeResult:
     if not plan.shards:
         raise EncodeError(f"{redact_uri(opts.input)}: no records to encode")
     identity = _identity(opts, resolved, plan, dim, max_length, rows_per_file)
-    output = opts.output
+    output = open_store(opts.output)
     old = _check_existing(output, identity, opts.overwrite)
     if old is None and output.exists():
         _clear(output)
-    output.mkdir(parents=True, exist_ok=True)
+    output.makedirs()
     _remove_stale_temps(output)
     if old is not None and old.get("status") == "complete":
-        print(f"{output}: already complete ({old['rows']} rows by {_model_label(old['model'])})")
-        return EncodeResult(output, old["rows"], 0, old.get("rejected", 0), 0.0, manifest=old)
-    atomic_write_json(output / MANIFEST, identity | {"status": "running"})
+        print(f"{output.location}: already complete ({old['rows']} rows by {_model_label(old['model'])})")
+        return EncodeResult(output.location, old["rows"], 0, old.get("rejected", 0), 0.0, manifest=old)
+    output.write_json(MANIFEST, identity | {"status": "running"})
 
-    pending = [s for s in plan.shards if not (output / part_name(s.key)).exists()]
-    done = sum(_committed_rows(output / part_name(s.key)) for s in plan.shards if s not in pending)
+    committed = set(_part_names(output))  # one listing, not a request per shard
+    pending = [s for s in plan.shards if part_name(s.key) not in committed]
+    done = sum(_committed_rows(output, part_name(s.key)) for s in plan.shards if s not in pending)
     if done:
         print(f"resuming: {len(plan.shards) - len(pending)} of {len(plan.shards)} shards ({done} rows) already committed")
 
@@ -446,7 +462,7 @@ def run_encode(opts: EncodeOptions) -> EncodeResult:
     encoded, rejected, precision = 0, 0, None
     if pending:
         connect_ray()
-        metrics = _Metrics({"output": output.name})
+        metrics = _Metrics({"output": _label(output)})
         metrics.update(done, plan.rows, 0.0, 0)
         lo, hi = opts.actors
         ds = ray.data.from_items(
@@ -476,7 +492,7 @@ def run_encode(opts: EncodeOptions) -> EncodeResult:
                 "precision": opts.precision,
                 "gpu": opts.gpu,
                 "cpus": opts.cpus_per_actor,
-                "output": str(output.resolve()),
+                "output": output.location,
                 "schema_meta": schema_meta,
             },
             # Two shards in flight per actor: the next one is fetched while one runs.
@@ -502,30 +518,32 @@ def run_encode(opts: EncodeOptions) -> EncodeResult:
     _remove_stale_temps(output)  # a worker killed mid-write leaves one even when Ray retried it
     rejected += _dedupe_across_shards(output, plan, opts)
     rejects = _merge_rejects(output, plan)
-    rows = sum(_committed_rows(p) for p in part_files(output))
+    parts = _part_names(output)
+    rows = sum(_committed_rows(output, name) for name in parts)
     wall = time.perf_counter() - start
     manifest = identity | {
         "status": "complete",
         "rows": rows,
         "rejected": len(rejects),
         "input_rows": plan.rows,
-        "files": [part_name(s.key) for s in plan.shards if (output / part_name(s.key)).exists()],
+        "files": [part_name(s.key) for s in plan.shards if part_name(s.key) in parts],
         "precision_resolved": precision or (old or {}).get("precision_resolved"),
     }
-    atomic_write_json(output / MANIFEST, manifest)
-    return EncodeResult(output, rows, encoded, len(rejects), wall, timings, manifest)
+    output.write_json(MANIFEST, manifest)
+    return EncodeResult(output.location, rows, encoded, len(rejects), wall, timings, manifest)
 
 
-def _dedupe_across_shards(output: Path, plan: Plan, opts: EncodeOptions) -> int:
+def _dedupe_across_shards(output: Store, plan: Plan, opts: EncodeOptions) -> int:
     """Find ids written by two shards; the later one is an error, or (skip) a reject removed
     from its part file by an atomic rewrite. Returns the number of rows removed."""
     first: dict[str, str] = {}
     dupes: dict[str, list[str]] = {}
+    parts = set(_part_names(output))
     for shard in plan.shards:
-        path = output / part_name(shard.key)
-        if not path.exists():
+        name = part_name(shard.key)
+        if name not in parts:
             continue
-        for doc_id in pq.read_table(path, columns=["id"]).column("id").to_pylist():
+        for doc_id in pq.read_table(output.open_input(name), columns=["id"]).column("id").to_pylist():
             if doc_id in first:
                 dupes.setdefault(shard.key, []).append(doc_id)
             else:
@@ -546,34 +564,35 @@ def _dedupe_across_shards(output: Path, plan: Plan, opts: EncodeOptions) -> int:
         )
     removed = 0
     for key, ids in dupes.items():
-        path = output / part_name(key)
-        reject_path = output / REJECTS_DIR / f"{key}.jsonl"
-        entries = [json.loads(line) for line in reject_path.read_text().splitlines()] if reject_path.exists() else []
+        name = part_name(key)
+        reject_name = f"{REJECTS_DIR}/{key}.jsonl"
+        entries = [json.loads(line) for line in output.read_text(reject_name).splitlines()] if output.exists(reject_name) else []
         known = {e["where"] for e in entries}
         for doc_id in ids:
             r = Reject(where(key, doc_id), f"duplicate id {doc_id!r} (first at {where(first[doc_id], doc_id)})", doc_id)
             if r.where not in known:
                 entries.append(r.as_dict())
-        atomic_write_text(reject_path, "".join(json.dumps(e) + "\n" for e in entries))
-        table = pq.read_table(path)
+        output.write_text(reject_name, "".join(json.dumps(e) + "\n" for e in entries))
+        table = pq.read_table(output.open_input(name))
         drop = set(ids)
         keep = pa.array([i not in drop for i in table.column("id").to_pylist()])
         meta = table.schema.metadata[SCHEMA_KEY].decode()
         kept = table.filter(keep)
         emb = embedding_matrix(kept.column("embedding"))
-        atomic_write_bytes(path, embeddings_parquet(kept.column("id").to_pylist(), emb, meta))
+        output.write_bytes(name, embeddings_parquet(kept.column("id").to_pylist(), emb, meta))
         removed += len(ids)
     return removed
 
 
-def _merge_rejects(output: Path, plan: Plan) -> list[dict]:
+def _merge_rejects(output: Store, plan: Plan) -> list[dict]:
     entries = []
+    stored = set(output.names(REJECTS_DIR))
     for shard in plan.shards:
-        path = output / REJECTS_DIR / f"{shard.key}.jsonl"
-        if path.exists():
-            entries.extend(json.loads(line) for line in path.read_text().splitlines() if line)
-    if entries or (output / REJECTS).exists():
-        atomic_write_text(output / REJECTS, "".join(json.dumps(e) + "\n" for e in entries))
+        if f"{shard.key}.jsonl" in stored:
+            text = output.read_text(f"{REJECTS_DIR}/{shard.key}.jsonl")
+            entries.extend(json.loads(line) for line in text.splitlines() if line)
+    if entries or output.exists(REJECTS):
+        output.write_text(REJECTS, "".join(json.dumps(e) + "\n" for e in entries))
     return entries
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from samtone_ray.core.files import atomic_write_bytes
+from samtone_ray.core.storage import open_parent
 
 PER_QUERY_FILE = "per_query.parquet"  # in a training run's (a trial's) output directory
 
@@ -23,21 +23,21 @@ def write_per_query(path: str | Path, rows: dict[str, dict[str, float]], step: i
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    path = Path(path)
+    store, name = open_parent(path)  # a local file or an object (s3://...)
     qids = sorted(rows)
     metrics = sorted({m for values in rows.values() for m in values})
     table = pa.table(
         {"query_id": qids, "step": [step] * len(qids), "pairs": [pairs] * len(qids)}
         | {m: [float(rows[q][m]) for q in qids] for m in metrics}
     )
-    if path.exists():
-        earlier = pq.read_table(path)
+    if store.exists(name):
+        earlier = pq.read_table(io.BytesIO(store.read_bytes(name)))
         if "pairs" in earlier.column_names:  # files from before budgets held the latest evaluation only
             earlier = earlier.filter(pc.not_equal(earlier["pairs"], pairs))
             table = pa.concat_tables([earlier, table], promote_options="default")
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    store.write_bytes(name, buffer.getvalue())
 
 
 def read_budgets(path: str | Path, metric: str) -> dict[int, dict[str, float]]:

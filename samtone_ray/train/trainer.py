@@ -39,6 +39,7 @@ from samtone_ray.core.config import END_ONLY, Config, from_dict
 from samtone_ray.data.sources import load_data
 from samtone_ray.evaluation.retrieval import evaluate_model
 from samtone_ray.core.files import atomic_write_json
+from samtone_ray.core.storage import Store, open_store
 from samtone_ray.train.gradcache import grad_cache_step
 from samtone_ray.model.losses import SamToNeLoss
 from samtone_ray.core.telemetry import TrainMetrics
@@ -183,7 +184,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     eval_split = ray.get(loop_config["eval"]) if loop_config.get("eval") is not None else None
     logger = _rank0_logger(loop_config, rank)
     meter = TrainMetrics(loop_config.get("run_id") or cfg.name, rank)
-    output_dir = Path(loop_config["output_dir"])
+    output = open_store(loop_config["output_dir"])
 
     run = _restore(cfg, len(pairs), rank, world, logger)
     loss_fn = SamToNeLoss.from_config(cfg.loss)
@@ -205,17 +206,28 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if logger and (run.state.step % cfg.train.log_every == 0 or run.state.step == run.schedule.total_steps):
             logger.log_metrics(window.metrics() | {"lr": run.scheduler.get_last_lr()[0]}, run.state.step)
         metrics = {"step": run.state.step, "epoch": epoch, "loss": global_loss} | window.summary()
-        _evaluate_and_report(run, metrics, cfg, eval_split, rank, world, logger, meter, output_dir)
+        _evaluate_and_report(run, metrics, cfg, eval_split, rank, world, logger, meter, output)
         _maybe_inject_fault(cfg, run.state.step, rank, world, loop_config)
     batches.close()
 
     if rank == 0:
-        model_dir = output_dir / "model"
-        run.model.save_pretrained(model_dir)
-        atomic_write_json(output_dir / HISTORY_FILE, run.state.history)
+        _save_outputs(run, output, logger)
+
+
+def _save_outputs(run: _Run, output: Store, logger) -> None:
+    """The final model and the history of trained batches, into ``output`` (and MLflow). On object
+    storage both are written here first, then uploaded file by file (each file whole)."""
+    with tempfile.TemporaryDirectory(prefix="samtone-model-") as tmp:
+        local = Path(output.location) if not output.remote else Path(tmp)
+        model_dir = run.model.save_pretrained(local / "model")
+        history = local / HISTORY_FILE
+        atomic_write_json(history, run.state.history)
+        if output.remote:
+            output.upload(model_dir, "model")
+            output.write_bytes(HISTORY_FILE, history.read_bytes())
         if logger:
             logger.log_model(model_dir)
-            logger.log_artifact(output_dir / HISTORY_FILE)
+            logger.log_artifact(history)
 
 
 def _restore(cfg: Config, num_pairs: int, rank: int, world: int, logger) -> _Run:
@@ -231,8 +243,7 @@ def _restore(cfg: Config, num_pairs: int, rank: int, world: int, logger) -> _Run
     ckpt = ray.train.get_checkpoint()
     saved = None
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            saved = load_state(Path(d))
+        saved = _load_checkpoint(ckpt)
         model.load_state_dict(saved["model"])
         state = _State(step=saved["step"], history=saved["history"])
     ddp = ray.train.torch.prepare_model(model)  # moves to the device; wraps in DDP when world > 1
@@ -306,7 +317,7 @@ def _step(run: _Run, shard: Shard, loss_fn: SamToNeLoss, keys, cfg: Config, rank
 
 
 def _evaluate_and_report(run: _Run, metrics: dict[str, Any], cfg: Config, eval_split, rank: int, world: int,
-                         logger, meter: TrainMetrics, output_dir: Path) -> None:
+                         logger, meter: TrainMetrics, output: Store) -> None:
     """When due, evaluate (every rank encodes its share) and report to Ray Train, with a
     checkpoint when one is due."""
     do_eval, do_ckpt = eval_and_checkpoint_due(run.state.step, run.schedule.total_steps, cfg.train)
@@ -324,7 +335,7 @@ def _evaluate_and_report(run: _Run, metrics: dict[str, Any], cfg: Config, eval_s
         if rank == 0:
             meter.evaluation(metrics)
             # Every evaluation's per-query values, by budget: intervals, and paired tests at equal budget.
-            write_per_query(output_dir / PER_QUERY_FILE, per_query, run.state.step, metrics["pairs"])
+            write_per_query(output.url(PER_QUERY_FILE), per_query, run.state.step, metrics["pairs"])
         if logger:
             logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if "@" in k}, run.state.step)
     _report(metrics, run, rank, rngs=rngs)
@@ -403,6 +414,18 @@ def _gather_rng_states() -> list[dict[str, Any]]:
     return rngs
 
 
+def _load_checkpoint(ckpt) -> dict[str, Any]:
+    """The state of a Ray Train checkpoint. One on object storage is downloaded into a folder of this
+    rank's own: ``as_directory`` shares one download among the processes of a node, and after a
+    restart a rank then read a half-written state.pt ("PytorchStreamReader failed reading file")."""
+    import pyarrow.fs as pafs
+
+    if isinstance(ckpt.filesystem, pafs.LocalFileSystem):
+        return load_state(Path(ckpt.path))
+    with tempfile.TemporaryDirectory(prefix="samtone-ckpt-") as tmp:
+        return load_state(Path(ckpt.to_directory(tmp)))
+
+
 def load_state(directory: Path) -> dict[str, Any]:
     """A checkpoint's training state. ``weights_only=True``: a checkpoint is data, and a tampered
     one is refused instead of running the code a pickle can carry."""
@@ -442,8 +465,8 @@ def _maybe_inject_fault(cfg: Config, step: int, rank: int, world: int, loop_conf
     """
     if not cfg.train.fail_at_step or step != cfg.train.fail_at_step:
         return
-    marker = Path(loop_config["output_dir"]) / ".fault_injected"
-    if marker.exists():
+    output, marker = open_store(loop_config["output_dir"]), ".fault_injected"
+    if output.exists(marker):
         return
     from ray.train.v2._internal.execution.context import get_train_context
 
@@ -452,8 +475,7 @@ def _maybe_inject_fault(cfg: Config, step: int, rank: int, world: int, loop_conf
         dist.barrier()
     if rank != world - 1:
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(step))
+    output.write_text(marker, str(step))
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -473,8 +495,8 @@ def build_trainer(
     *,
     pairs_ref,
     eval_ref,
-    output_dir: Path,
-    storage_path: Path,
+    output_dir: str | Path,
+    storage_path: str | Path,
     name: str,
     run_id: str | None = None,
     tracking_uri: str | None = None,
@@ -519,7 +541,7 @@ def build_trainer(
 @dataclass
 class TrainOutcome:
     metrics: dict[str, Any]
-    model_dir: Path
+    model_dir: Path | str  # a URI when output_dir is one (s3://...)
     run_id: str | None
     model_uri: str | None
 
@@ -532,13 +554,13 @@ def train(cfg: Config, *, data=None) -> TrainOutcome:
 
     cfg = cfg.with_output_dir()
     connect_ray()
-    output_dir = Path(cfg.output_dir).resolve()
+    output = open_store(cfg.output_dir)  # a local folder or object storage (s3://bucket/run)
     uri = tracking.tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else None
-    check_ray_cluster(uri, str(output_dir))
+    check_ray_cluster(uri, output.location)
     pairs, eval_split = data or load_data(cfg)
     pairs = PairTable.of(pairs)  # every worker maps this one table: see pairs.py
-    if (output_dir / "model").exists():
-        log.warning("%s/model exists and will be replaced when this run finishes", output_dir)
+    if output.exists("model"):
+        log.warning("%s exists and will be replaced when this run finishes", output.url("model"))
     run_id = None
     if cfg.tracking.enabled:
         params = cfg.flat() | (eval_split.corpus_params() if eval_split is not None else {})
@@ -547,8 +569,8 @@ def train(cfg: Config, *, data=None) -> TrainOutcome:
         cfg,
         pairs_ref=ray.put(pairs),
         eval_ref=ray.put(eval_split) if eval_split is not None else None,
-        output_dir=output_dir,
-        storage_path=output_dir / "ray",
+        output_dir=output.location,
+        storage_path=output.url("ray"),  # Ray Train opens URIs itself (pyarrow.fs), as we do
         name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
         run_id=run_id,
         tracking_uri=uri,
@@ -563,7 +585,7 @@ def train(cfg: Config, *, data=None) -> TrainOutcome:
         tracking.RunLogger(uri, run_id).finish("FINISHED")
     return TrainOutcome(
         metrics=dict(result.metrics or {}),
-        model_dir=output_dir / "model",
+        model_dir=output.url("model") if output.remote else Path(output.url("model")),
         run_id=run_id,
         model_uri=run_model_uri(run_id) if run_id else None,
     )

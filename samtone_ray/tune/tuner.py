@@ -19,6 +19,7 @@ from typing import Any
 from samtone_ray.core.config import CombinationError, Config, ConfigError, from_dict
 from samtone_ray.evaluation.retrieval import DEFAULT_K_VALUES, METRIC_NAMES
 from samtone_ray.core.files import atomic_write_json, atomic_write_text
+from samtone_ray.core.storage import is_uri
 from samtone_ray.tune.layout import TUNE_NAME, TuneLayout
 from samtone_ray.tune.space import Space, overrides_of, parse_space
 
@@ -189,6 +190,12 @@ def tune(cfg: Config, *, resume: bool = False, data=None, zero_shot: bool = Fals
     from samtone_ray.tune.progress import RayOutput
 
     cfg = cfg.with_output_dir()
+    if is_uri(cfg.output_dir):  # before anything is written: not as a local folder named "s3:"
+        raise ConfigError(
+            f"output_dir={cfg.output_dir}: a tuning run keeps its state, leaderboard, trial folders and Ray's log "
+            "in a folder, and tuning on object storage is not supported yet: use a folder on a file system every "
+            "node mounts (train and encode accept s3://)"
+        )
     with RayOutput(None if verbose else TuneLayout(Path(cfg.output_dir).resolve()).ray_log) as output:
         return _start(cfg, resume=resume, data=data, zero_shot=zero_shot, output=output)
 
