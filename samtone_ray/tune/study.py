@@ -3,7 +3,10 @@ folder that can be committed (``tune.results_dir``), and a progress table over e
 
 A trial's folder is named by its configuration (every setting but the seed, hashed) and its seed,
 so the same arm run again in a later session, or in another tuning run, lands in the same place
-and replaces the earlier copy only when it trained further.
+and replaces the earlier copy only when it trained further. The study's table compares every
+configuration there with the reference configuration, whichever tuning run each came from, by the
+leaderboard's own rules: seeds paired by index, each pair at the largest budget both reached,
+per-query values averaged over the pairs and bootstrapped over queries.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from samtone_ray.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from samtone_ray.tune.leaderboard import configuration_of
+from samtone_ray.evaluation.per_query import read_budgets
+from samtone_ray.tune.leaderboard import add_statistics, configuration_of, format_configurations, group_seeds
 from samtone_ray.tune.space import SEED_KEY
 
 SUMMARY = "summary.json"
@@ -27,9 +31,11 @@ def trial_name(row: dict[str, Any]) -> str:
     return f"{digest}-seed{row['flat'].get(SEED_KEY)}"
 
 
-def export_trials(rows: list[dict[str, Any]], results_dir: Path, metric: str, varied: list[str]) -> list[Path]:
+def export_trials(rows: list[dict[str, Any]], results_dir: Path, metric: str, varied: list[str], mode: str = "max",
+                  reference: str = "") -> list[Path]:
     """Copy every finished or stopped trial of a leaderboard into ``results_dir``; returns the
-    folders written. ``varied``: the dotted keys the study varies, shown in the progress table."""
+    folders written. ``varied``: the dotted keys the study varies, shown in the progress table;
+    ``mode`` and ``reference``: ``tune.mode`` and ``tune.reference``, for the study's table."""
     written = []
     for row in rows:
         if row["status"] not in EXPORTED or not row.get("per_query_file"):
@@ -45,7 +51,7 @@ def export_trials(rows: list[dict[str, Any]], results_dir: Path, metric: str, va
             "varied": {k: row["flat"].get(k) for k in varied}, "config": row["flat"],
         })
         written.append(folder)
-    write_progress(results_dir, metric)
+    write_progress(results_dir, metric, mode, reference)
     return written
 
 
@@ -68,7 +74,29 @@ def format_progress_table(summaries: list[dict[str, Any]], metric: str) -> str:
     return "\n".join(lines)
 
 
-def write_progress(results_dir: Path, metric: str) -> None:
+def study_groups(results_dir: Path, metric: str, mode: str = "max", reference: str = "") -> list[dict[str, Any]]:
+    """Every configuration in ``results_dir`` with its seeds, mean, spread and its paired test
+    against the reference configuration (``tune.reference`` rules; default: plain in-batch), as
+    ``leaderboard.group_seeds`` gives them. Configurations are shown by the settings that differ
+    between them."""
     summaries = read_summaries(results_dir)
+    keys = sorted({k for s in summaries for k in s["config"]})
+    differing = [k for k in keys if k != SEED_KEY and len({json.dumps(s["config"].get(k)) for s in summaries}) > 1]
+    rows, per_query = [], {}
+    for s in summaries:
+        budgets = read_budgets(next(Path(results_dir, s["folder"]).glob("*.parquet")), metric)
+        rows.append({"trial": s["folder"], "status": s["status"], "flat": s["config"], "metrics": s["metrics"],
+                     "budgets": budgets, "settings": {k: s["config"].get(k) for k in differing}})
+        per_query[s["folder"]] = budgets
+    sign = -1 if mode == "max" else 1
+    rows.sort(key=lambda r: sign * r["metrics"].get(metric, -sign * float("inf")))
+    add_statistics(rows, per_query, metric, mode, reference)
+    return group_seeds(rows, metric, mode)
+
+
+def write_progress(results_dir: Path, metric: str, mode: str = "max", reference: str = "") -> None:
+    summaries = read_summaries(results_dir)
+    table = format_configurations(study_groups(results_dir, metric, mode, reference), metric)
     atomic_write_text(Path(results_dir) / PROGRESS, f"# study progress ({len(summaries)} trials)\n\n"
-                      + format_progress_table(summaries, metric) + "\n")
+                      + format_progress_table(summaries, metric) + "\n\n"
+                      + f"## {metric} by configuration, against the reference\n\n```\n{table}\n```\n")

@@ -328,7 +328,8 @@ def _tune(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, da
     if cfg.tune.results_dir:
         from samtone_ray.tune.study import export_trials
 
-        export_trials(board, Path(cfg.tune.results_dir), cfg.tune.metric, [*space.grid_values, *space.sampled])
+        export_trials(board, Path(cfg.tune.results_dir), cfg.tune.metric, [*space.grid_values, *space.sampled],
+                      cfg.tune.mode, cfg.tune.reference)
     best = _best(board, cfg, groups)
     champion = None
     if best is not None and uri:
