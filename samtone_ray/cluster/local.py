@@ -42,6 +42,8 @@ GCS_PORT = 6379
 DASHBOARD_PORT = 8265
 STATE_FILE = "state.json"
 TOKEN_FILE = "auth_token"
+S3_ENV_FILE = "s3.env"  # AWS_* of the cluster's S3 server, mode 0600: what every node gets
+S3_BUCKET = "samtone"
 # Set on a node, they would break or redirect it: Windows/OSX mode refuses worker nodes even on
 # Linux; an inherited address or token would point the node's processes at another cluster.
 DROPPED_ENV = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN",
@@ -70,6 +72,8 @@ class State:
     net: int
     bridge: str
     state_dir: str
+    s3_port: int | None = None  # an S3 server (moto) on the bridge address, when `up --s3`
+    s3_pgid: int | None = None
     bridge_ifindex: int | None = None
     nodes: list[Node] = field(default_factory=list)
     token_path: str = ""
@@ -253,8 +257,60 @@ def node_env(state: State, extra: dict[str, str] | None = None) -> dict[str, str
         # Every process on every node asks the head's state API, never "the latest local cluster".
         "RAY_API_SERVER_ADDRESS": state.address,
     })
+    env.update(s3_env(state))
     env.update(extra or {})
     return env
+
+
+def s3_env(state: State) -> dict[str, str]:
+    """The AWS variables of the cluster's S3 server (none without one), read from their 0600 file:
+    a node's environment is the only other place they go."""
+    if not state.s3_port:
+        return {}
+    lines = (Path(state.state_dir) / S3_ENV_FILE).read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
+def _prepare_s3(state: State) -> None:
+    """A port and fresh credentials for the S3 server, in a file only its owner reads, before any
+    node starts (each node's environment carries them); the server itself starts once the bridge
+    that it listens on exists (``_start_s3``)."""
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        state.s3_port = sock.getsockname()[1]
+    fd = os.open(Path(state.state_dir) / S3_ENV_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"AWS_ENDPOINT_URL=http://{state.bridge_ip}:{state.s3_port}\n"
+                f"AWS_ACCESS_KEY_ID=samtone{secrets.token_hex(6)}\nAWS_SECRET_ACCESS_KEY={secrets.token_hex(20)}\n"
+                "AWS_DEFAULT_REGION=us-east-1\n")
+    state.save()
+
+
+def _start_s3(state: State) -> None:
+    """moto's S3 server (PyPI ``moto[server]``: the real S3 HTTP API, objects in memory) on the
+    bridge address, which every node reaches as a cluster reaches its object store, with the bucket
+    ``samtone``. For tests and trials on this machine only: nothing persists it."""
+    import pyarrow.fs as pafs
+
+    moto = Path(sys.executable).parent / "moto_server"
+    if not moto.exists():
+        raise LocalClusterError("--s3 needs moto's S3 server in this environment (pip install 'moto[server]')")
+    log = Path(state.state_dir) / "s3.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(moto), "-H", state.bridge_ip, "-p", str(state.s3_port)], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    state.s3_pgid = proc.pid
+    state.save()
+    deadline = time.monotonic() + 60
+    while not _listening(state.bridge_ip, state.s3_port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise LocalClusterError(f"moto_server did not listen at {state.bridge_ip}:{state.s3_port}:\n"
+                                    f"{log.read_text()[-2000:]}")
+        time.sleep(0.2)
+    env = s3_env(state)
+    pafs.S3FileSystem(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
+                      endpoint_override=env["AWS_ENDPOINT_URL"], region=env["AWS_DEFAULT_REGION"],
+                      allow_bucket_creation=True).create_dir(S3_BUCKET)
 
 
 def _start_node(state: State, node: Node, args: list[str], env: dict[str, str]) -> None:
@@ -313,9 +369,13 @@ def up(
     cpus_per_worker: int = 1,
     object_store_mb: int = 256,
     env: dict[str, str] | None = None,
+    s3: bool = False,
     timeout_s: float = 180.0,
 ) -> State:
     """Build the cluster and start its nodes; returns once every node is alive in the head's state API.
+
+    ``s3``: an S3 server (moto) on the bridge address with the bucket ``samtone``; every node gets
+    its AWS_* variables (``AWS_ENDPOINT_URL`` and generated keys, kept in ``s3.env``, mode 0600).
 
     On any failure everything created so far is removed again (``down``) before the error is raised.
     """
@@ -344,8 +404,12 @@ def up(
     state = State(net=net, bridge=bridge, state_dir=str(state_dir))
     state.save()
     try:
+        if s3:
+            _prepare_s3(state)
         _build(state, plan, workers=workers, cpus_per_worker=cpus_per_worker, object_store_mb=object_store_mb,
                env=env, timeout_s=timeout_s)
+        if s3:
+            _start_s3(state)
     except BaseException:
         down(state_dir, quiet=True)
         raise
@@ -412,6 +476,8 @@ def down(state_dir: str | os.PathLike[str], *, quiet: bool = False, keep_logs: b
         say(f"no cluster recorded in {state_dir}: nothing to do")
         return []
     left = []
+    if state.s3_pgid:
+        stop_groups([state.s3_pgid])
     stop_groups([n.pgid for n in state.nodes if n.pgid is not None])
     for node in state.nodes:
         mine = node.netns_inode is not None and _netns_inode(node.netns) == node.netns_inode
@@ -432,6 +498,7 @@ def down(state_dir: str | os.PathLike[str], *, quiet: bool = False, keep_logs: b
         left.append(f"link {state.bridge} (not the one this cluster created)")
     if state.token_path:
         Path(state.token_path).unlink(missing_ok=True)
+    (Path(state_dir) / S3_ENV_FILE).unlink(missing_ok=True)
     (Path(state_dir) / STATE_FILE).unlink()
     for item in left:
         say(f"left alone: {item}")
@@ -458,6 +525,11 @@ def status(state_dir: str | os.PathLike[str]) -> int:
     print("\nTo use it from this machine (the token itself stays in its file):")
     for key, value in state.client_env().items():
         print(f"  export {key}={value}")
+    if state.s3_port:
+        up_s3 = state.s3_pgid is not None and bool(_group_members(state.s3_pgid))
+        ok &= up_s3
+        print(f"  set -a; . {Path(state.state_dir) / S3_ENV_FILE}; set +a   # S3 at {state.bridge_ip}:{state.s3_port} "
+              f"({'running' if up_s3 else 'NOT running'}), bucket {S3_BUCKET}; the keys stay in the file")
     print(f"  samtone submit train --address {state.address} ...")
     return 0 if ok else 1
 
@@ -471,13 +543,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-worker", type=int, default=1, help="logical CPUs of each worker node (up)")
     p.add_argument("--object-store-mb", type=int, default=256, help="each node's object store (up)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for every node (up)")
+    p.add_argument("--s3", action="store_true", help="an S3 server (moto) on the bridge, its AWS_* on every node (up)")
     p.add_argument("--keep-logs", action="store_true", help="keep the nodes' Ray temp dirs (down)")
     args = p.parse_args(argv)
     try:
         if args.command == "up":
             extra = dict(item.split("=", 1) for item in args.env)
             state = up(args.state_dir, net=args.net, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                       object_store_mb=args.object_store_mb, env=extra)
+                       object_store_mb=args.object_store_mb, env=extra, s3=args.s3)
             print(f"cluster up: head {state.head.ip}, workers {', '.join(n.ip for n in state.nodes[1:])}")
             return status(args.state_dir)
         if args.command == "down":

@@ -5,6 +5,8 @@ network namespace of its own, token auth on, started and removed by ``scripts/lo
 Each node has its own Ray temp dir. The nodes share this machine's file system, so the input
 model and data of a test may lie anywhere on it (a real cluster would read them from shared
 storage); ``output_dir`` is accepted because every node is seen to read what is written there.
+With ``--s3`` (the fixture's) the cluster also has an S3 server on the bridge: jobs write to
+``s3://samtone/...`` as they would to a cluster's object store.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def leftovers(state: State) -> list[str]:
 
     found = net_in_use(state.net, len(state.nodes) - 1)
     found += [f"process group {n.pgid} ({n.name})" for n in state.nodes if n.pgid and _group_members(n.pgid)]
+    if state.s3_pgid and _group_members(state.s3_pgid):
+        found.append(f"process group {state.s3_pgid} (moto_server)")
     return found
 
 

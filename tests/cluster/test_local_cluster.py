@@ -55,3 +55,24 @@ def test_a_local_file_system_every_node_was_seen_to_share_is_accepted():
     with pytest.raises(ClusterConfigError, match="local to one node"):
         check_cluster(3, None, "/tmp/out", "ext4")
     check_cluster(3, None, "/tmp/out", "ext4", output_seen_by_all=True)
+
+
+def test_nodes_get_the_s3_keys_from_a_0600_file_and_status_never_prints_them(tmp_path, capsys):
+    """`up --s3`: fresh keys in <state dir>/s3.env (owner-only), the endpoint on the bridge; every
+    node's environment carries them; `status` names the file, never a key."""
+    from samtone_ray.cluster.local import S3_ENV_FILE, _prepare_s3, status
+
+    state = State(net=7, bridge="b", state_dir=str(tmp_path), token_path=str(tmp_path / "auth_token"),
+                  nodes=[Node("head", "n", "10.231.7.1", "v")])
+    (tmp_path / "auth_token").write_text("t")
+    _prepare_s3(state)
+    path = tmp_path / S3_ENV_FILE
+    assert path.stat().st_mode & 0o777 == 0o600
+    env = node_env(state, {})
+    assert env["AWS_ENDPOINT_URL"] == f"http://10.231.7.254:{state.s3_port}"
+    secret = env["AWS_SECRET_ACCESS_KEY"]
+    assert len(secret) == 40 and secret in path.read_text() and env["AWS_ACCESS_KEY_ID"] in path.read_text()
+    assert State.load(tmp_path).s3_port == state.s3_port and secret not in (tmp_path / "state.json").read_text()
+    status(tmp_path)
+    out = capsys.readouterr().out
+    assert str(path) in out and secret not in out and env["AWS_ACCESS_KEY_ID"] not in out
