@@ -27,6 +27,7 @@ NegativeSampling = Literal["top", "random"]
 """How mined hard negatives are picked from a query's filtered candidates: the best-scoring ones, or a
 seeded random sample of them (``MiningConfig.sampling``)."""
 NegativeSource = Literal["none", "file", "bm25", "dense"]
+GuideMargin = Literal["absolute", "relative"]
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_SPREAD"]
 """Where Ray puts the training workers: PACK on as few nodes as possible (the default: collectives
 stay inside a node), SPREAD over as many nodes as it can, STRICT_SPREAD each on a node of its own

@@ -21,7 +21,7 @@ import yaml
 
 from samtone_ray.core import choices as settings
 from samtone_ray.core.choices import Mode, NegativeSampling, NegativeSource, Pooling, Precision, SameTower, Scheduler, TowerMode, TuneAlgorithm
-from samtone_ray.core.choices import PlacementStrategy
+from samtone_ray.core.choices import GuideMargin, PlacementStrategy
 from samtone_ray.core.redact import has_credentials, redact_uri
 from samtone_ray.core.storage import StorageError, is_uri, normalize
 
@@ -151,6 +151,14 @@ class LossConfig:
     """alpha >= 0 multiplies each same-tower term of a softmax denominator (1 = SamToNe, 0 = plain in-batch)."""
     false_negative_margin: float | None = field(default=None, metadata=HYPERPARAMETER)
     """Drop each negative whose cosine to the anchor exceeds the positive's plus this margin (null = off)."""
+    guide: str = field(default="", metadata=HYPERPARAMETER)
+    """A frozen guide model (any model URI) for guided false-negative filtering, as GISTEmbed does:
+    each negative the guide scores above the anchor's positive (less ``guide_margin``) leaves that
+    anchor's softmax. Empty = off."""
+    guide_margin: float = field(default=0.0, metadata=HYPERPARAMETER)
+    guide_margin_type: GuideMargin = field(default="absolute", metadata=HYPERPARAMETER)
+    """``absolute``: drop a negative whose guide score exceeds p - margin; ``relative``: p * (1 - margin),
+    p the guide's score of the positive (sentence-transformers' GISTEmbedLoss margin strategies)."""
     anchor_chunk_size: int = 0
     """Anchors per loss chunk (0 = all at once): bounds the logits to [chunk, candidates] for big batches."""
 
@@ -166,6 +174,13 @@ class LossConfig:
             settings.check_loss_combination(self.same_tower, self.bidirectional, prefix="loss.")
         with _as(ConfigError):
             settings.check_loss_knobs(self.same_tower_weight, self.false_negative_margin, prefix="loss.")
+        if not isinstance(self.guide, str):
+            raise ConfigError(f"loss.guide must be a model URI (a string; empty = off), got {self.guide!r}")
+        if self.guide_margin_type not in ("absolute", "relative"):
+            raise ConfigError(f"loss.guide_margin_type must be absolute or relative, got {self.guide_margin_type!r}")
+        require_finite("loss.guide_margin", self.guide_margin)
+        if isinstance(self.guide_margin, bool) or not isinstance(self.guide_margin, (int, float)):
+            raise ConfigError(f"loss.guide_margin must be a number, got {self.guide_margin!r}")
 
 
 END_ONLY = -1

@@ -37,6 +37,13 @@ The false-negative margin ``m`` (``false_negative_margin``; GTE / NV-Retriever's
 filter applied inside the batch) removes, for each anchor, every negative candidate (cross-tower,
 hard or same-tower) with ``s(anchor, c) > s(anchor, positive) + m``. It is decided on detached
 similarities and never removes the positive.
+
+Guided filtering (``guide_embeddings``: a frozen guide model's embeddings of the same texts, as GISTEmbed,
+Solatorio 2024, uses them) removes, for each anchor, every negative candidate the guide scores
+above the anchor's positive: ``g(anchor, c) > g(anchor, positive) - m_g`` (``guide_margin_type``
+absolute) or ``> g(anchor, positive) * (1 - m_g)`` (relative), ``g`` the guide's cosine and
+``m_g`` the ``guide_margin``. It composes with the masks and the margin above (a candidate any of
+them removes is gone), in both directions and every same-tower block; it never removes the positive.
 """
 
 from __future__ import annotations
@@ -98,19 +105,34 @@ class _PairMasks:
         return torch.isin(codes, self.batch_pairs)
 
 
+def _guided(guide: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor, margin: float,
+            relative: bool) -> torch.Tensor:
+    """[n, M] bool: candidates the guide scores above the anchor's positive, less the margin."""
+    anchors, cands = guide
+    sims = anchors @ cands.T
+    positive = sims.gather(1, targets[:, None])  # [n, 1]
+    return sims > (positive * (1 - margin) if relative else positive - margin)
+
+
 def _nll_sum(anchors: torch.Tensor, cands: torch.Tensor, removed: torch.Tensor, targets: torch.Tensor,
-             temperature: float, bias: torch.Tensor | None, margin: float | None) -> torch.Tensor:
+             temperature: float, bias: torch.Tensor | None, margin: float | None,
+             guided: torch.Tensor | None = None) -> torch.Tensor:
     """Summed cross-entropy of anchors [n, D] over candidates [M, D].
 
-    ``removed`` [n, M] marks false negatives; ``targets`` [n] are the positives' columns, which are
-    never removed; ``bias`` [M] is added to the logits (log(alpha) on same-tower columns).
+    ``removed`` [n, M] marks false negatives, ``guided`` [n, M] those the guide filter removes;
+    ``targets`` [n] are the positives' columns, which are never removed; ``bias`` [M] is added to
+    the logits (log(alpha) on same-tower columns).
     """
     sims = anchors @ cands.T  # [n, M] cosine similarities
+    if guided is not None:
+        removed = removed | guided
     if margin is not None:
         # Decided on detached similarities: the filter picks the negatives, it is not trained.
         detached = sims.detach()
         positive = detached.gather(1, targets[:, None])  # [n, 1]
-        removed = (removed | (detached > positive + margin)).scatter(1, targets[:, None], False)
+        removed = removed | (detached > positive + margin)
+    if guided is not None or margin is not None:
+        removed = removed.scatter(1, targets[:, None], False)
     logits = sims / temperature
     if bias is not None:
         logits = logits + bias
@@ -130,13 +152,14 @@ def contrastive_loss(
     hard_negative_keys: torch.Tensor | None = None,
     anchor_offset: int = 0,
     num_anchors: int | None = None,
+    guide_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     **settings,
 ) -> torch.Tensor:
     """The functional form: ``SamToNeLoss(**settings)(q, d, ...)``; ``settings`` are the fields of
     :class:`~samtone_ray.core.config.LossConfig` (``same_tower``, ``temperature``, ...), with its
     defaults. Code that computes the loss more than once builds a :class:`SamToNeLoss` once."""
     return SamToNeLoss(**settings)(q, d, hard_negatives, query_keys, doc_keys, hard_negative_keys,
-                                   anchor_offset, num_anchors)
+                                   anchor_offset, num_anchors, guide_embeddings)
 
 
 def _samtone_loss(
@@ -149,6 +172,7 @@ def _samtone_loss(
     hard_negative_keys: torch.Tensor | None,
     anchor_offset: int,
     num_anchors: int | None,
+    guide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """SamToNe loss (see module docstring) as a scalar, float32 for half/bf16/fp32 inputs.
 
@@ -166,6 +190,8 @@ def _samtone_loss(
             (default: all B) against all B candidates. With q, d, hard negatives and keys
             all-gathered, each worker passes its own row range; the mean of equal-size shard
             losses equals the full-batch loss.
+        guide: the guide model's embeddings of the same texts, ``(q [B, G], d [B, G], hard
+            negatives [B, K, G] or None)``, L2-normalised, without gradients (guided filtering).
 
     ``settings.anchor_chunk_size`` bounds memory: anchors are processed this many at a time, each
     chunk's gradients computed in the same pass and its logits freed, so no logits tensor is
@@ -200,6 +226,16 @@ def _samtone_loss(
         raise ValueError(f"anchor rows [{anchor_offset}, {anchor_offset + num_anchors}) must be a "
                          f"non-empty range inside the batch of {batch} rows")
 
+    if guide is not None:
+        gq, gd, gh = guide
+        if gq.ndim != 2 or gq.shape[0] != batch or gd.shape != gq.shape:
+            raise ValueError(f"guide q and d must both be [B, G] with B = {batch}, got {tuple(gq.shape)} and {tuple(gd.shape)}")
+        if (gh is None) != (num_hard == 0) or (gh is not None and tuple(gh.shape) != (batch, num_hard, gq.shape[1])):
+            raise ValueError(f"guide hard negatives must be [B, K, G] = [{batch}, {num_hard}, {gq.shape[1]}] "
+                             f"(None without hard negatives), got {None if gh is None else tuple(gh.shape)}")
+    elif settings.guide:
+        raise ValueError(f"loss.guide={settings.guide!r} is set but no guide embeddings were given")
+
     device = q.device
     query_keys = _check_keys("query_keys", query_keys, (batch,), device)
     doc_keys = _check_keys("doc_keys", doc_keys, (batch,), device)
@@ -221,6 +257,13 @@ def _samtone_loss(
             embeddings.append(hard_negatives.to(compute_dtype).reshape(batch * num_hard, dim))
         qd_bias = _same_tower_bias(batch * (1 + num_hard), batch if query_side else 0, log_alpha, embeddings[0])
         dq_bias = _same_tower_bias(batch, batch if doc_side else 0, log_alpha, embeddings[0])
+        if guide is not None:
+            # The guide's candidates in the order of the loss's own: q->d [docs | hard | queries], d->q [queries | docs].
+            gq, gd = guide[0].to(compute_dtype), guide[1].to(compute_dtype)
+            gh = [guide[2].to(compute_dtype).reshape(batch * num_hard, -1)] if num_hard else []
+            guide_qd = torch.cat([gd, *gh] + ([gq] if query_side else []))
+            guide_dq = torch.cat([gq] + ([gd] if doc_side else []))
+            relative = settings.guide_margin_type == "relative"
 
         def loss_sum(rows: torch.Tensor, qf: torch.Tensor, df: torch.Tensor,
                      hf: torch.Tensor | None = None) -> torch.Tensor:
@@ -237,13 +280,15 @@ def _samtone_loss(
                 removed.append(pair_masks.hard(rows, batch * num_hard))
             if query_side:
                 removed.append(same_removed)
+            guided = None if guide is None else _guided((gq[rows], guide_qd), rows, settings.guide_margin, relative)
             total = _nll_sum(qf[rows], qd_cands, torch.cat(removed, 1), rows, temperature, qd_bias,
-                             false_negative_margin)
+                             false_negative_margin, guided)
             if bidirectional:
                 dq_cands = torch.cat([qf] + ([df] if doc_side else []))  # [B (+ B), D]
                 removed = torch.cat([cross_removed] + ([same_removed] if doc_side else []), 1)
+                guided = None if guide is None else _guided((gd[rows], guide_dq), rows, settings.guide_margin, relative)
                 total = total + _nll_sum(df[rows], dq_cands, removed, rows, temperature, dq_bias,
-                                         false_negative_margin)
+                                         false_negative_margin, guided)
             return total
 
         end = anchor_offset + num_anchors
@@ -303,7 +348,8 @@ class SamToNeLoss(nn.Module):
     "query"/"both") and the d->q softmax for d_i over {q_j} + {d_j : j != i} ("doc"/"both");
     logits are cosine similarity / temperature, so a lower temperature means a sharper softmax;
     same-tower terms are weighted by ``same_tower_weight``; ``false_negative_margin`` drops
-    negatives scoring above the positive plus the margin.
+    negatives scoring above the positive plus the margin; ``guide_embeddings`` drop those a guide
+    model scores above the positive (less ``guide_margin``).
     Reference: Moiseev et al. 2023, arXiv:2306.02516.
 
     The settings are a :class:`~samtone_ray.core.config.LossConfig` (the ``loss:`` section of a
@@ -342,9 +388,10 @@ class SamToNeLoss(nn.Module):
         hard_negative_keys: torch.Tensor | None = None,
         anchor_offset: int = 0,
         num_anchors: int | None = None,
+        guide_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         return _samtone_loss(q, d, self.config, hard_negatives, query_keys, doc_keys, hard_negative_keys,
-                             anchor_offset, num_anchors)
+                             anchor_offset, num_anchors, guide_embeddings)
 
     def get_config_dict(self) -> dict[str, object]:
         """The hyperparameters (for MLflow params); memory settings such as the chunk size are not."""

@@ -32,24 +32,34 @@ KEY_SETS = ["none", "query", "doc", "both"]
 
 def naive_loss(q, d, *, same_tower, bidirectional, temperature, hard_negatives=None,
                query_keys=None, doc_keys=None, hard_negative_keys=None, rows=None,
-               same_tower_weight=1.0, false_negative_margin=None):
+               same_tower_weight=1.0, false_negative_margin=None, guide=None, guide_margin=0.0,
+               guide_margin_type="absolute"):
     """SamToNe loss by explicit enumeration of each anchor's candidate list (autograd-able).
 
-    Each negative is (vector, weight): same-tower terms of a denominator are multiplied by
-    ``same_tower_weight``, cross-tower and hard ones by 1.
+    Each negative is (vector, weight, index): same-tower terms of a denominator are multiplied by
+    ``same_tower_weight``, cross-tower and hard ones by 1; ``index`` finds the text's guide vector.
     """
     batch = q.shape[0]
     num_hard = 0 if hard_negatives is None else hard_negatives.shape[1]
     rows = range(batch) if rows is None else rows
     alpha = same_tower_weight
 
-    def nll(anchor, positive, negatives):
+    def guide_vector(index):  # ("q", j), ("d", j) or ("h", r, k)
+        gq, gd, gh = guide
+        return {"q": lambda j: gq[j], "d": lambda j: gd[j], "h": lambda r, k: gh[r, k]}[index[0]](*index[1:])
+
+    def nll(anchor, positive, negatives, anchor_index, positive_index):
         positive_sim = torch.dot(anchor, positive).item()
         if false_negative_margin is not None:
-            negatives = [(c, w) for c, w in negatives
+            negatives = [(c, w, x) for c, w, x in negatives
                          if not torch.dot(anchor, c).item() > positive_sim + false_negative_margin]
-        logits = [torch.dot(anchor, positive) / temperature] + [torch.dot(anchor, c) / temperature for c, _ in negatives]
-        weights = [1.0] + [w for _, w in negatives]
+        if guide is not None:
+            g_anchor = guide_vector(anchor_index)
+            p = torch.dot(g_anchor, guide_vector(positive_index)).item()
+            bound = p * (1 - guide_margin) if guide_margin_type == "relative" else p - guide_margin
+            negatives = [(c, w, x) for c, w, x in negatives if not torch.dot(g_anchor, guide_vector(x)).item() > bound]
+        logits = [torch.dot(anchor, positive) / temperature] + [torch.dot(anchor, c) / temperature for c, _, _ in negatives]
+        weights = [1.0] + [w for _, w, _ in negatives]
         shift = max(x.detach().item() for x in logits)  # constant, only for numerical range
         log_z = shift + torch.log(sum(w * torch.exp(x - shift) for x, w in zip(logits, weights)))
         return log_z - logits[0]
@@ -66,25 +76,25 @@ def naive_loss(q, d, *, same_tower, bidirectional, temperature, hard_negatives=N
 
     q_to_d = []
     for i in rows:
-        negatives = [(d[j], 1.0) for j in range(batch) if j != i and not related(i, j)]
+        negatives = [(d[j], 1.0, ("d", j)) for j in range(batch) if j != i and not related(i, j)]
         for r in range(batch):
             for k in range(num_hard):
                 if hard_negative_keys is not None and hard_negative_keys[r][k] in positives_of_query(i):
                     continue
-                negatives.append((hard_negatives[r, k], 1.0))
+                negatives.append((hard_negatives[r, k], 1.0, ("h", r, k)))
         if same_tower in ("query", "both"):
-            negatives += [(q[j], alpha) for j in range(batch) if j != i and not related(i, j)]
-        q_to_d.append(nll(q[i], d[i], negatives))
+            negatives += [(q[j], alpha, ("q", j)) for j in range(batch) if j != i and not related(i, j)]
+        q_to_d.append(nll(q[i], d[i], negatives, ("q", i), ("d", i)))
     loss = sum(q_to_d) / len(q_to_d)
     if not bidirectional:
         return loss
 
     d_to_q = []
     for i in rows:
-        negatives = [(q[j], 1.0) for j in range(batch) if j != i and not related(i, j)]
+        negatives = [(q[j], 1.0, ("q", j)) for j in range(batch) if j != i and not related(i, j)]
         if same_tower in ("doc", "both"):
-            negatives += [(d[j], alpha) for j in range(batch) if j != i and not related(i, j)]
-        d_to_q.append(nll(d[i], q[i], negatives))
+            negatives += [(d[j], alpha, ("d", j)) for j in range(batch) if j != i and not related(i, j)]
+        d_to_q.append(nll(d[i], q[i], negatives, ("d", i), ("q", i)))
     return (loss + sum(d_to_q) / len(d_to_q)) / 2
 
 
@@ -140,16 +150,18 @@ def leaf(*tensors):
 
 
 def assert_matches_naive(config: dict, key_set: str, with_hard: bool, q, d, hn, *,
-                         atol=1e-5, grad_atol=1e-4, device="cpu", anchor_chunk_size=0):
+                         atol=1e-5, grad_atol=1e-4, device="cpu", anchor_chunk_size=0, guide=None):
     keys = key_kwargs(key_set, with_hard)
     q32, d32, hn32 = leaf(q.to(device), d.to(device), hn.to(device))
     device_keys = {name: t.to(device) for name, t in as_tensors(keys).items()}
+    guide32 = None if guide is None else (guide[0].to(device), guide[1].to(device), guide[2].to(device) if with_hard else None)
     got = contrastive_loss(q32, d32, hard_negatives=hn32 if with_hard else None, **device_keys, **config,
-                           anchor_chunk_size=anchor_chunk_size)
+                           anchor_chunk_size=anchor_chunk_size, guide_embeddings=guide32)
     got.backward()
 
     q64, d64, hn64 = leaf(q.double(), d.double(), hn.double())
-    want = naive_loss(q64, d64, hard_negatives=hn64 if with_hard else None, **keys, **config)
+    guide64 = None if guide is None else tuple(t.double() for t in guide)
+    want = naive_loss(q64, d64, hard_negatives=hn64 if with_hard else None, **keys, **config, guide=guide64)
     want.backward()
 
     assert got.dtype == torch.float32
@@ -261,6 +273,86 @@ def test_knobs_match_naive_reference(same_tower, bidirectional, with_hard, key_s
     config = dict(same_tower=same_tower, bidirectional=bidirectional, temperature=TEMPERATURE,
                   same_tower_weight=alpha, false_negative_margin=margin)
     assert_matches_naive(config, key_set, with_hard, q, d, hn)
+
+
+def make_guide(seed=19, noise=0.4):
+    """A guide model's view of make_batch()'s texts: the same structure (duplicates stay near
+    each other) blurred by noise, so it disagrees with the model being trained on some candidates."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(F.normalize(t.double() + noise * torch.randn(t.shape, generator=gen, dtype=torch.float64), dim=-1).float()
+                 for t in make_batch())
+
+
+def guide_excess(guide, kind, margin):
+    """g(anchor, c) minus the guide's threshold for every anchor and negative candidate, both
+    directions: a candidate leaves the softmax where this is > 0."""
+    gq, gd, gh = (t.double() for t in guide)
+    positive = (gq * gd).sum(-1, keepdim=True)
+    threshold = positive * (1 - margin) if kind == "relative" else positive - margin
+    batch = gq.shape[0]
+    sims = [gq @ torch.cat([gd, gh.reshape(-1, gq.shape[1]), gq]).T, gd @ torch.cat([gq, gd]).T]
+    # Not the positive's column (never removed) nor the anchor's own same-tower column (always removed).
+    kept = [torch.ones_like(s, dtype=torch.bool) for s in sims]
+    for k in kept:
+        k[:, :batch].fill_diagonal_(False)
+        k[:, -batch:].fill_diagonal_(False)
+    return torch.cat([(s - threshold)[k] for s, k in zip(sims, kept)])
+
+
+# (guide_margin_type, guide_margin), each >= 0.005 from every guide gap (test_guide_margins_are_not_ties).
+GUIDE_MARGINS = [("absolute", 0.0), ("absolute", 0.13), ("relative", 0.05), ("absolute", -0.07)]
+
+
+def test_guide_margins_are_not_ties():
+    guide = make_guide()
+    for kind, margin in GUIDE_MARGINS:
+        excess = guide_excess(guide, kind, margin)
+        assert excess.abs().min() > 0.005, (kind, margin)
+        assert 0 < int((excess > 0).sum()) < excess.numel()  # it removes some candidates, not all
+
+
+GUIDE_COMBINATIONS = [
+    pytest.param(st, bi, hard, ks, kind, m, fnm,
+                 id=f"{st}-{'bi' if bi else 'uni'}-{'hn2' if hard else 'nohn'}-keys_{ks}-{kind}{m}-fnm{fnm}")
+    for st, bi, hard, ks in itertools.product(SAME_TOWER, [False, True], [False, True], ["none", "both"])
+    for (kind, m), fnm in zip(GUIDE_MARGINS, [None, 0.03, None, 0.19])
+    if not (st == "doc" and not bi)
+]
+
+
+@pytest.mark.parametrize("same_tower, bidirectional, with_hard, key_set, kind, margin, fnm", GUIDE_COMBINATIONS)
+def test_guided_filtering_matches_naive_reference(same_tower, bidirectional, with_hard, key_set, kind, margin, fnm):
+    """Guided false-negative filtering with every strategy, both directions, the duplicate masks
+    and the false-negative margin, against the per-anchor enumeration."""
+    q, d, hn = make_batch()
+    config = dict(same_tower=same_tower, bidirectional=bidirectional, temperature=TEMPERATURE, same_tower_weight=0.3,
+                  false_negative_margin=fnm, guide_margin=margin, guide_margin_type=kind)
+    assert_matches_naive(config, key_set, with_hard, q, d, hn, guide=make_guide())
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_the_model_as_its_own_guide_is_the_false_negative_margin(chunk):
+    """A guide that sees what the model sees, with guide_margin -m, removes exactly what
+    false_negative_margin m removes: an oracle that shares no code with the guide filter."""
+    q, d, hn = make_batch()
+    common = dict(same_tower="both", bidirectional=True, query_keys=torch.tensor(QUERY_KEYS),
+                  doc_keys=torch.tensor(DOC_KEYS), anchor_chunk_size=chunk)
+    guided = _loss_and_grads(q, d, hn, guide_embeddings=(q, d, hn), guide_margin=-0.03, **common)
+    margin = _loss_and_grads(q, d, hn, false_negative_margin=0.03, **common)
+    plain = _loss_and_grads(q, d, hn, **common)
+    for a, b in zip(guided, margin):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert abs(guided[0].item() - plain[0].item()) > 1e-3
+
+
+def test_guide_shapes_are_checked_and_a_guide_uri_needs_embeddings():
+    q, d, hn = make_batch()
+    with pytest.raises(ValueError, match=r"guide q and d must both be \[B, G\]"):
+        contrastive_loss(q, d, guide_embeddings=(q[:3], d, None))
+    with pytest.raises(ValueError, match=r"guide hard negatives must be \[B, K, G\]"):
+        contrastive_loss(q, d, hard_negatives=hn, guide_embeddings=(q, d, None))
+    with pytest.raises(ValueError, match="no guide embeddings"):
+        contrastive_loss(q, d, guide="models:/guide@champion")
 
 
 def test_knobs_change_the_loss():
@@ -475,7 +567,8 @@ def test_module_forward_matches_naive_and_reports_config():
     keys = key_kwargs("both", True)
     loss_fn = SamToNeLoss(same_tower="query", bidirectional=True, temperature=0.1)
     assert loss_fn.get_config_dict() == {"same_tower": "query", "bidirectional": True, "temperature": 0.1,
-                                         "same_tower_weight": 1.0, "false_negative_margin": None}
+                                         "same_tower_weight": 1.0, "false_negative_margin": None, "guide": "",
+                                         "guide_margin": 0.0, "guide_margin_type": "absolute"}
     got = loss_fn(q, d, hn, **as_tensors(keys), anchor_offset=2, num_anchors=3)
     want = naive_loss(q.double(), d.double(), hard_negatives=hn.double(), **keys, same_tower="query",
                       bidirectional=True, temperature=0.1, rows=range(2, 5))
