@@ -218,7 +218,7 @@ def run_samtone(model_dir: str, texts: list[str], args) -> dict[str, dict]:
     from samtone_ray.core.runtime import connect_ray
     from samtone_ray.serve.app import (
         APP_NAME,
-        build_app,
+        bind_app,
         deployment_options,
         http_options,
         local_serve_env,
@@ -246,7 +246,7 @@ def run_samtone(model_dir: str, texts: list[str], args) -> dict[str, dict]:
             base = f"http://127.0.0.1:{port}"
             options = deployment_options(1, num_cpus=args.num_cpus, serve_cfg=cfg)
             app_args = {"model": model_dir, "api_key_sha256": [digest(key)] if key else None}
-            serve.run(build_app(app_args, options), name=APP_NAME, route_prefix="/", blocking=False)
+            serve.run(bind_app(app_args, options), name=APP_NAME, route_prefix="/", blocking=False)
             wait_http(f"{base}/readyz", 300)
             headers = {"Authorization": f"Bearer {key}"} if key else {}
 

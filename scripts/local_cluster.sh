@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real multi-node Ray cluster on this machine, one network namespace per node (run as root):
-#   scripts/local_cluster.sh up [--workers 2] [--net 0] [--env KEY=VALUE ...]
+#   scripts/local_cluster.sh up [--workers 2] [--net 0] [--env KEY=VALUE ...] [--redis]
 #   scripts/local_cluster.sh status      # the nodes, and the exports a client needs
 #   scripts/local_cluster.sh down        # removes exactly what `up` created (idempotent)
 # The head (0 CPUs) is at 10.231.<net>.1, workers at .2, .3, ...; its job server at

@@ -65,6 +65,7 @@ class Node:
     veth_ifindex: int | None = None
     pgid: int | None = None  # the `ray start --block` process, leader of its own session and group
     log: str = ""
+    args: list[str] = field(default_factory=list)  # what `ray start` was given, for `restart_node`
 
 
 @dataclass
@@ -77,6 +78,9 @@ class State:
     bridge_ifindex: int | None = None
     nodes: list[Node] = field(default_factory=list)
     token_path: str = ""
+    env: dict[str, str] = field(default_factory=dict)  # the extra node environment, for `restart_node`
+    redis_port: int | None = None  # GCS fault tolerance: the head keeps its state in this redis-server
+    redis_pgid: int | None = None
 
     @property
     def head(self) -> Node:
@@ -94,6 +98,10 @@ class State:
     @property
     def gcs_address(self) -> str:
         return f"{self.head.ip}:{GCS_PORT}"
+
+    @property
+    def redis_address(self) -> str | None:
+        return f"{self.bridge_ip}:{self.redis_port}" if self.redis_port else None
 
     def client_env(self) -> dict[str, str]:
         """What a client (``samtone submit``, ``ray job submit``, the state API) needs to reach the cluster."""
@@ -192,6 +200,14 @@ def free_net(candidates, workers: int = 2) -> int:
         if not net_in_use(net, workers):
             return net
     raise LocalClusterError(f"every candidate subnet 10.231.<net>.0/24 is in use: {list(candidates)}")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -315,9 +331,11 @@ def _start_s3(state: State) -> None:
 
 def _start_node(state: State, node: Node, args: list[str], env: dict[str, str]) -> None:
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    node.temp_dir = tempfile.mkdtemp(prefix=f"samtone{state.net}-{node.name}-", dir="/tmp")  # short: unix socket paths
+    if not node.temp_dir:  # a restarted node keeps its own
+        node.temp_dir = tempfile.mkdtemp(prefix=f"samtone{state.net}-{node.name}-", dir="/tmp")  # short: unix socket paths
     node.log = str(Path(state.state_dir) / f"{node.name}.log")
-    with open(node.log, "w") as log:
+    node.args = list(args)
+    with open(node.log, "a") as log:
         proc = subprocess.Popen(
             ["ip", "netns", "exec", node.netns, ray, "start", "--block", f"--node-ip-address={node.ip}",
              f"--temp-dir={node.temp_dir}", "--disable-usage-stats", *args],
@@ -369,10 +387,15 @@ def up(
     cpus_per_worker: int = 1,
     object_store_mb: int = 256,
     env: dict[str, str] | None = None,
+    redis: bool = False,
     s3: bool = False,
     timeout_s: float = 180.0,
 ) -> State:
     """Build the cluster and start its nodes; returns once every node is alive in the head's state API.
+
+    ``redis``: GCS fault tolerance. A ``redis-server`` of the cluster's own, in the root namespace on
+    the bridge address (reachable from the head, as an external Redis is), holds the GCS's state, so
+    that a restarted head (``restart_node(state, "head")``) takes the cluster back.
 
     ``s3``: an S3 server (moto) on the bridge address with the bucket ``samtone``; every node gets
     its AWS_* variables (``AWS_ENDPOINT_URL`` and generated keys, kept in ``s3.env``, mode 0600).
@@ -401,13 +424,15 @@ def up(
         )
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)
-    state = State(net=net, bridge=bridge, state_dir=str(state_dir))
+    if redis and shutil.which("redis-server") is None:
+        raise LocalClusterError("--redis needs `redis-server` (Debian/Ubuntu: apt-get install -y redis-server)")
+    state = State(net=net, bridge=bridge, state_dir=str(state_dir), env=dict(env or {}))
     state.save()
     try:
         if s3:
             _prepare_s3(state)
         _build(state, plan, workers=workers, cpus_per_worker=cpus_per_worker, object_store_mb=object_store_mb,
-               env=env, timeout_s=timeout_s)
+               redis=redis, timeout_s=timeout_s)
         if s3:
             _start_s3(state)
     except BaseException:
@@ -416,7 +441,7 @@ def up(
     return state
 
 
-def _build(state: State, plan, *, workers, cpus_per_worker, object_store_mb, env, timeout_s) -> None:
+def _build(state: State, plan, *, workers, cpus_per_worker, object_store_mb, redis, timeout_s) -> None:
     # The bridge's name is the claim on the subnet: creating it fails if a concurrent `up` won.
     _ip("link", "add", state.bridge, "type", "bridge")
     state.bridge_ifindex = _ifindex(state.bridge)
@@ -441,28 +466,158 @@ def _build(state: State, plan, *, workers, cpus_per_worker, object_store_mb, env
     state.token_path = str(token)
     state.save()
 
-    environ = node_env(state, env)
+    if redis:
+        _start_redis(state)
     store = f"--object-store-memory={object_store_mb << 20}"
     _start_node(state, state.head, [
         "--head", f"--port={GCS_PORT}", "--num-cpus=0", "--include-dashboard=true", "--dashboard-host=0.0.0.0",
         f"--dashboard-port={DASHBOARD_PORT}", store,
-    ], environ)
+    ], _node_environ(state, state.head))
     deadline = time.monotonic() + timeout_s
-    # Workers may join once the head's GCS listens (its dashboard comes up in parallel).
+    _wait_gcs(state, deadline, timeout_s)
+    for node in state.nodes[1:]:
+        _start_node(state, node, [f"--address={state.gcs_address}", f"--num-cpus={cpus_per_worker}", store],
+                    _node_environ(state, node))
+    _wait_alive(state, sorted(n.ip for n in state.nodes), deadline, timeout_s)
+
+
+def _node_environ(state: State, node: Node) -> dict[str, str]:
+    # A raylet exits when its dashboard agent has not written its port within this time (Ray's
+    # default gave up after 16 s here); a node started again on a loaded machine (2 cores, a suite
+    # beside other work) took longer.
+    extra = {"RAY_agent_register_timeout_ms": "120000"}
+    if state.redis_address:
+        # Nodes wait this long for a restarted GCS before they exit (Ray's default, 60 s, is less
+        # than a loaded head takes to come back); KubeRay gives workers 600 s with GCS FT on.
+        extra["RAY_gcs_rpc_server_reconnect_timeout_s"] = "600"
+        if node is state.head:
+            extra["RAY_REDIS_ADDRESS"] = state.redis_address
+    return node_env(state, extra | state.env)
+
+
+def _check_started(state: State, node: Node, tried: dict[str, list[int]], env: dict[str, str] | None) -> None:
+    """Raise if ``node``'s `ray start` exited, unless it was a worker missing Ray's startup timeout
+    with retries left: then start it again. ``tried``: node -> log offsets where its retries began."""
+    # `ray start` itself (its group's leader): an agent it started may outlive its failure.
+    exited = node.pgid is not None and not _alive(node.pgid)
+    if exited and len(tried.get(node.name, [])) < STARTUP_RETRIES:
+        log = Path(node.log).read_text()
+        if STARTUP_TIMEOUT in log[(tried.get(node.name) or [0])[-1]:]:
+            tried.setdefault(node.name, []).append(len(log))
+            print(f"`ray start` on {node.name} ({node.ip}) timed out registering its raylet: starting it again",
+                  file=sys.stderr, flush=True)
+            kill_node(state, node.name)
+            _restart(state, node, env)
+            return
+    _fail_if_exited(node)
+
+
+def _restart(state: State, node: Node, env: dict[str, str] | None) -> None:
+    """`ray start` again on ``node`` with the arguments it had."""
+    if node is state.head:
+        # `ray start --head` refuses an address that its temp dir names as the last cluster while a
+        # process of this machine carries `--gcs-address` with it: here the workers' own processes.
+        Path(node.temp_dir, "ray_current_cluster").unlink(missing_ok=True)
+    _start_node(state, node, node.args, _node_environ(state, node) | (env or {}))
+
+
+def _wait_gcs(state: State, deadline: float, timeout_s: float) -> None:
+    """Until the head's GCS listens (workers may join then; its dashboard comes up in parallel)."""
     while not _listening(state.head.ip, GCS_PORT):
         _fail_if_exited(state.head)
         if time.monotonic() > deadline:
             raise LocalClusterError(f"the head's GCS did not listen at {state.gcs_address} within {timeout_s:.0f}s")
         time.sleep(0.5)
-    for node in state.nodes[1:]:
-        _start_node(state, node, [f"--address={state.gcs_address}", f"--num-cpus={cpus_per_worker}", store], environ)
-    want = sorted(n.ip for n in state.nodes)
+
+
+# `ray start` gives a node's raylet a fixed 30 s to register with the GCS; on a loaded machine
+# (a test suite beside other work on 2 cores) a worker misses that now and then.
+STARTUP_TIMEOUT = "timed out during startup"
+STARTUP_RETRIES = 2
+
+
+def _wait_alive(state: State, want: list[str], deadline: float, timeout_s: float, env: dict[str, str] | None = None) -> None:
+    """Until the head lists exactly ``want`` alive; a node whose `ray start` missed Ray's startup
+    timeout is started again (``STARTUP_RETRIES`` times, saying so), any other exit is an error."""
+    tried: dict[str, list[int]] = {}
     while (alive := alive_nodes(state)) != want:
         for node in state.nodes:
-            _fail_if_exited(node)
+            _check_started(state, node, tried, env)
         if time.monotonic() > deadline:
             raise LocalClusterError(f"alive nodes after {timeout_s:.0f}s: {alive}; expected {want}")
         time.sleep(0.5)
+
+
+def _start_redis(state: State) -> None:
+    """The GCS's external store, for a cluster on this machine only: bound to the bridge address,
+    which only this machine reaches, so without a password (Redis' protected mode would refuse the
+    head otherwise) and without snapshots (the GCS restarts here, not Redis). A production Redis is
+    highly available, persistent and asks for a password."""
+    with socket.socket() as sock:
+        sock.bind((state.bridge_ip, 0))
+        state.redis_port = sock.getsockname()[1]
+    log = Path(state.state_dir) / "redis.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            ["redis-server", "--bind", state.bridge_ip, "--port", str(state.redis_port), "--protected-mode", "no", "--save", "",
+             "--appendonly", "no", "--dir", state.state_dir],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    state.redis_pgid = proc.pid
+    state.save()
+    deadline = time.monotonic() + 30
+    while not _listening(state.bridge_ip, state.redis_port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise LocalClusterError(f"redis-server did not listen at {state.redis_address}:\n{log.read_text()[-2000:]}")
+        time.sleep(0.2)
+
+
+# ------------------------------------------------------------------------------------ faults
+
+
+def kill_node(state: State, name: str) -> None:
+    """A node lost at once, as a machine that dies: SIGKILL to its process group and to whatever
+    else runs in its namespace; the namespace and its address stay for ``restart_node``."""
+    node = _node(state, name)
+    if node.pgid is not None:
+        try:
+            os.killpg(node.pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _kill_netns_leftovers(node.netns)
+    deadline = time.monotonic() + 10
+    while node.pgid is not None and _group_members(node.pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def restart_node(state: State, name: str, *, env: dict[str, str] | None = None, timeout_s: float = 120.0) -> None:
+    """Start node ``name`` again (after ``kill_node``) in its namespace, with its IP, temp dir and
+    `ray start` arguments; returns once the head lists every node alive again. The node's
+    environment is built as ``up`` built it, from this process's (plus ``env``: the secrets a node
+    gets from a secret store, not kept in the state file). A restarted head takes the cluster back
+    only with GCS fault tolerance (``up(redis=True)``)."""
+    node = _node(state, name)
+    before = {r["node_id"] for r in state_api(state, "nodes") or [] if r.get("node_ip") == node.ip}
+    kill_node(state, name)
+    _restart(state, node, env)
+    deadline = time.monotonic() + timeout_s
+    # A node that comes back is a new Ray node (a new id at the same IP); the dead one may still
+    # be listed alive for a while.
+    tried: dict[str, list[int]] = {}
+    while not any(r.get("node_ip") == node.ip and r.get("state") == "ALIVE" and r["node_id"] not in before
+                  for r in state_api(state, "nodes") or []):
+        _check_started(state, node, tried, env)
+        if time.monotonic() > deadline:
+            raise LocalClusterError(f"{node.name} ({node.ip}) did not rejoin within {timeout_s:.0f}s")
+        time.sleep(0.5)
+    _wait_alive(state, sorted(n.ip for n in state.nodes), deadline, timeout_s, env)
+
+
+def _node(state: State, name: str) -> Node:
+    for node in state.nodes:
+        if node.name == name:
+            return node
+    raise LocalClusterError(f"no node {name!r} in this cluster: {[n.name for n in state.nodes]}")
 
 
 # ------------------------------------------------------------------------------------ down
@@ -478,7 +633,7 @@ def down(state_dir: str | os.PathLike[str], *, quiet: bool = False, keep_logs: b
     left = []
     if state.s3_pgid:
         stop_groups([state.s3_pgid])
-    stop_groups([n.pgid for n in state.nodes if n.pgid is not None])
+    stop_groups([n.pgid for n in state.nodes if n.pgid is not None] + ([state.redis_pgid] if state.redis_pgid else []))
     for node in state.nodes:
         mine = node.netns_inode is not None and _netns_inode(node.netns) == node.netns_inode
         if mine:
@@ -543,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-worker", type=int, default=1, help="logical CPUs of each worker node (up)")
     p.add_argument("--object-store-mb", type=int, default=256, help="each node's object store (up)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for every node (up)")
+    p.add_argument("--redis", action="store_true", help="GCS fault tolerance: the head's state in a redis-server "
+                   "started on the bridge (up; needs redis-server)")
     p.add_argument("--s3", action="store_true", help="an S3 server (moto) on the bridge, its AWS_* on every node (up)")
     p.add_argument("--keep-logs", action="store_true", help="keep the nodes' Ray temp dirs (down)")
     args = p.parse_args(argv)
@@ -550,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             extra = dict(item.split("=", 1) for item in args.env)
             state = up(args.state_dir, net=args.net, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                       object_store_mb=args.object_store_mb, env=extra, s3=args.s3)
+                       object_store_mb=args.object_store_mb, env=extra, redis=args.redis, s3=args.s3)
             print(f"cluster up: head {state.head.ip}, workers {', '.join(n.ip for n in state.nodes[1:])}")
             return status(args.state_dir)
         if args.command == "down":

@@ -5,7 +5,9 @@ One deployment (``Embedder``) with a FastAPI ingress. Each replica:
 * checks every request's ``Host`` and API key before any route (``serve/auth.py``);
 * tokenises each text once, cut to a bound from the max length, in one thread off the event loop;
 * loads the model in the background (``/healthz`` answers at once, ``/readyz`` only once the model
-  is loaded, a warm-up batch has run on both towers, and the index, if any, is built);
+  is loaded, a warm-up batch has run on both towers, and the index, if any, is built), and passes
+  Serve's first health check only then: Serve routes no request to a replica still loading (one
+  that replaces a lost replica, or scales up, would answer them 503);
 * embeds every input of every request as its own item of a ``@serve.batch`` batch (sized in texts
   and in padded tokens), so one request of 100 texts and 100 requests of one text share batches;
 * follows ``models:/NAME@ALIAS``: every ``serve.poll_interval_s`` seconds and on ``reconfigure``
@@ -204,6 +206,7 @@ class Embedder:
         self.pending = 0
         self.metrics = _Metrics()
         self._check_now = asyncio.Event()
+        self._first_load = asyncio.Event()  # set once the first load ended, loaded or failed
         self._swap_lock = asyncio.Lock()
         self._tasks = [asyncio.get_running_loop().create_task(self._follow())]
 
@@ -228,6 +231,7 @@ class Embedder:
                 log.exception("checking %s failed", self.uri)
                 if self.embedder is None:  # shown by /readyz: no file path of this machine in it
                     self.load_error = f"{type(exc).__name__}: {exc}".replace(self.uri, self._public_uri())
+            self._first_load.set()
             with contextlib.suppress(asyncio.TimeoutError):
                 wait = self.cfg.poll_interval_s if is_registry_uri(self.uri) and self.cfg.poll_interval_s else None
                 await asyncio.wait_for(self._check_now.wait(), timeout=wait)
@@ -433,6 +437,11 @@ class Embedder:
             }
         )
 
+    async def check_health(self) -> None:
+        """Serve's health check. Its first call gates the replica's first request, so it waits for
+        the first load; a load that failed passes too (/readyz and every route then say why)."""
+        await self._first_load.wait()
+
     @app.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
@@ -469,14 +478,20 @@ def deployment_options(replicas: int | None = 1, autoscale: tuple[int, int] | No
 ACCESS_ARGS = ("api_key_sha256", "api_key_env", "trusted_hosts")
 
 
-def build_app(args: dict[str, Any], options: dict[str, Any] | None = None):
+def build_app(args: dict[str, Any]):
     """Application builder for ``serve deploy`` / ``serve run``: ``import_path: samtone_ray.serve.app:build_app``.
 
     args: ``model`` (URI, required), ``tracking_uri``, ``index``, ``device`` (cpu|cuda), and who may
     call it: ``api_key_sha256`` (hex digests of the keys), ``api_key_env`` (the name of a variable
     of the replicas' environment holding keys: a Kubernetes secret), ``trusted_hosts`` (Host
-    values; default: loopback names). No key given: no key asked. ``serve deploy`` takes the
-    deployment options from the YAML's ``deployments`` entry instead of ``options``."""
+    values; default: loopback names). No key given: no key asked. The deployment options come from
+    the YAML's ``deployments`` entry. One parameter: Ray refuses a builder that takes more (even
+    an optional one), which failed every ``serve deploy`` of the printed config."""
+    return bind_app(args)
+
+
+def bind_app(args: dict[str, Any], options: dict[str, Any] | None = None):
+    """The application of ``build_app`` with deployment ``options``, for ``serve.run`` in process."""
     if not args.get("model"):
         raise ValueError("samtone_ray.serve.app:build_app needs args.model (a model URI)")
     deployment = Embedder.options(**options) if options else Embedder
@@ -591,7 +606,7 @@ def run_blocking(app_args: dict[str, Any], options: dict[str, Any], host: str, p
     signal.signal(signal.SIGTERM, interrupt)
     try:
         serve.start(http_options=http_options(host, proxy_port, serve_cfg or ServeConfig()))
-        serve.run(build_app(app_args, options), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(bind_app(app_args, options), name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://{host}:{port}"
         probe = f"http://127.0.0.1:{port}" if host in WILDCARD_BINDS else url  # a Host always trusted
         while True:  # the model loads (and the index is encoded) in the replica, in the background

@@ -27,8 +27,10 @@ SCRIPT = REPO / "scripts" / "local_cluster.sh"
 NETS = [100 + (os.getpid() + i) % 150 for i in range(150)]
 
 
-def script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ) | {"SAMTONE_PYTHON": sys.executable}
+def script(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``env``: more environment for the script (and so for every node it starts): secrets a
+    cluster's nodes get from a secret store rather than on a command line."""
+    env = dict(os.environ) | {"SAMTONE_PYTHON": sys.executable} | (env or {})
     return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
@@ -38,16 +40,19 @@ def leftovers(state: State) -> list[str]:
 
     found = net_in_use(state.net, len(state.nodes) - 1)
     found += [f"process group {n.pgid} ({n.name})" for n in state.nodes if n.pgid and _group_members(n.pgid)]
+    if state.redis_pgid and _group_members(state.redis_pgid):
+        found.append(f"process group {state.redis_pgid} (redis-server)")
     if state.s3_pgid and _group_members(state.s3_pgid):
         found.append(f"process group {state.s3_pgid} (moto_server)")
     return found
 
 
-def start(state_dir: Path, *node_env: str) -> State:
-    extra = [arg for item in node_env for arg in ("--env", item)]
+def start(state_dir: Path, *node_env: str, options: tuple[str, ...] = (), secret_env: dict[str, str] | None = None) -> State:
+    """``options``: more `local_cluster.sh up` flags (e.g. ``--redis``)."""
+    extra = [arg for item in node_env for arg in ("--env", item)] + list(options)
     for _ in range(3):  # a concurrent test run may claim the same free subnet first
         net = free_net(NETS)
-        proc = script("up", "--state-dir", str(state_dir), "--net", str(net), *extra)
+        proc = script("up", "--state-dir", str(state_dir), "--net", str(net), *extra, env=secret_env)
         if proc.returncode == 0:
             state = State.load(state_dir)
             assert state is not None and sorted(alive_nodes(state) or []) == sorted(n.ip for n in state.nodes)

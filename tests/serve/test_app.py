@@ -91,12 +91,12 @@ def server(ray_cluster, registry, beir_dir):
     from ray import serve
 
     from samtone_ray.core.config import ServeConfig
-    from samtone_ray.serve.app import build_app, deployment_options, http_options
+    from samtone_ray.serve.app import bind_app, deployment_options, http_options
 
     port = free_loopback_port()
     cfg = ServeConfig(max_batch_size=16, max_ongoing_requests=64, poll_interval_s=0.5, **LIMITS, **TIMEOUTS)
     serve.start(http_options=http_options("127.0.0.1", port, cfg))
-    app = build_app(
+    app = bind_app(
         {"model": "models:/tiny@champion", "tracking_uri": registry["uri"], "index": str(beir_dir)},
         deployment_options(1, serve_cfg=cfg),
     )
@@ -409,7 +409,7 @@ def secure(server, tiny_model_dir):
     from ray import serve
 
     from samtone_ray.core.config import ServeConfig
-    from samtone_ray.serve.app import build_app, deployment_options
+    from samtone_ray.serve.app import bind_app, deployment_options
     from samtone_ray.serve.auth import digest
 
     options = deployment_options(1, serve_cfg=ServeConfig(**SECURE_LIMITS, **TIMEOUTS))
@@ -420,7 +420,7 @@ def secure(server, tiny_model_dir):
         "api_key_env": "SAMTONE_TEST_KEYS",
         "trusted_hosts": ["127.0.0.1", "localhost", "api.example.test"],
     }
-    serve.run(build_app(args, options), name="samtone-secure", route_prefix="/secure", blocking=False)
+    serve.run(bind_app(args, options), name="samtone-secure", route_prefix="/secure", blocking=False)
     url = f"{server['url']}/secure"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and _get(f"{url}/readyz")[0] != 200:
