@@ -97,18 +97,20 @@ def train_step(
     keys: dict[str, torch.Tensor] | None,
     rank: int,
     precision: str = "fp32",
+    guide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Forward one worker's shard and return the loss of its own anchors (a scalar with grad).
 
     ``keys`` holds int64 duplicate keys of the GLOBAL batch (``query`` [B], ``doc`` [B],
-    optionally ``negatives`` [B, K]) or None for no false-negative masking.
+    optionally ``negatives`` [B, K]) or None for no false-negative masking; ``guide`` the guide
+    model's embeddings of this shard (``guide_embeddings``) or None.
     """
     device = next(model.parameters()).device
     with autocast(device, precision):
         q, d, n = model(
             _to_device(shard.queries, device), _to_device(shard.documents, device), _to_device(shard.negatives, device)
         )
-    return shard_loss(q, d, n, loss_fn, keys=keys, rank=rank)
+    return shard_loss(q, d, n, loss_fn, keys=keys, rank=rank, guide=guide)
 
 
 def shard_loss(
@@ -119,18 +121,43 @@ def shard_loss(
     *,
     keys: dict[str, torch.Tensor] | None,
     rank: int,
+    guide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """The loss of this worker's anchors against the global batch, from its local embeddings
-    ``q`` [b, D], ``d`` [b, D], ``n`` [b*K, D] or None. Shared by ``train_step`` and the gradient
-    cache (gradcache.py) so both compute the same loss."""
+    ``q`` [b, D], ``d`` [b, D], ``n`` [b*K, D] or None, and the guide model's embeddings of the
+    same texts (``loss.guide``; no gradients). Shared by ``train_step`` and the gradient cache
+    (gradcache.py) so both compute the same loss."""
     local = q.shape[0]
     q_all, d_all = gather_with_grad(q.float()), gather_with_grad(d.float())  # [B, D]
     hard = None
     if n is not None:
         hard = gather_with_grad(n.float().view(local, -1, n.shape[-1]))  # [B, K, D]
+    if guide is not None:
+        gq, gd, gn = guide
+        guide = (gather_with_grad(gq), gather_with_grad(gd),
+                 None if gn is None else gather_with_grad(gn.view(local, -1, gn.shape[-1])))
     keys = {k: v.to(q.device) for k, v in keys.items()} if keys else {}
     return loss_fn(q_all, d_all, hard, keys.get("query"), keys.get("doc"), keys.get("negatives"),
-                   anchor_offset=rank * local, num_anchors=local)
+                   anchor_offset=rank * local, num_anchors=local, guide_embeddings=guide)
+
+
+def load_guide(cfg: Config, device: torch.device) -> DualEncoder:
+    """The frozen guide model of ``loss.guide`` (any model URI; ``ModelURIError`` names it)."""
+    from samtone_ray.tracking.model_uri import resolve_model
+
+    guide = DualEncoder.from_pretrained(resolve_model(cfg.loss.guide, cfg.tracking.uri or None).path).to(device).eval()
+    guide.requires_grad_(False)
+    return guide
+
+
+def guide_embeddings(guide: DualEncoder, shard: Shard, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The guide's ``(q [b, G], d [b, G], n [b*K, G] or None)`` of this rank's shard, tokenised
+    with the guide's own tokenizer and lengths."""
+    device = next(guide.parameters()).device
+    with torch.no_grad(), autocast(device, precision):
+        q, d, n = guide(_to_device(shard.queries, device), _to_device(shard.documents, device),
+                        _to_device(shard.negatives, device))
+    return q.float(), d.float(), None if n is None else n.float()
 
 
 def batch_keys(pair_keys: PairKeys | None, indices: np.ndarray) -> dict[str, torch.Tensor] | None:
@@ -188,14 +215,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     run = _restore(cfg, len(pairs), rank, world, logger)
     loss_fn = SamToNeLoss.from_config(cfg.loss)
-    batches = _Batches(cfg, pairs, run.model.tokenizer, run.schedule, rank, start=run.state.step)
+    guide = load_guide(cfg, next(run.model.parameters()).device) if cfg.loss.guide else None
+    batches = _Batches(cfg, pairs, run.model.tokenizer, run.schedule, rank, start=run.state.step, guide=guide)
     window = _Window()
     run.model.train()
     while run.state.step < run.schedule.total_steps:
         t0 = time.perf_counter()
-        indices, shard, step_keys = batches.next()
+        indices, shard, step_keys, guide_shard = batches.next()
         waited = time.perf_counter() - t0
-        loss = _step(run, shard, loss_fn, step_keys, cfg, rank)
+        guided = None if guide is None else guide_embeddings(guide, guide_shard, cfg.train.precision)
+        loss = _step(run, shard, loss_fn, step_keys, cfg, rank, guided)
         epoch, position = run.schedule.position(run.state.step - 1)
         run.state.history.append([run.state.step, epoch, position, batch_digest(indices)])
 
@@ -272,43 +301,51 @@ def _restore(cfg: Config, num_pairs: int, rank: int, world: int, logger) -> _Run
 
 class _Batches:
     """This rank's shard of each global batch, tokenised on a thread while the previous one trains
-    (the fast tokenizer drops the GIL), with the global batch's duplicate keys."""
+    (the fast tokenizer drops the GIL), with the global batch's duplicate keys and, with a guide
+    model, the shard tokenised again for the guide."""
 
-    def __init__(self, cfg: Config, pairs: PairTable, tokenizer, schedule: Schedule, rank: int, *, start: int):
+    def __init__(self, cfg: Config, pairs: PairTable, tokenizer, schedule: Schedule, rank: int, *, start: int,
+                 guide: DualEncoder | None = None):
         self.cfg, self.pairs, self.tokenizer, self.schedule, self.rank = cfg, pairs, tokenizer, schedule, rank
+        self.guide = guide
         self.keys = PairKeys.build(pairs, cfg.data.num_hard_negatives) if cfg.loss.mask_duplicates else None
         self.step = start
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.pending = self.pool.submit(self._prepare, start) if start < schedule.total_steps else None
 
-    def _prepare(self, step: int) -> tuple[np.ndarray, Shard]:
+    def _prepare(self, step: int) -> tuple[np.ndarray, Shard, Shard | None]:
         cfg, per_worker = self.cfg, self.cfg.per_worker_batch_size()
         indices = self.schedule.batch(step)
         mine = indices[self.rank * per_worker : (self.rank + 1) * per_worker]
-        shard = make_shard(self.pairs, mine, self.tokenizer, query_max_length=cfg.model.query_max_length,
-                           doc_max_length=cfg.model.doc_max_length, num_negatives=cfg.data.num_hard_negatives,
-                           chunk_size=cfg.train.chunk_size)
-        return indices, pin_memory(shard) if cfg.scaling.use_gpu else shard
 
-    def next(self) -> tuple[np.ndarray, Shard, dict[str, torch.Tensor] | None]:
-        indices, shard = self.pending.result()
+        def shard_for(tokenizer, query_max_length: int, doc_max_length: int) -> Shard:
+            shard = make_shard(self.pairs, mine, tokenizer, query_max_length=query_max_length, doc_max_length=doc_max_length,
+                               num_negatives=cfg.data.num_hard_negatives, chunk_size=cfg.train.chunk_size)
+            return pin_memory(shard) if cfg.scaling.use_gpu else shard
+
+        guide = self.guide
+        return (indices, shard_for(self.tokenizer, cfg.model.query_max_length, cfg.model.doc_max_length),
+                None if guide is None else shard_for(guide.tokenizer, guide.query_max_length, guide.doc_max_length))
+
+    def next(self) -> tuple[np.ndarray, Shard, dict[str, torch.Tensor] | None, Shard | None]:
+        indices, shard, guide_shard = self.pending.result()
         self.step += 1
         if self.step < self.schedule.total_steps:
             self.pending = self.pool.submit(self._prepare, self.step)
-        return indices, shard, batch_keys(self.keys, indices)
+        return indices, shard, batch_keys(self.keys, indices), guide_shard
 
     def close(self) -> None:
         self.pool.shutdown()
 
 
-def _step(run: _Run, shard: Shard, loss_fn: SamToNeLoss, keys, cfg: Config, rank: int) -> torch.Tensor:
+def _step(run: _Run, shard: Shard, loss_fn: SamToNeLoss, keys, cfg: Config, rank: int, guide=None) -> torch.Tensor:
     """One optimizer step on this rank's shard; returns its loss (detached use only)."""
     run.optimizer.zero_grad(set_to_none=True)
     if cfg.train.micro_batch_size:
-        loss = grad_cache_step(run.ddp, shard, functools.partial(shard_loss, loss_fn=loss_fn, keys=keys, rank=rank),
+        loss = grad_cache_step(run.ddp, shard, functools.partial(shard_loss, loss_fn=loss_fn, keys=keys, rank=rank, guide=guide),
                                micro_batch_size=cfg.train.micro_batch_size, precision=cfg.train.precision)
     else:
-        loss = train_step(run.ddp, shard, loss_fn, keys=keys, rank=rank, precision=cfg.train.precision)
+        loss = train_step(run.ddp, shard, loss_fn, keys=keys, rank=rank, precision=cfg.train.precision, guide=guide)
         loss.backward()
     run.optimizer.step()
     run.scheduler.step()

