@@ -161,10 +161,19 @@ def start_local_ray(*, num_cpus: int, **init_kwargs) -> None:
                     "workers while another Ray cluster runs on this machine", context.dashboard_url, port)
 
 
+# Ports Ray's components take by default whatever else they are given: a "free" port handed to
+# Ray as the dashboard's was once 52365, and the node refused to start (port used twice).
+RAY_DEFAULT_PORTS = frozenset({6379, 8076, 8265, 10001, 52365, 52366})
+
+
 def free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now, and none of Ray's default ports."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in RAY_DEFAULT_PORTS:
+            return port
 
 
 # File systems that every node of a cluster can see the same way (network, parallel or FUSE-backed
