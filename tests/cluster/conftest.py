@@ -9,7 +9,8 @@ import pytest
 
 @pytest.fixture(scope="module")
 def multinode_cluster(tmp_path_factory):
-    """A head and two workers, each in a network namespace of its own; removed completely after
+    """A head and two workers, each in a network namespace of its own, and an S3 server on the bridge
+    (``s3://samtone``; every node has its AWS_* variables); removed completely after
     the module, whether its tests passed or not (skips without root or `ip netns`)."""
     from cluster.multinode import start, stop
 
@@ -27,7 +28,7 @@ def multinode_cluster(tmp_path_factory):
     previous = signal.signal(signal.SIGTERM, interrupted)
     try:
         # Ray Train's controller polls its workers every 2 s by default; the tests' runs are seconds long.
-        state = start(state_dir, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.1")
+        state = start(state_dir, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.1", options=("--s3",))
         yield state
     finally:
         try:
