@@ -39,7 +39,9 @@ def test_a_killed_worker_resumes_from_the_s3_checkpoint(ray_cluster, s3_server, 
     pairs = load_training_pairs(bundled_sample_path(), "train").subset(range(48))
     dev = load_beir(bundled_sample_path(), "dev")
     qids = sorted(dev.qrels)[:8]
-    dev = type(dev)(corpus=dev.corpus, queries={q: dev.queries[q] for q in qids}, qrels={q: dev.qrels[q] for q in qids})
+    docs = sorted({d for q in qids for d in dev.qrels[q]}) + sorted(dev.corpus)[:40]
+    dev = type(dev)(corpus={d: dev.corpus[d] for d in docs}, queries={q: dev.queries[q] for q in qids},
+                    qrels={q: dev.qrels[q] for q in qids})
     prefix = "train-s3/fault"
     outcome = train(_cfg(tiny_model_dir, f"s3://{s3_server.bucket}/{prefix}", **{"train.fail_at_step": 3}),
                     data=(pairs, dev))
