@@ -482,10 +482,7 @@ def _build(state: State, plan, *, workers, cpus_per_worker, object_store_mb, red
 
 
 def _node_environ(state: State, node: Node) -> dict[str, str]:
-    # A raylet exits when its dashboard agent has not written its port within this time (Ray's
-    # default gave up after 16 s here); a node started again on a loaded machine (2 cores, a suite
-    # beside other work) took longer.
-    extra = {"RAY_agent_register_timeout_ms": "120000"}
+    extra = {}
     if state.redis_address:
         # Nodes wait this long for a restarted GCS before they exit (Ray's default, 60 s, is less
         # than a loaded head takes to come back); KubeRay gives workers 600 s with GCS FT on.
@@ -496,20 +493,20 @@ def _node_environ(state: State, node: Node) -> dict[str, str]:
 
 
 def _check_started(state: State, node: Node, tried: dict[str, list[int]], env: dict[str, str] | None) -> None:
-    """Raise if ``node``'s `ray start` exited, unless it was a worker missing Ray's startup timeout
-    with retries left: then start it again. ``tried``: node -> log offsets where its retries began."""
-    # `ray start` itself (its group's leader): an agent it started may outlive its failure.
-    exited = node.pgid is not None and not _alive(node.pgid)
-    if exited and len(tried.get(node.name, [])) < STARTUP_RETRIES:
-        log = Path(node.log).read_text()
-        if STARTUP_TIMEOUT in log[(tried.get(node.name) or [0])[-1]:]:
-            tried.setdefault(node.name, []).append(len(log))
-            print(f"`ray start` on {node.name} ({node.ip}) timed out registering its raylet: starting it again",
-                  file=sys.stderr, flush=True)
-            kill_node(state, node.name)
-            _restart(state, node, env)
-            return
-    _fail_if_exited(node)
+    """Raise if ``node``'s `ray start` (its group's leader: an agent it started may outlive it)
+    exited, unless it missed Ray's startup timeout with retries left: then start it again.
+    ``tried``: node -> log offsets where its retries began."""
+    if node.pgid is None or _alive(node.pgid):
+        return
+    log = Path(node.log).read_text() if node.log and Path(node.log).exists() else ""
+    if len(tried.get(node.name, [])) < STARTUP_RETRIES and STARTUP_TIMEOUT in log[(tried.get(node.name) or [0])[-1]:]:
+        tried.setdefault(node.name, []).append(len(log))
+        print(f"`ray start` on {node.name} ({node.ip}) timed out registering its raylet: starting it again",
+              file=sys.stderr, flush=True)
+        kill_node(state, node.name)
+        _restart(state, node, env)
+        return
+    raise LocalClusterError(f"`ray start` on {node.name} ({node.ip}) exited:\n{log[-3000:]}")
 
 
 def _restart(state: State, node: Node, env: dict[str, str] | None) -> None:
@@ -530,8 +527,9 @@ def _wait_gcs(state: State, deadline: float, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
-# `ray start` gives a node's raylet a fixed 30 s to register with the GCS; on a loaded machine
-# (a test suite beside other work on 2 cores) a worker misses that now and then.
+# `ray start` gives a node's raylet a fixed 30 s to register with the GCS, and a raylet gives its
+# agents a fixed 30 s to write their ports; on a loaded machine (a suite beside other work on 2
+# cores: its Python agents took over 30 s to start) a node misses that now and then.
 STARTUP_TIMEOUT = "timed out during startup"
 STARTUP_RETRIES = 2
 
