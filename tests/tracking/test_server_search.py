@@ -31,6 +31,7 @@ def test_postgres_restarted_during_a_search_loses_no_step_and_promotes_only_whol
     lands once the database is back: each trial's run holds every step, ends FINISHED, and the
     champion is the best trial, registered once. Had the outage reached the champion decision, it
     would be refused (test_server.py), never taken from what was logged before it."""
+    import psycopg2
     from cluster.multinode import write_tiny_beir
 
     from samtone_ray.tune.tuner import tune
@@ -49,7 +50,7 @@ def test_postgres_restarted_during_a_search_loses_no_step_and_promotes_only_whol
                 logged = _rows(tracking_server, "SELECT count(*) FROM metrics m JOIN runs r ON r.run_uuid = m.run_uuid "
                                "JOIN experiments e ON e.experiment_id = r.experiment_id WHERE e.name = %s AND m.key = 'loss'",
                                name)[0][0]
-            except Exception:  # the experiment's tables are being written: ask again
+            except psycopg2.Error:  # the experiment's tables are being written: ask again
                 logged = 0
             if logged:
                 outage["stopped"] = time.monotonic()
@@ -90,7 +91,7 @@ def test_postgres_restarted_during_a_search_loses_no_step_and_promotes_only_whol
         steps = [r[0] for r in _rows(tracking_server, "SELECT step FROM metrics WHERE run_uuid = %s AND key = 'loss' "
                                      "ORDER BY step", run)]
         assert steps == list(range(1, STEPS + 1)), (run, steps)
-    statuses = _rows(tracking_server, "SELECT status FROM runs WHERE run_uuid IN %s", tuple([*trials, outcome.parent_run_id]))
+    statuses = _rows(tracking_server, "SELECT status FROM runs WHERE run_uuid IN %s", (*trials, outcome.parent_run_id))
     assert sorted(s[0] for s in statuses) == ["FINISHED"] * 3
     assert outcome.champion and outcome.champion["promoted"], outcome.champion
     versions = _rows(tracking_server, "SELECT version, run_id FROM model_versions WHERE name = %s", name)
