@@ -437,7 +437,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def flat(self, *, include: tuple[str, ...] = ("model", "data", "loss", "train", "scaling")) -> dict[str, Any]:
+    def flat(self, *, include: tuple[str, ...] = ("model", "data", "mining", "loss", "train", "scaling")) -> dict[str, Any]:
         """Dotted key -> value for the training sections (the MLflow params)."""
         return {k: v for k, v in flatten(self.to_dict()).items() if k.split(".")[0] in include}
 

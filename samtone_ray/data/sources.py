@@ -480,15 +480,25 @@ def resolve_data_path(path: str) -> str:
     return str(bundled_sample_path()) if path == BUNDLED_SAMPLE else str(Path(path).resolve())
 
 
+def load_pairs(cfg):
+    """The training pairs of ``cfg`` (``data.train``)."""
+    return load_training_pairs(resolve_data_path(cfg.data.train), cfg.data.train_split,
+                               num_negatives=cfg.data.num_hard_negatives)
+
+
 def load_data(cfg):
     """(training pairs, eval split) as the workers will see them. The eval split's corpus is
     bounded here, once, by ``train.eval_max_docs`` (``bound_eval_corpus``), so everything that
     evaluates on it searches the same documents."""
-    pairs = load_training_pairs(resolve_data_path(cfg.data.train), cfg.data.train_split,
-                                num_negatives=cfg.data.num_hard_negatives)
-    eval_split = None
-    if cfg.data.eval:
-        eval_split = bound_eval_corpus(load_beir(resolve_data_path(cfg.data.eval), cfg.data.eval_split),
-                                       cfg.train.eval_max_docs)
-        log.info("eval corpus: %s", eval_split.corpus_summary())
-    return pairs, eval_split
+    return load_pairs(cfg), load_eval(cfg)
+
+
+def load_eval(cfg):
+    """The eval split of ``cfg`` (``data.eval``; None without one), its corpus bounded by
+    ``train.eval_max_docs``."""
+    if not cfg.data.eval:
+        return None
+    eval_split = bound_eval_corpus(load_beir(resolve_data_path(cfg.data.eval), cfg.data.eval_split),
+                                   cfg.train.eval_max_docs)
+    log.info("eval corpus: %s", eval_split.corpus_summary())
+    return eval_split

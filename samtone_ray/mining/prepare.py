@@ -4,6 +4,10 @@ The mined pairs are content-addressed: their file name hashes the training data'
 split, the retriever, the miner's weights fingerprint (dense) and the ``mining:`` settings. A
 run whose setting was mined before (by ``samtone train``, a tuning run, another trial) reads the
 file instead of mining again; two processes mining one setting at once take turns on a lock.
+
+A tuning run may vary the mining as grid keys (``data.negatives``, ``data.mining_model``,
+``mining.*``): every distinct setting of the grid is mined once, before the trials
+(``prepare_search``), and each trial trains on the pairs of its own setting (``mining_setting``).
 """
 
 from __future__ import annotations
@@ -84,10 +88,36 @@ def prepare_negatives(cfg: Config, mined_dir: Path = DEFAULT_MINED_DIR, *, show_
     return cfg.with_overrides({"data.train": str(out), "data.negatives": "file"})
 
 
-def check_not_searched(keys: set[str]) -> None:
-    """Refuse a search space that varies where negatives come from: a tuning run mines one
-    setting before its trials (``prepare_negatives``), and every trial shares those pairs."""
-    varied = sorted(k for k in keys if k in _MINED_KEYS)
+def is_mining_key(key: str) -> bool:
+    return key in _MINED_KEYS or key.startswith("mining.")
+
+
+def mining_setting(cfg: Config) -> str:
+    """What decides the pairs ``cfg`` trains on, as a key: its mining setting when it mines, else ''."""
+    if cfg.data.negatives not in ("bm25", "dense"):
+        return ""
+    model = cfg.data.mining_model or cfg.model.name_or_path if cfg.data.negatives == "dense" else ""
+    return json.dumps({"negatives": cfg.data.negatives, "model": model, "mining": asdict(cfg.mining)}, sort_keys=True)
+
+
+def check_not_sampled(sampled: set[str]) -> None:
+    """Refuse a sampled (``choice``, ``uniform``, ...) mining key: what a trial will draw is not
+    known before the trials, when each setting is mined once. Grid keys may vary the mining."""
+    varied = sorted(k for k in sampled if is_mining_key(k))
     if varied:
-        raise ConfigError(f"tune.space varies {varied[0]}: a tuning run mines its negatives once, before the "
-                          "trials, for one setting; set it in the config and run one tuning run per setting")
+        raise ConfigError(f"tune.space samples {varied[0]}: a tuning run mines each setting once, before the trials, "
+                          f"so it can vary the mining only as a grid ({{grid: [...]}})")
+
+
+def prepare_search(cfg: Config, combinations: list[dict[str, Any]], mined_dir: Path = DEFAULT_MINED_DIR,
+                   *, show_progress: bool = False) -> dict[str, Config]:
+    """For each distinct mining setting among ``cfg`` with each of ``combinations`` (grid
+    combinations; ``[{}]`` for none), the config of its mined pairs (``prepare_negatives``), by
+    ``mining_setting``. Mined once per setting, in the order the grid lists them."""
+    settings: dict[str, Config] = {}
+    for combination in combinations or [{}]:
+        trial = cfg.with_overrides(combination)
+        settings.setdefault(mining_setting(trial), trial)
+    if len(settings) > 1:
+        log.info("hard negatives: %d mining settings in this search, each mined once", len(settings))
+    return {key: prepare_negatives(trial, mined_dir, show_progress=show_progress) for key, trial in settings.items()}

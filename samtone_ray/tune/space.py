@@ -22,7 +22,7 @@ from samtone_ray.core.config import CombinationError, Config, ConfigError, requi
 
 log = logging.getLogger(__name__)
 
-TUNABLE = ("model", "data", "loss", "train", "scaling")
+TUNABLE = ("model", "data", "mining", "loss", "train", "scaling")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 GRID_KEY = "grid"  # Tune param holding one valid combination of the grid keys
 SEED_KEY = "train.seed"  # varied by tune.seeds

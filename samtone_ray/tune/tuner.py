@@ -22,6 +22,7 @@ from samtone_ray.core.files import atomic_write_json, atomic_write_text
 from samtone_ray.core.storage import is_uri
 from samtone_ray.tune.layout import TUNE_NAME, TuneLayout
 from samtone_ray.tune.space import Space, overrides_of, parse_space
+from samtone_ray.mining.prepare import mining_setting
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, study: dict) ->
         log.warning("trial %s skipped: %s", trial_id, reason)
         tune.report({study["metric"]: -math.inf if study["mode"] == "max" else math.inf, "skipped": reason})
         return
+    # The pairs of this trial's mining setting, mined before the trials (mining.prepare_search).
+    setting = mining_setting(cfg)
+    pairs_ref = refs["pairs"].get(setting, refs["pairs"].get(""))
+    cfg = cfg.with_overrides(refs["mined"].get(setting, {}))
     trial = TuneLayout(Path(study["dir"])).trial(trial_id)
     # Resolved here once; the leaderboard reads this file rather than resolving the trial again.
     atomic_write_json(trial.config, cfg.to_dict())
@@ -67,7 +72,7 @@ def run_trial(params: dict[str, Any], *, base: dict, refs: dict, study: dict) ->
         atomic_write_text(trial.run_id_file, run_id)
     trainer = build_trainer(
         cfg,
-        pairs_ref=refs["pairs"],
+        pairs_ref=pairs_ref,
         eval_ref=refs["eval"],
         output_dir=trial.dir,
         storage_path=trial.ray_storage,
@@ -205,13 +210,13 @@ def _start(cfg: Config, *, resume: bool, data, zero_shot: bool, output) -> TuneO
 
     from samtone_ray.tracking import runs as tracking
     from samtone_ray.tune.progress import format_plan, planned_trials
-    from samtone_ray.data.sources import load_data
+    from samtone_ray.data.sources import load_eval, load_pairs
     from samtone_ray.core.runtime import check_ray_cluster, connect_ray
-    from samtone_ray.mining.prepare import check_not_searched, prepare_negatives
+    from samtone_ray.mining.prepare import check_not_sampled, prepare_search
 
     cfg = cfg.with_output_dir()
     space = check_tune_config(cfg)  # fail before anything starts
-    check_not_searched(set(space.fixed) | set(space.sampled) | set(space.grid_values))
+    check_not_sampled(set(space.sampled))
     out = Path(cfg.output_dir).resolve()
     layout = TuneLayout(out)
     state_path = layout.saved_state  # tune.json, or an older study's search.json
@@ -230,8 +235,15 @@ def _start(cfg: Config, *, resume: bool, data, zero_shot: bool, output) -> TuneO
     connect_ray()
     output.connected()  # the workers' output Ray forwards to this driver: to the log too
     if data is None:
-        cfg = prepare_negatives(cfg, show_progress=True)  # data.negatives: bm25|dense, mined once for every trial
-    pairs, eval_split = data or load_data(cfg)
+        # data.negatives: bm25|dense: each mining setting of the search mined once, for all its trials.
+        prepared = prepare_search(cfg, [space.fixed | c for c in space.grid] or [space.fixed], show_progress=True)
+        pair_sets = {key: load_pairs(c) for key, c in prepared.items()}
+        mined = {key: {"data.train": c.data.train, "data.negatives": c.data.negatives}
+                 for key, c in prepared.items() if key}
+        eval_split = load_eval(cfg)
+    else:
+        pair_sets, mined, eval_split = {"": data[0]}, {}, data[1]
+    pairs = next(iter(pair_sets.values()))
     if eval_split is None:
         raise ConfigError("a tuning run ranks trials by evaluating them: it needs eval data (data.eval)")
     uri = tracking.tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else None
@@ -249,7 +261,8 @@ def _start(cfg: Config, *, resume: bool, data, zero_shot: bool, output) -> TuneO
                           queries=len(eval_split.qrels), corpus=eval_split.corpus_summary(), output_dir=out,
                           log=output.path, tracking_uri=uri, parent_run_id=state["parent_run_id"], zero_shot=zero_shot,
                           resumed=resume), flush=True)
-        return _tune(cfg, space, state, out, uri, (pairs, eval_split), resume=resume, zero_shot=zero_shot, output=output)
+        return _tune(cfg, space, state, out, uri, (pair_sets, mined, eval_split), resume=resume, zero_shot=zero_shot,
+                     output=output)
     except BaseException:
         # No parent run left RUNNING forever: the tuning run's parent says it failed.
         if uri:
@@ -271,7 +284,7 @@ def _tune(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, da
     from samtone_ray.tracking.registry import PromotionError, promote_best
     from samtone_ray.model.towers import DualEncoder
 
-    pairs, eval_split = data
+    pair_sets, mined, eval_split = data
     layout = TuneLayout(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(layout.state, state)
@@ -289,7 +302,8 @@ def _tune(cfg: Config, space: Space, state: dict, out: Path, uri: str | None, da
         rtune.with_parameters(
             run_trial,
             base=cfg.to_dict(),
-            refs={"pairs": ray.put(PairTable.of(pairs)), "eval": ray.put(eval_split)},
+            refs={"pairs": {key: ray.put(PairTable.of(p)) for key, p in pair_sets.items()}, "mined": mined,
+                  "eval": ray.put(eval_split)},
             study={"dir": str(out), "tracking_uri": uri, "parent_run_id": state["parent_run_id"],
                    "metric": cfg.tune.metric, "mode": cfg.tune.mode, "eval_params": eval_split.corpus_params()},
         ),

@@ -9,7 +9,7 @@ import pytest
 
 from samtone_ray.core.config import CombinationError, ConfigError, load_config
 from samtone_ray.data.sources import load_training_pairs
-from samtone_ray.mining.prepare import check_not_searched, prepare_negatives
+from samtone_ray.mining.prepare import check_not_sampled, prepare_negatives
 
 
 def config(data, **overrides):
@@ -66,42 +66,54 @@ def test_a_source_and_a_count_that_disagree_are_a_combination_error(overrides, m
         load_config(None, overrides)
 
 
-def test_a_search_may_not_vary_the_negatives_source():
-    check_not_searched({"loss.temperature", "data.num_hard_negatives"})
-    with pytest.raises(ConfigError, match="tune.space varies data.negatives: a tuning run mines"):
-        check_not_searched({"data.negatives", "train.lr"})
+def test_a_search_may_vary_the_mining_only_as_a_grid():
+    check_not_sampled({"loss.temperature", "data.num_hard_negatives"})
+    with pytest.raises(ConfigError, match=r"tune.space samples mining.relative_margin: .* only as a grid"):
+        check_not_sampled({"mining.relative_margin", "train.lr"})
+    with pytest.raises(ConfigError, match="tune.space samples data.negatives"):
+        check_not_sampled({"data.negatives"})
 
 
-def test_a_tuning_run_varying_the_source_stops_before_ray(tmp_path):
+def test_a_tuning_run_sampling_the_source_stops_before_ray(tmp_path):
     import ray
 
     from samtone_ray.tune.tuner import tune
 
     cfg = load_config(None, {"output_dir": str(tmp_path / "run"), "data.num_hard_negatives": 2,
-                             "tune.space": {"data.negatives": {"grid": ["bm25", "file"]}}})
+                             "tune.algorithm": "random",
+                             "tune.space": {"data.negatives": {"choice": ["bm25", "dense"]}}})
     ray_was_up = ray.is_initialized()  # another test's session cluster may be
-    with pytest.raises(ConfigError, match="tune.space varies data.negatives"):
+    with pytest.raises(ConfigError, match="tune.space samples data.negatives"):
         tune(cfg, verbose=True)
     assert ray.is_initialized() == ray_was_up
     assert not (tmp_path / "run" / "tune.json").exists()  # refused before the run wrote anything
 
 
-def test_every_trial_of_a_tuning_run_trains_on_the_one_mined_file(ray_cluster, tiny_model_dir, tiny_sample, tmp_path,
-                                                                   monkeypatch):
+def test_each_mining_setting_of_a_search_is_mined_once_and_its_trials_train_on_it(ray_cluster, tiny_model_dir,
+                                                                                   tiny_sample, tmp_path, monkeypatch):
+    """A grid over the mining (two margins) and the loss (two strategies): two settings mined,
+    once each, before the trials; each trial trains on its own setting's file, which is the file
+    mining that setting alone gives."""
     import json
 
     from samtone_ray.tune.tuner import tune
 
     monkeypatch.chdir(tmp_path)  # the mined files' cache, .samtone/cache/mined, is relative to it
-    cfg = load_config(None, {
+    settings = {
         "output_dir": str(tmp_path / "run"), "model.name_or_path": str(tiny_model_dir), "model.query_max_length": 16,
         "model.doc_max_length": 32, "data.train": str(tiny_sample), "data.negatives": "bm25",
-        "data.num_hard_negatives": 2, "mining.num_negatives": 2, "train.batch_size": 8, "train.max_steps": 2,
-        "train.eval_max_docs": 100, "scaling.num_workers": 1, "tracking.enabled": False, "tune.scheduler": "none",
-        "tune.space": {"loss.same_tower": {"grid": ["none", "both"]}}})
+        "data.num_hard_negatives": 2, "mining.num_negatives": 2, "train.batch_size": 8, "train.max_steps": 1,
+        "train.eval_max_docs": 100, "scaling.num_workers": 1, "tracking.enabled": False, "tune.scheduler": "none"}
+    cfg = load_config(None, settings | {"tune.space": {"loss.same_tower": {"grid": ["none", "both"]},
+                                                       "mining.relative_margin": {"grid": [None, 0.05]}}})
     outcome = tune(cfg)
     mined = sorted((tmp_path / ".samtone" / "cache" / "mined").glob("*.parquet"))
-    assert len(mined) == 1  # mined once, before the trials
-    trained_on = [json.loads(p.read_text())["data"] for p in (tmp_path / "run" / "trials").glob("*/config.json")]
-    assert len(trained_on) == 2 and all(d["train"] == str(mined[0]) and d["negatives"] == "file" for d in trained_on)
-    assert [row["status"] for row in outcome.leaderboard if row["trial"] != "-"] == ["finished", "finished"]
+    assert len(mined) == 2  # one file per mining setting, not per trial
+    trials = [json.loads(p.read_text()) for p in (tmp_path / "run" / "trials").glob("*/config.json")]
+    assert len(trials) == 4
+    for margin in (None, 0.05):
+        alone = prepare_negatives(load_config(None, settings | {"mining.relative_margin": margin}), tmp_path / "alone")
+        used = {t["data"]["train"] for t in trials if t["mining"]["relative_margin"] == margin}
+        assert used == {str(tmp_path / ".samtone" / "cache" / "mined" / alone.data.train.rsplit("/", 1)[1])}
+    assert all(t["data"]["negatives"] == "file" for t in trials)
+    assert [row["status"] for row in outcome.leaderboard if row["trial"] != "-"] == ["finished"] * 4
