@@ -33,6 +33,10 @@ Systems, each with its natural maximum lengths:
 * ``samtone both + grad cache``: ``samtone both bidir`` through ``gradcache.grad_cache_step`` with
   ``train.micro_batch_size = --micro-batch-size`` (``ratio_grad_cache_over_plain``: the price of
   the extra graph-free forward).
+* ``samtone both + guide``: ``samtone both bidir`` with guided false-negative filtering
+  (``loss.guide = --guide``, default the base model itself, as the trainer runs it: the shard
+  tokenised for the guide, a no-grad guide forward, the filter in the loss); ``ratio_guide_over_plain``
+  is its cost per step.
 
 ``--systems`` runs a subset; ``--device cuda`` puts every system on the GPU (fused AdamW there
 for all) and synchronises before each step's clock stops; ``--model`` swaps the base model.
@@ -78,7 +82,7 @@ from samtone_ray.data.pairs import PairTable  # noqa: E402
 from samtone_ray.train.gradcache import grad_cache_step  # noqa: E402
 from samtone_ray.core.runtime import device_name  # noqa: E402
 from samtone_ray.model.layout import resolve_model_path  # noqa: E402
-from samtone_ray.train.trainer import batch_keys, shard_loss, train_step  # noqa: E402
+from samtone_ray.train.trainer import batch_keys, guide_embeddings, load_guide, shard_loss, train_step  # noqa: E402
 from samtone_ray.model.losses import SamToNeLoss  # noqa: E402
 from samtone_ray.model.towers import DualEncoder  # noqa: E402
 
@@ -92,7 +96,8 @@ PROJECT_BOTH = "samtone both bidir"
 ST_MNRL = "sentence-transformers MNRL"
 ST_MATCHED = "ST MNRL @ project lengths"
 PROJECT_CACHE = "samtone both + grad cache"
-ALL_SYSTEMS = (PROJECT_NONE, PROJECT_BOTH, PROJECT_CACHE, ST_MNRL, ST_MATCHED)
+PROJECT_GUIDE = "samtone both + guide"
+ALL_SYSTEMS = (PROJECT_NONE, PROJECT_BOTH, PROJECT_CACHE, PROJECT_GUIDE, ST_MNRL, ST_MATCHED)
 
 
 @dataclass
@@ -138,29 +143,30 @@ class ProjectSystem:
         self.model.train()
         self.optimizer = _optimizer(self.model, device)
         self.keys = PairKeys.build(pairs, 0) if mask_duplicates else None
+        self.guide = load_guide(cfg, device) if cfg.loss.guide else None
 
     def step(self, queries: list[str], documents: list[str], indices: np.ndarray) -> StepStats:
         cfg = self.cfg
         t0 = time.perf_counter()
-        shard = make_shard(
-            self.pairs,
-            indices,
-            self.model.tokenizer,
-            query_max_length=cfg.model.query_max_length,
-            doc_max_length=cfg.model.doc_max_length,
-            num_negatives=0,
-            chunk_size=cfg.train.chunk_size,
-        )
+
+        def shard_for(model: DualEncoder):
+            return make_shard(self.pairs, indices, model.tokenizer, query_max_length=model.query_max_length,
+                              doc_max_length=model.doc_max_length, num_negatives=0, chunk_size=cfg.train.chunk_size)
+
+        shard = shard_for(self.model)
+        guide_shard = shard_for(self.guide) if self.guide is not None else None
         t1 = time.perf_counter()
+        guided = guide_embeddings(self.guide, guide_shard, cfg.train.precision) if self.guide is not None else None
         keys = batch_keys(self.keys, indices)
         self.optimizer.zero_grad(set_to_none=True)
         if cfg.train.micro_batch_size:
-            loss_fn = functools.partial(shard_loss, loss_fn=SamToNeLoss(cfg.loss), keys=keys, rank=0)
+            loss_fn = functools.partial(shard_loss, loss_fn=SamToNeLoss(cfg.loss), keys=keys, rank=0, guide=guided)
             loss = grad_cache_step(
                 self.model, shard, loss_fn, micro_batch_size=cfg.train.micro_batch_size, precision=cfg.train.precision
             )
         else:
-            loss = train_step(self.model, shard, SamToNeLoss(cfg.loss), keys=keys, rank=0, precision=cfg.train.precision)
+            loss = train_step(self.model, shard, SamToNeLoss(cfg.loss), keys=keys, rank=0, precision=cfg.train.precision,
+                              guide=guided)
             loss.backward()
         self.optimizer.step()
         _sync(self.device)
@@ -218,13 +224,13 @@ class SentenceTransformersSystem:
 
 def project_config(
     same_tower: str, bidirectional: bool, batch_size: int, precision: str, micro_batch_size: int = 0,
-    model: str = BASE_MODEL,
+    model: str = BASE_MODEL, guide: str = "",
 ) -> Config:
     # Only the keys under test are set: lengths and chunk size stay the config defaults.
     return from_dict(
         {
             "model": {"name_or_path": model},
-            "loss": {"same_tower": same_tower, "bidirectional": bidirectional},
+            "loss": {"same_tower": same_tower, "bidirectional": bidirectional, "guide": guide},
             "train": {"batch_size": batch_size, "precision": precision, "lr": LR, "weight_decay": WEIGHT_DECAY,
                       "micro_batch_size": micro_batch_size},
             "scaling": {"num_workers": 1},
@@ -286,6 +292,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda (every system on it)")
     p.add_argument("--model", default=BASE_MODEL, help="base model (alias or a sentence-transformers dir) for all rows")
     p.add_argument("--micro-batch-size", type=int, default=64, help="train.micro_batch_size of the grad-cache row")
+    p.add_argument("--guide", default=None, help="loss.guide of the guide row (default: the base model)")
     p.add_argument(
         "--systems",
         default=",".join(ALL_SYSTEMS),
@@ -323,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     none_cfg = project_config("none", False, args.batch_size, args.precision, model=args.model)
     both_cfg = project_config("both", True, args.batch_size, args.precision, model=args.model)
     cache_cfg = project_config("both", True, args.batch_size, args.precision, args.micro_batch_size, args.model)
+    guide_cfg = project_config("both", True, args.batch_size, args.precision, model=args.model,
+                               guide=str(resolve_model_path(args.guide or args.model)))
     st_path = resolve_model_path(args.model)
     matched = (none_cfg.model.query_max_length, none_cfg.model.doc_max_length)
     make = {
@@ -330,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         PROJECT_BOTH: lambda: ProjectSystem(PROJECT_BOTH, both_cfg, pairs, both_cfg.loss.mask_duplicates, args.seed, device),
         PROJECT_CACHE: lambda: ProjectSystem(
             PROJECT_CACHE, cache_cfg, pairs, cache_cfg.loss.mask_duplicates, args.seed, device
+        ),
+        PROJECT_GUIDE: lambda: ProjectSystem(
+            PROJECT_GUIDE, guide_cfg, pairs, guide_cfg.loss.mask_duplicates, args.seed, device
         ),
         ST_MNRL: lambda: SentenceTransformersSystem(ST_MNRL, st_path, args.precision, args.seed, device),
         ST_MATCHED: lambda: SentenceTransformersSystem(ST_MATCHED, st_path, args.precision, args.seed, device, matched),
@@ -357,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths = {
         name: f"q{c.model.query_max_length}/d{c.model.doc_max_length} chunk{c.train.chunk_size}"
         + (f" micro{c.train.micro_batch_size}" if c.train.micro_batch_size else "")
-        for name, c in ((PROJECT_NONE, none_cfg), (PROJECT_BOTH, both_cfg), (PROJECT_CACHE, cache_cfg))
+        for name, c in ((PROJECT_NONE, none_cfg), (PROJECT_BOTH, both_cfg), (PROJECT_CACHE, cache_cfg), (PROJECT_GUIDE, guide_cfg))
     }
     for system in systems:
         if isinstance(system, SentenceTransformersSystem):
@@ -423,12 +435,16 @@ def main(argv: list[str] | None = None) -> int:
         payload["ratio_equal_lengths"] = med[PROJECT_NONE]["pairs_per_s"] / med[ST_MATCHED]["pairs_per_s"]
     if PROJECT_CACHE in med and PROJECT_BOTH in med:
         payload["ratio_grad_cache_over_plain"] = med[PROJECT_CACHE]["pairs_per_s"] / med[PROJECT_BOTH]["pairs_per_s"]
+    if PROJECT_GUIDE in med and PROJECT_BOTH in med:
+        payload["ratio_guide_over_plain"] = med[PROJECT_GUIDE]["pairs_per_s"] / med[PROJECT_BOTH]["pairs_per_s"]
     atomic_write_json(args.out, payload)
     print(f"wrote {args.out}")
     if "ratio_equal_lengths" in payload:
         print(f"ratio at equal max lengths (project / sentence-transformers): {payload['ratio_equal_lengths']:.2f}x")
     if "ratio_grad_cache_over_plain" in payload:
         print(f"gradient cache / plain step (samtone both): {payload['ratio_grad_cache_over_plain']:.2f}x")
+    if "ratio_guide_over_plain" in payload:
+        print(f"with a guide / plain step (samtone both): {payload['ratio_guide_over_plain']:.2f}x")
     if "ratio_project_over_sentence_transformers" in payload:
         print(f"ratio (project / sentence-transformers): {payload['ratio_project_over_sentence_transformers']:.2f}x")
     return 0
