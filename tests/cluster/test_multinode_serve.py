@@ -85,8 +85,12 @@ def _post(url: str, body: dict, key: str | None, timeout: float = 30) -> tuple[i
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.load(resp)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+    except urllib.error.HTTPError as exc:  # a proxy's own error page is not JSON
+        body = exc.read()
+        try:
+            return exc.code, json.loads(body or b"{}")
+        except ValueError:
+            return exc.code, {"body": body.decode(errors="replace")}
     except OSError as exc:  # refused, reset, timed out: a failed request all the same
         return type(exc).__name__, {}
 
