@@ -151,14 +151,15 @@ class LossConfig:
     """alpha >= 0 multiplies each same-tower term of a softmax denominator (1 = SamToNe, 0 = plain in-batch)."""
     false_negative_margin: float | None = field(default=None, metadata=HYPERPARAMETER)
     """Drop each negative whose cosine to the anchor exceeds the positive's plus this margin (null = off)."""
-    guide: str = field(default="", metadata=HYPERPARAMETER)
+    guide: str = ""
     """A frozen guide model (any model URI) for guided false-negative filtering, as GISTEmbed does:
     each negative the guide scores above the anchor's positive (less ``guide_margin``) leaves that
     anchor's softmax. Empty = off."""
-    guide_margin: float = field(default=0.0, metadata=HYPERPARAMETER)
-    guide_margin_type: GuideMargin = field(default="absolute", metadata=HYPERPARAMETER)
+    guide_margin: float = 0.0
+    guide_margin_type: GuideMargin = "absolute"
     """``absolute``: drop a negative whose guide score exceeds p - margin; ``relative``: p * (1 - margin),
-    p the guide's score of the positive (sentence-transformers' GISTEmbedLoss margin strategies)."""
+    p the guide's score of the positive (sentence-transformers' GISTEmbedLoss margin strategies).
+    Not leaderboard columns of their own: a search that varies them shows them as it shows any varied key."""
     anchor_chunk_size: int = 0
     """Anchors per loss chunk (0 = all at once): bounds the logits to [chunk, candidates] for big batches."""
 

@@ -567,8 +567,7 @@ def test_module_forward_matches_naive_and_reports_config():
     keys = key_kwargs("both", True)
     loss_fn = SamToNeLoss(same_tower="query", bidirectional=True, temperature=0.1)
     assert loss_fn.get_config_dict() == {"same_tower": "query", "bidirectional": True, "temperature": 0.1,
-                                         "same_tower_weight": 1.0, "false_negative_margin": None, "guide": "",
-                                         "guide_margin": 0.0, "guide_margin_type": "absolute"}
+                                         "same_tower_weight": 1.0, "false_negative_margin": None}
     got = loss_fn(q, d, hn, **as_tensors(keys), anchor_offset=2, num_anchors=3)
     want = naive_loss(q.double(), d.double(), hard_negatives=hn.double(), **keys, same_tower="query",
                       bidirectional=True, temperature=0.1, rows=range(2, 5))
