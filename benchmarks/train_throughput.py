@@ -18,7 +18,7 @@ Systems, each with its natural maximum lengths:
 * ``samtone none q->d``: ``samtone_ray.train.trainer.train_step`` with ``loss.same_tower=none``,
   ``loss.bidirectional=false`` and no duplicate keys: the same maths as MNRL (temperature 0.05 =
   MNRL's scale 20). Per-tower max lengths from the config defaults (queries 32, documents 128)
-  and the project's length-sorted chunked encoding (``train.chunk_size``) via ``make_shard``.
+  and the project's length-sorted chunked encoding (``train.chunk_size``) via ``trainer.shard_for``.
   This row is the numerator of the reported ratio.
 * ``samtone both bidir``: the project defaults (``same_tower=both``, ``bidirectional=true``,
   duplicate masking with ``PairKeys``), to show the cost of the extra SamToNe terms.
@@ -75,14 +75,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from samtone_ray.data.batching import PairKeys, Schedule, make_shard  # noqa: E402
+from samtone_ray.data.batching import PairKeys, Schedule  # noqa: E402
 from samtone_ray.core.config import Config, from_dict  # noqa: E402
 from samtone_ray.data.sources import bundled_sample_path, load_training_pairs  # noqa: E402
 from samtone_ray.data.pairs import PairTable  # noqa: E402
 from samtone_ray.train.gradcache import grad_cache_step  # noqa: E402
 from samtone_ray.core.runtime import device_name  # noqa: E402
 from samtone_ray.model.layout import resolve_model_path  # noqa: E402
-from samtone_ray.train.trainer import batch_keys, guide_embeddings, load_guide, shard_loss, train_step  # noqa: E402
+from samtone_ray.train.trainer import batch_keys, guide_embeddings, load_guide, shard_for, shard_loss, train_step  # noqa: E402
 from samtone_ray.model.losses import SamToNeLoss  # noqa: E402
 from samtone_ray.model.towers import DualEncoder  # noqa: E402
 
@@ -149,12 +149,8 @@ class ProjectSystem:
         cfg = self.cfg
         t0 = time.perf_counter()
 
-        def shard_for(model: DualEncoder):
-            return make_shard(self.pairs, indices, model.tokenizer, query_max_length=model.query_max_length,
-                              doc_max_length=model.doc_max_length, num_negatives=0, chunk_size=cfg.train.chunk_size)
-
-        shard = shard_for(self.model)
-        guide_shard = shard_for(self.guide) if self.guide is not None else None
+        shard = shard_for(self.model, self.pairs, indices, cfg)
+        guide_shard = shard_for(self.guide, self.pairs, indices, cfg) if self.guide is not None else None
         t1 = time.perf_counter()
         guided = guide_embeddings(self.guide, guide_shard, cfg.train.precision) if self.guide is not None else None
         keys = batch_keys(self.keys, indices)

@@ -150,6 +150,14 @@ def load_guide(cfg: Config, device: torch.device) -> DualEncoder:
     return guide
 
 
+def shard_for(model: DualEncoder, pairs: PairTable, rows: np.ndarray, cfg: Config) -> Shard:
+    """``rows`` of ``pairs`` tokenised for ``model``: its tokenizer and max lengths, the run's
+    hard negatives and chunk size (the guide's shard; the model's own uses the same lengths)."""
+    return make_shard(pairs, rows, model.tokenizer, query_max_length=model.query_max_length,
+                      doc_max_length=model.doc_max_length, num_negatives=cfg.data.num_hard_negatives,
+                      chunk_size=cfg.train.chunk_size)
+
+
 def guide_embeddings(guide: DualEncoder, shard: Shard, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The guide's ``(q [b, G], d [b, G], n [b*K, G] or None)`` of this rank's shard, tokenised
     with the guide's own tokenizer and lengths."""
@@ -216,7 +224,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     run = _restore(cfg, len(pairs), rank, world, logger)
     loss_fn = SamToNeLoss.from_config(cfg.loss)
     guide = load_guide(cfg, next(run.model.parameters()).device) if cfg.loss.guide else None
-    batches = _Batches(cfg, pairs, run.model.tokenizer, run.schedule, rank, start=run.state.step, guide=guide)
+    batches = _Batches(cfg, pairs, run.model, run.schedule, rank, start=run.state.step, guide=guide)
     window = _Window()
     run.model.train()
     while run.state.step < run.schedule.total_steps:
@@ -304,9 +312,9 @@ class _Batches:
     (the fast tokenizer drops the GIL), with the global batch's duplicate keys and, with a guide
     model, the shard tokenised again for the guide."""
 
-    def __init__(self, cfg: Config, pairs: PairTable, tokenizer, schedule: Schedule, rank: int, *, start: int,
+    def __init__(self, cfg: Config, pairs: PairTable, model: DualEncoder, schedule: Schedule, rank: int, *, start: int,
                  guide: DualEncoder | None = None):
-        self.cfg, self.pairs, self.tokenizer, self.schedule, self.rank = cfg, pairs, tokenizer, schedule, rank
+        self.cfg, self.pairs, self.model, self.schedule, self.rank = cfg, pairs, model, schedule, rank
         self.guide = guide
         self.keys = PairKeys.build(pairs, cfg.data.num_hard_negatives) if cfg.loss.mask_duplicates else None
         self.step = start
@@ -317,15 +325,10 @@ class _Batches:
         cfg, per_worker = self.cfg, self.cfg.per_worker_batch_size()
         indices = self.schedule.batch(step)
         mine = indices[self.rank * per_worker : (self.rank + 1) * per_worker]
-
-        def shard_for(tokenizer, query_max_length: int, doc_max_length: int) -> Shard:
-            shard = make_shard(self.pairs, mine, tokenizer, query_max_length=query_max_length, doc_max_length=doc_max_length,
-                               num_negatives=cfg.data.num_hard_negatives, chunk_size=cfg.train.chunk_size)
-            return pin_memory(shard) if cfg.scaling.use_gpu else shard
-
-        guide = self.guide
-        return (indices, shard_for(self.tokenizer, cfg.model.query_max_length, cfg.model.doc_max_length),
-                None if guide is None else shard_for(guide.tokenizer, guide.query_max_length, guide.doc_max_length))
+        shards = [shard_for(model, self.pairs, mine, cfg) for model in (self.model, self.guide) if model is not None]
+        if cfg.scaling.use_gpu:
+            shards = [pin_memory(shard) for shard in shards]
+        return indices, shards[0], shards[1] if self.guide is not None else None
 
     def next(self) -> tuple[np.ndarray, Shard, dict[str, torch.Tensor] | None, Shard | None]:
         indices, shard, guide_shard = self.pending.result()

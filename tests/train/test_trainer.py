@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from samtone_ray.data.batching import PairKeys, Schedule, batch_digest, make_shard
 from samtone_ray.core.config import from_dict
 from samtone_ray.data.sources import BeirSplit, bundled_sample_path, load_beir, load_training_pairs
-from samtone_ray.train.trainer import HISTORY_FILE, batch_keys, guide_embeddings, load_guide, train, train_step
+from samtone_ray.train.trainer import HISTORY_FILE, batch_keys, guide_embeddings, load_guide, shard_for, train, train_step
 from samtone_ray.model.losses import SamToNeLoss
 from samtone_ray.model.towers import DualEncoder
 
@@ -99,11 +99,8 @@ def _guided_step(cfg, model, pairs, rows, keys, rank):
     guided = None
     if cfg.loss.guide:
         guide = load_guide(cfg, torch.device("cpu"))
-        guide_shard = make_shard(pairs, rows, guide.tokenizer, query_max_length=guide.query_max_length,
-                                 doc_max_length=guide.doc_max_length, num_negatives=cfg.data.num_hard_negatives, chunk_size=3)
-        guided = guide_embeddings(guide, guide_shard, "fp32")
-    shard = make_shard(pairs, rows, model.module.tokenizer if hasattr(model, "module") else model.tokenizer,
-                       query_max_length=16, doc_max_length=32, num_negatives=cfg.data.num_hard_negatives, chunk_size=3)
+        guided = guide_embeddings(guide, shard_for(guide, pairs, rows, cfg), "fp32")
+    shard = shard_for(model.module if hasattr(model, "module") else model, pairs, rows, cfg)
     return train_step(model, shard, SamToNeLoss(cfg.loss), keys=keys, rank=rank, guide=guided)
 
 
@@ -240,9 +237,7 @@ def test_the_guide_scores_the_batch_as_its_own_encoder_does_and_filters_the_loss
     pairs, indices = pairs_with_negatives, np.arange(8)
     cfg = _cfg(tiny_model_dir, "unused", **{"loss.guide": str(guide_model_dir), "data.num_hard_negatives": 2})
     guide = load_guide(cfg, torch.device("cpu"))
-    shard = make_shard(pairs, indices, guide.tokenizer, query_max_length=guide.query_max_length,
-                       doc_max_length=guide.doc_max_length, num_negatives=2, chunk_size=3)
-    gq, gd, gn = guide_embeddings(guide, shard, "fp32")
+    gq, gd, gn = guide_embeddings(guide, shard_for(guide, pairs, indices, cfg), "fp32")
     rows = pairs.subset(indices)
     torch.testing.assert_close(gq, guide.encode_queries(rows.queries), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(gd, guide.encode_documents(rows.documents), atol=1e-5, rtol=1e-4)
