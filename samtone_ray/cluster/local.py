@@ -291,9 +291,9 @@ def _prepare_s3(state: State) -> None:
     """A port and fresh credentials for the S3 server, in a file only its owner reads, before any
     node starts (each node's environment carries them); the server itself starts once the bridge
     that it listens on exists (``_start_s3``)."""
-    with socket.socket() as sock:
-        sock.bind(("0.0.0.0", 0))
-        state.s3_port = sock.getsockname()[1]
+    from samtone_ray.core.runtime import free_loopback_port
+
+    state.s3_port = free_loopback_port()  # the bridge it will listen on does not exist yet
     fd = os.open(Path(state.state_dir) / S3_ENV_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(f"AWS_ENDPOINT_URL=http://{state.bridge_ip}:{state.s3_port}\n"
